@@ -1,0 +1,86 @@
+"""The one camera type and the scene container every stage reads.
+
+Conventions, written down once:
+- ``world_to_camera`` is a 4x4 float64 matrix in the OpenCV convention: camera x right,
+  y down, z forward (points in front of the camera have z > 0).
+- Intrinsics are in pixels for an image of ``width`` x ``height``; pixel (col, row) has its
+  centre at (col + 0.5, row + 0.5), so a centred camera has cx = width / 2.
+- Images are uint8 (H, W, 3) RGB; RGBA sources are composited on the scene background when
+  loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Camera:
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    width: int
+    height: int
+    world_to_camera: np.ndarray  # (4, 4) float64, OpenCV convention
+
+    def K(self, device="cpu", dtype=torch.float32) -> torch.Tensor:
+        return torch.tensor(
+            [[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]], device=device, dtype=dtype
+        )
+
+    def viewmat(self, device="cpu", dtype=torch.float32) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(self.world_to_camera), dtype=dtype, device=device)
+
+    @property
+    def center(self) -> np.ndarray:
+        """Camera centre in world coordinates."""
+        w2c = np.asarray(self.world_to_camera, dtype=np.float64)
+        return -w2c[:3, :3].T @ w2c[:3, 3]
+
+    def scaled(self, factor: float) -> "Camera":
+        """The same camera for an image downscaled by ``factor`` (2 = half size)."""
+        w, h = int(round(self.width / factor)), int(round(self.height / factor))
+        sx, sy = w / self.width, h / self.height
+        return Camera(self.fx * sx, self.fy * sy, self.cx * sx, self.cy * sy, w, h, self.world_to_camera.copy())
+
+
+@dataclass
+class View:
+    """One posed image. ``load`` returns the uint8 (H, W, 3) image; ``image()`` caches it."""
+
+    name: str
+    camera: Camera
+    load: Callable[[], np.ndarray]
+    cache: bool = True
+    _image: Optional[np.ndarray] = field(default=None, repr=False)
+
+    def image(self) -> np.ndarray:
+        if self._image is not None:
+            return self._image
+        img = self.load()
+        if self.cache:
+            self._image = img
+        return img
+
+
+@dataclass
+class Scene:
+    format: str  # "blender" | "nerfstudio" | "colmap" | "llff"
+    path: str
+    train: list[View]
+    test: list[View]
+    points: Optional[np.ndarray] = None  # (M, 3) float32 world coordinates
+    colors: Optional[np.ndarray] = None  # (M, 3) uint8
+    background: tuple = (1.0, 1.0, 1.0)
+    n_skipped: int = 0
+    near_far: Optional[tuple] = None  # (near, far) where the format gives bounds (LLFF)
+
+    def camera_extent(self) -> float:
+        """Radius of the camera centres around their mean, x1.1 (3DGS's scene extent)."""
+        centers = np.stack([v.camera.center for v in self.train + self.test])
+        return float(np.linalg.norm(centers - centers.mean(0), axis=1).max() * 1.1) or 1.0
