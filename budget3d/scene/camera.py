@@ -79,6 +79,7 @@ class Scene:
     background: tuple = (1.0, 1.0, 1.0)
     n_skipped: int = 0
     near_far: Optional[tuple] = None  # (near, far) where the format gives bounds (LLFF)
+    meta: dict = field(default_factory=dict)  # format extras, e.g. nerfstudio's aabb_scale
 
     def camera_extent(self) -> float:
         """Radius of the camera centres around their mean, x1.1 (3DGS's scene extent)."""
