@@ -1,0 +1,193 @@
+"""The "cpu" backend: a compiled (numba) tile rasterizer with an analytic backward.
+
+Same semantics as ``rasterize_torch`` (see its docstring): pixel centres at +0.5, pairs with
+sigma < 0 or alpha < 1/255 skipped, alpha = min(0.99, o exp(-sigma)), front to back by depth with
+ties by index, the Gaussian that would bring T to <= 1e-4 ends the pixel, background added with
+weight T_final. Differentiable w.r.t. means2d, conics, opacities and features (not background).
+
+Work is float32. Threads: numba's thread count is set to ``min(torch.get_num_threads(),
+numba.config.NUMBA_NUM_THREADS)`` before each launch, so ``torch.set_num_threads(1)`` simulates a
+one-core device (``num_threads`` below overrides the torch count for the kernels only). Results do
+not depend on the thread count (bitwise). Kernels are cached on disk (numba ``cache=True``); the first process compiles them
+(see ``warmup``).
+
+``fast_exp`` (module flag, default False, opt-in): a branch-free polynomial exp that vectorises;
+it is within a few ulp of libm's but may move pairs lying exactly at the 1/255 cut-off.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numba
+import numpy as np
+import torch
+
+from budget3d.splat import _cpu_kernels as K
+
+fast_exp = False  # opt-in: see the module docstring
+
+# numba's "workqueue" threading layer: on the shared 2-vCPU machines the OpenMP layer (a second
+# OpenMP runtime next to torch's) collapsed to ~10x slower than one thread; workqueue scaled. It
+# does not support concurrent launches from several Python threads, so every launch below holds
+# _LOCK (renders from a viewer thread and a training thread take turns). Set NUMBA_THREADING_LAYER
+# to choose another layer.
+if os.environ.get("NUMBA_THREADING_LAYER") is None and numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "workqueue"
+_LOCK = threading.Lock()
+
+
+# Threads for the kernels; None (default): torch.get_num_threads(). Set it to run the kernels on
+# more threads than torch's own ops (torch's intra-op threads can be the slower choice for the
+# small projection ops on a loaded 2-vCPU machine).
+num_threads = None
+
+
+def _threads() -> int:
+    n = torch.get_num_threads() if num_threads is None else int(num_threads)
+    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    return n
+
+
+def _np32(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to(torch.float32).numpy())
+
+
+def _depth_keys(depths: np.ndarray) -> np.ndarray:
+    """float32 depths -> uint32 keys with the same order (-0 == +0; ties broken later by index)."""
+    d = (depths.astype(np.float32) + np.float32(0.0)).view(np.uint32)
+    neg = (d & np.uint32(0x80000000)) != 0
+    return np.where(neg, ~d, d | np.uint32(0x80000000)).astype(np.uint32)
+
+
+class _Binning:
+    __slots__ = ("rows", "rect", "goff", "tile_start", "gid", "slot", "TX", "n_entries")
+
+
+def _bin(m2d, con, op, dep, rad, width, height, nthreads):
+    N = m2d.shape[0]
+    rect = np.empty((N, 4), dtype=np.int64)
+    rows = np.empty((N, 2), dtype=np.int64)
+    count = np.empty(N, dtype=np.int64)
+    TX = K.prepare(m2d, con, op, rad, width, height, rect, rows, count)
+    TY = (height + K.TS - 1) // K.TS
+    goff = np.zeros(N + 1, dtype=np.int64)
+    np.cumsum(count, out=goff[1:])
+    dkey = _depth_keys(dep)
+    nchunks = max(1, min(4 * nthreads, N // 256 + 1))
+    tile_start, gid, slot = K.bin_entries(rect, count, dkey, goff, TX * TY, TX, nchunks)
+    if len(tile_start) > 1 and int(np.diff(tile_start).max()) >= 2**24:
+        raise ValueError("cpu rasterizer: more than 2^24 Gaussians overlap one 16x16 tile")
+    b = _Binning()
+    b.rows, b.goff, b.tile_start, b.gid, b.slot, b.TX = rows, goff, tile_start, gid, slot, TX
+    b.n_entries = int(goff[N])
+    b.rect = rect
+    return b
+
+
+def binning_stats(means2d, conics, opacities, depths, radii, width, height) -> dict:
+    """Work counts of one render (for benchmarks): visible Gaussians, (Gaussian, tile) entries and
+    pixel lanes evaluated (16 per tile row an entry visits)."""
+    N = means2d.shape[0]
+    with _LOCK:
+        b = _bin(_np32(means2d), _np32(conics), _np32(opacities).reshape(N), _np32(depths).reshape(N),
+                 np.ascontiguousarray(radii.detach().to(torch.int32).numpy()).reshape(N, 2), int(width),
+                 int(height), _threads())
+    nrows = np.maximum(b.rows[:, 1] - b.rows[:, 0] + 1, 0)
+    lanes = int((nrows * (b.rect[:, 1] - b.rect[:, 0])).sum()) * K.TS
+    return {"visible": int((b.goff[1:] > b.goff[:-1]).sum()), "entries": b.n_entries, "lanes": lanes}
+
+
+class _RasterizeCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, means2d, conics, opacities, features, depths, radii, width, height, background):
+        with _LOCK:
+            return _RasterizeCPU._forward(ctx, means2d, conics, opacities, features, depths, radii, width, height,
+                                          background)
+
+    @staticmethod
+    def _forward(ctx, means2d, conics, opacities, features, depths, radii, width, height, background):
+        nthreads = _threads()
+        N, C = features.shape
+        m2d, con, op, feat = _np32(means2d), _np32(conics), _np32(opacities).reshape(N), _np32(features)
+        dep = _np32(depths).reshape(N)
+        rad = np.ascontiguousarray(radii.detach().to(torch.int32).numpy()).reshape(N, 2)
+        has_bg = background is not None
+        bg = _np32(background).reshape(C) if has_bg else np.zeros(C, dtype=np.float32)
+        b = _bin(m2d, con, op, dep, rad, width, height, nthreads)
+        HW = width * height
+        img = np.empty((HW, C), dtype=np.float32)
+        alpha = np.empty(HW, dtype=np.float32)
+        t_final = np.empty(HW, dtype=np.float32)
+        last = np.empty(HW, dtype=np.int64)
+        ent_count = np.zeros(b.n_entries, dtype=np.int64)
+        K.forward(m2d, con, op, feat, b.rows, b.tile_start, b.gid, width, height, b.TX, bg, has_bg, fast_exp,
+                  img, alpha, t_final, last, ent_count)
+        n_pixels = np.empty(N, dtype=np.int64)
+        K.reduce_counts(b.goff, b.slot, ent_count, n_pixels)
+        ctx.saved = (m2d, con, op, feat, bg, has_bg, b, t_final, last, width, height)
+        ctx.dtypes = (means2d.dtype, conics.dtype, opacities.dtype, features.dtype)
+        dt = features.dtype
+        out_img = torch.from_numpy(img).reshape(height, width, C).to(dt)
+        out_alpha = torch.from_numpy(alpha).reshape(height, width, 1).to(dt)
+        npx = torch.from_numpy(n_pixels)
+        ctx.mark_non_differentiable(npx)
+        return out_img, out_alpha, npx
+
+    @staticmethod
+    def backward(ctx, g_img, g_alpha, _g_npix):
+        with _LOCK:
+            return _RasterizeCPU._backward(ctx, g_img, g_alpha)
+
+    @staticmethod
+    def _backward(ctx, g_img, g_alpha):
+        m2d, con, op, feat, bg, has_bg, b, t_final, last, width, height = ctx.saved
+        _threads()
+        N, C = feat.shape
+        HW = width * height
+        gi = (np.zeros((HW, C), dtype=np.float32) if g_img is None
+              else _np32(g_img.reshape(HW, C)))
+        ga = (np.zeros(HW, dtype=np.float32) if g_alpha is None
+              else _np32(g_alpha.reshape(HW)))
+        E = b.n_entries
+        e_mean = np.empty((E, 2), dtype=np.float32)
+        e_conic = np.empty((E, 3), dtype=np.float32)
+        e_opac = np.empty(E, dtype=np.float32)
+        e_feat = np.empty((E, C), dtype=np.float32)
+        K.backward(m2d, con, op, feat, b.rows, b.tile_start, b.gid, width, height, b.TX, bg, has_bg, fast_exp,
+                   t_final, last, gi, ga, e_mean, e_conic, e_opac, e_feat)
+        g_mean = np.empty((N, 2), dtype=np.float32)
+        g_conic = np.empty((N, 3), dtype=np.float32)
+        g_opac = np.empty(N, dtype=np.float32)
+        g_feat = np.empty((N, C), dtype=np.float32)
+        K.reduce_grads(b.goff, b.slot, e_mean, e_conic, e_opac, e_feat, g_mean, g_conic, g_opac, g_feat)
+        dm, dc, do, df = ctx.dtypes
+        return (torch.from_numpy(g_mean).to(dm), torch.from_numpy(g_conic).to(dc),
+                torch.from_numpy(g_opac).to(do), torch.from_numpy(g_feat).to(df),
+                None, None, None, None, None)
+
+
+def rasterize_cpu(means2d, conics, opacities, features, depths, radii, width, height, background=None):
+    """Composite ``features`` (N, C) into an (H, W, C) image; also (H, W, 1) alpha and (N,) pixel
+    counts (long). Same signature and semantics as ``rasterize_torch``."""
+    img, alpha, n_pixels = _RasterizeCPU.apply(means2d, conics, opacities, features, depths, radii,
+                                               int(width), int(height), background)
+    return img, alpha, n_pixels
+
+
+def warmup() -> float:
+    """Compile (or load from numba's cache) every kernel; returns the seconds it took."""
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    m = (torch.rand(n, 2, generator=g) * 20).requires_grad_()
+    con = torch.tensor([[0.5, 0.0, 0.5]]).repeat(n, 1).requires_grad_()
+    op = torch.full((n,), 0.5, requires_grad=True)
+    f = torch.rand(n, 4, requires_grad=True)
+    img, alpha, _ = rasterize_cpu(m, con, op, f, torch.rand(n) + 1, torch.full((n, 2), 4, dtype=torch.int32),
+                                  20, 20, torch.zeros(4))
+    (img.sum() + alpha.sum()).backward()
+    return time.perf_counter() - t0

@@ -1,0 +1,80 @@
+"""Optimizers and learning-rate schedules for the Gaussians.
+
+``VisibleAdam`` is Adam that touches only the rows (Gaussians) seen in the step. Plain Adam
+keeps moving every Gaussian by its stale momentum even when the view did not see it, and
+spends time doing so; this one reads, updates and writes back only the visible rows, with a
+per-row step count so each row's bias correction counts the updates *it* received.
+
+The per-row count lives in the optimizer state as ``row_step`` (float, shape (N,)), next to
+``exp_avg`` / ``exp_avg_sq``: gsplat.strategy.ops (duplicate / split / remove / relocate /
+reset_opa) rewrite every state tensor except the key ``step``, so ``row_step`` stays aligned
+with the rows through densification, and new rows start at 0 (fresh bias correction).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+class VisibleAdam(torch.optim.Optimizer):
+    """Adam over one (N, ...) parameter whose rows are Gaussians; ``step(visible)`` updates only
+    the rows where ``visible`` (bool (N,)) is true. ``visible=None`` updates all rows, which is
+    exactly ``torch.optim.Adam`` (same eps placement, same bias correction)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-15):
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
+
+    @torch.no_grad()
+    def step(self, visible: Optional[torch.Tensor] = None, closure=None):  # noqa: D102
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "row_step" not in state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["row_step"] = torch.zeros(p.shape[0], device=p.device, dtype=torch.float32)
+                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["row_step"]
+                if visible is None or bool(visible.all()):
+                    _adam_rows(p, p.grad, m, v, t, group["lr"], beta1, beta2, group["eps"])
+                    continue
+                rows = visible.nonzero()[:, 0]
+                if rows.numel() == 0:
+                    continue
+                p_r, m_r, v_r, t_r = p[rows], m[rows], v[rows], t[rows]
+                _adam_rows(p_r, p.grad[rows], m_r, v_r, t_r, group["lr"], beta1, beta2, group["eps"])
+                p.index_copy_(0, rows, p_r)
+                m.index_copy_(0, rows, m_r)
+                v.index_copy_(0, rows, v_r)
+                t.index_copy_(0, rows, t_r)
+        return loss
+
+
+def _adam_rows(p, g, m, v, t, lr, beta1, beta2, eps):
+    """In-place Adam on whole tensors whose first dim is the row; ``t`` (rows,) step counts."""
+    t.add_(1)
+    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    shape = (-1,) + (1,) * (p.dim() - 1)
+    bc1 = (1 - beta1 ** t).view(shape)
+    bc2_sqrt = (1 - beta2 ** t).sqrt().view(shape)
+    p.addcdiv_(m / bc1, (v.sqrt() / bc2_sqrt).add_(eps), value=-lr)
+
+
+def exp_decay(step: int, total: int, lr_init: float, lr_final: float) -> float:
+    """3DGS's log-linear decay from ``lr_init`` at step 0 to ``lr_final`` at ``total``."""
+    if total <= 0 or lr_init <= 0:
+        return lr_init
+    t = min(max(step / total, 0.0), 1.0)
+    return math.exp(math.log(lr_init) * (1 - t) + math.log(max(lr_final, 1e-20)) * t)

@@ -1,0 +1,631 @@
+"""The trainer: one config dataclass, one short loop (``train``), helpers outside the loop.
+
+Per step: pick a training view, render, L1 + ssim_lambda * (1 - SSIM), backward, Adam on the
+rows this view saw, then the densification strategy (Taming to an exact budget, gsplat's
+classic 3DGS ``DefaultStrategy``, or gsplat's ``MCMCStrategy`` on CUDA). Everything a run
+makes goes into its run folder: config.json, checkpoint.pt, gaussians.ply, metrics.json,
+progress.png and renders/ (ground truth left, render right).
+
+Schedules default to fractions of ``iters`` (None = auto, resolved once and written to
+config.json), so a 2000-step CPU run densifies and raises its SH degree like a 30k-step one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from budget3d.errors import UserError
+from budget3d.train.checkpoint import CHECKPOINT, CONFIG, load_checkpoint, save_checkpoint, set_rng_state
+from budget3d.train.metrics import evaluate, peak_memory_mb, plot_progress, psnr
+from budget3d.train.optim import VisibleAdam, exp_decay
+
+STRATEGIES = ("taming", "default", "mcmc")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. ``None`` schedule fields are 'auto' (scaled to ``iters``)."""
+
+    data: str = ""  # scene folder (Blender, nerfstudio, COLMAP, LLFF)
+    out: str = "runs/run"  # run folder
+    budget: Optional[str] = None  # "200000", "200k", "15x", "30MB"; not needed for strategy "default"
+    iters: int = 3000
+    device: str = "auto"  # auto | cpu | cuda
+    backend: str = "auto"  # auto | torch | cpu | cuda (budget3d.splat.render)
+    downscale: int = 1
+    sh_degree: int = 3
+    strategy: str = "taming"  # taming | default | mcmc
+    seed: int = 0
+    # initialisation (random init only when the scene has no point cloud)
+    init_points: int = 5000
+    init_opacity: float = 0.1
+    # learning rates (3DGS); means are scaled by the scene extent and decay exponentially
+    means_lr: float = 1.6e-4
+    means_lr_final: float = 1.6e-6
+    scales_lr: float = 5e-3
+    quats_lr: float = 1e-3
+    opacities_lr: float = 5e-2
+    sh0_lr: float = 2.5e-3
+    shN_lr: float = 2.5e-3 / 20
+    ssim_lambda: float = 0.2
+    random_background: bool = False
+    # schedules (None = auto from iters)
+    sh_up_every: Optional[int] = None  # raise the SH degree every k steps (3DGS: 1000 of 30k)
+    densify_start: Optional[int] = None  # 10% of iters
+    densify_stop: Optional[int] = None  # 60% of iters
+    densify_every: Optional[int] = None  # ~15 densification steps in the window
+    opacity_reset_every: Optional[int] = None  # 10% of iters (3DGS: 3000 of 30k); 0 = never
+    # fast paths
+    visible_adam: bool = True  # Adam only on rows visible in the step (else torch.optim.Adam)
+    shN_every: int = 4  # update higher-order SH every k steps; their gradient is skipped in between
+    # bookkeeping
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    eval_max_views: int = 0  # 0 = every test view
+    save_renders: bool = True
+    resolved: bool = field(default=False, repr=False)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Validate and fill the auto (None) schedule fields from ``iters``."""
+    c = dataclasses.replace(cfg)
+    if c.strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy {c.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if c.device not in DEVICES:
+        raise UserError(f"unknown device {c.device!r}; choose one of {', '.join(DEVICES)}")
+    from budget3d.splat.render import BACKENDS
+
+    if c.backend not in BACKENDS:
+        raise UserError(f"unknown backend {c.backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not isinstance(c.iters, int) or c.iters < 1:
+        raise UserError(f"--iters must be a positive whole number (got {c.iters!r})")
+    if c.sh_degree not in (0, 1, 2, 3):
+        raise UserError(f"--sh-degree must be 0, 1, 2 or 3 (got {c.sh_degree!r})")
+    if c.shN_every < 1 or c.log_every < 1 or c.checkpoint_every < 0:
+        raise UserError("shN_every and log_every must be >= 1 and checkpoint_every >= 0")
+    if c.strategy != "default" and c.budget in (None, ""):
+        raise UserError(f"strategy {c.strategy!r} needs a budget: give --budget (e.g. 200000, 15x or 30MB)")
+    n = c.iters
+    if c.sh_up_every is None:
+        c.sh_up_every = max(1, min(1000, n // 30))
+    if c.densify_start is None:
+        c.densify_start = max(1, round(0.1 * n))
+    if c.densify_stop is None:
+        c.densify_stop = max(c.densify_start + 1, round(0.6 * n))
+    if c.densify_every is None:
+        c.densify_every = max(1, (c.densify_stop - c.densify_start) // 15)
+    if c.opacity_reset_every is None:
+        c.opacity_reset_every = max(1, round(0.1 * n))
+    c.resolved = True
+    return c
+
+
+@dataclass
+class Session:
+    """The live state of a run: what the loop reads and writes."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    scene: object
+    device: torch.device
+    backend: str
+    params: dict
+    optimizers: dict
+    strategy: object
+    state: dict
+    budget: Optional[int]
+    extent: float
+    step: int = 0
+    history: list = field(default_factory=list)
+    train_seconds: float = 0.0
+    sh_now: int = 0
+    gt_other: Optional[list] = None  # train images on another background (random_background only)
+    other_bg: tuple = (0.0, 0.0, 0.0)
+    progress: bool = True
+
+    def render(self, params, camera, extra=None, background=None):
+        from budget3d.splat import render
+
+        bg = self.background() if background is None else background
+        return render(params, camera, backend=self.backend, sh_degree=self.sh_now, background=bg, extra=extra)
+
+    def background(self):
+        return torch.tensor(self.scene.background, dtype=torch.float32, device=self.device)
+
+    def save(self) -> None:
+        extra = {"budget": self.budget, "train_seconds": self.train_seconds}
+        save_checkpoint(self.run_dir / CHECKPOINT, params=self.params, optimizers=self.optimizers,
+                        strategy_state=self.state, step=self.step, history=self.history,
+                        config=self.cfg.to_json(), extra=extra)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised after Ctrl-C once the checkpoint is safely written; ``str()`` says how to resume."""
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Optional[Callable] = None,
+          progress: bool = True) -> dict:
+    """Train to ``cfg`` (or continue the run in ``cfg.out`` with ``resume``); returns metrics.
+
+    ``scene`` overrides loading ``cfg.data``; ``on_step(session)`` runs after every step and may
+    return True to stop as Ctrl-C does (checkpoint, then ``TrainingInterrupted``).
+    """
+    s = setup(cfg, resume=resume, scene=scene)
+    s.progress, cfg = progress, s.cfg
+    bar = _progress_bar(s, progress)
+    with _StopOnCtrlC() as ctrl_c:
+        t0 = time.perf_counter()
+        for step in range(s.step, cfg.iters):
+            view_idx = _view_index(cfg.seed, step, len(s.scene.train))
+            view = s.scene.train[view_idx]
+            _set_learning_rates(s, step)
+            s.sh_now = min(cfg.sh_degree, step // cfg.sh_up_every)
+            s.params["shN"].requires_grad_(step % cfg.shN_every == 0)
+            bg = torch.rand(3, device=s.device) if cfg.random_background else s.background()
+            gt = _target(s, view_idx, bg)
+            out = s.render(s.params, view.camera, background=bg)
+            loss = _loss(out.image, gt, cfg.ssim_lambda) + _regulariser(s)
+            info = _strategy_info(s, out, view.camera)
+            s.strategy.step_pre_backward(s.params, s.optimizers, s.state, step, info)
+            loss.backward()
+            _after_backward(s, info, out)
+            _optimizer_step(s, out.visible)
+            _strategy_post_backward(s, step, info)
+            s.step = step + 1
+            s.train_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            _log(s, bar, step, loss, out.image, gt)
+            stop = (on_step is not None and on_step(s)) or ctrl_c.requested
+            if stop or (cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0):
+                s.save()
+            if stop and s.step < cfg.iters:
+                bar.close()
+                raise TrainingInterrupted(
+                    f"interrupted at step {s.step}/{cfg.iters}; checkpoint saved to {s.run_dir / CHECKPOINT}. "
+                    f"Resume with: budget3d train --out {s.run_dir} --resume")
+    bar.close()
+    return finish(s)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available to torch here; use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def _pick_backend(name: str, device: torch.device) -> str:
+    from budget3d.splat.render import resolve_backend
+
+    try:
+        backend = resolve_backend(name, device)
+    except ValueError as e:
+        raise UserError(f"--backend {name}: {e}") from None
+    if backend == "cpu":
+        try:
+            import budget3d.splat.cpu  # noqa: F401
+        except ImportError as e:
+            if name == "cpu":
+                raise UserError(f"--backend cpu: the compiled CPU backend is unavailable ({e}); use --backend torch") from None
+            warnings.warn(f"compiled CPU backend unavailable ({e}); using the slow 'torch' backend", stacklevel=2)
+            backend = "torch"
+    return backend
+
+
+def _load_scene(cfg: TrainConfig, background=None):
+    from budget3d.scene import load_scene
+
+    if not cfg.data:
+        raise UserError("no scene given: pass --data PATH (a Blender, nerfstudio, COLMAP or LLFF scene folder)")
+    kw = {} if background is None else {"background": background}
+    return load_scene(cfg.data, downscale=cfg.downscale, **kw)
+
+
+def _init_params(cfg: TrainConfig, scene) -> dict:
+    from budget3d.splat import init_from_points, random_init
+
+    if scene.points is not None and len(scene.points) > 0:
+        return init_from_points(scene.points, scene.colors, cfg.sh_degree, opacity=cfg.init_opacity)
+    centers = np.stack([v.camera.center for v in scene.train])
+    radius = scene.camera_extent() / 3.0
+    return random_init(cfg.init_points, centers.mean(0), radius, cfg.sh_degree, seed=cfg.seed)
+
+
+def _make_optimizers(cfg: TrainConfig, params: dict, extent: float) -> dict:
+    lrs = {"means": cfg.means_lr * extent, "scales": cfg.scales_lr, "quats": cfg.quats_lr,
+           "opacities": cfg.opacities_lr, "sh0": cfg.sh0_lr, "shN": cfg.shN_lr}
+    if cfg.visible_adam:
+        return {k: VisibleAdam([params[k]], lr=lrs[k], eps=1e-15) for k in params}
+    return {k: torch.optim.Adam([params[k]], lr=lrs[k], eps=1e-15) for k in params}
+
+
+def _make_strategy(s: Session):
+    cfg = s.cfg
+    if cfg.strategy == "taming":
+        from budget3d.budget import TamingConfig, TamingStrategy
+
+        names = {f.name for f in dataclasses.fields(TamingConfig)}
+        wanted = {"budget": s.budget, "start": cfg.densify_start, "stop": cfg.densify_stop,
+                  "interval": cfg.densify_every, "densify_start": cfg.densify_start,
+                  "densify_stop": cfg.densify_stop, "densify_every": cfg.densify_every,
+                  "densify_interval": cfg.densify_every, "reset_every": cfg.opacity_reset_every,
+                  "opacity_reset_every": cfg.opacity_reset_every, "seed": cfg.seed}
+        tcfg = TamingConfig(**{k: v for k, v in wanted.items() if k in names})
+        return TamingStrategy(tcfg, score_views=lambda k: _score_views(s, k), render_fn=s.render)
+    if cfg.strategy == "mcmc":
+        if s.device.type != "cuda":
+            raise UserError("--strategy mcmc needs a CUDA GPU (gsplat's MCMC kernels); use --strategy taming on CPU")
+        from gsplat import MCMCStrategy
+
+        return MCMCStrategy(cap_max=s.budget, refine_start_iter=cfg.densify_start,
+                            refine_stop_iter=cfg.densify_stop, refine_every=cfg.densify_every)
+    reset = cfg.opacity_reset_every or 10 * cfg.iters + 1
+    return _DefaultStrategy(refine_start_iter=cfg.densify_start, refine_stop_iter=cfg.densify_stop,
+                            refine_every=cfg.densify_every, reset_every=reset)
+
+
+def _init_strategy_state(s: Session) -> dict:
+    if s.cfg.strategy == "mcmc":
+        return s.strategy.initialize_state()
+    return s.strategy.initialize_state(scene_scale=s.extent)
+
+
+def setup(cfg: TrainConfig, *, resume: bool = False, scene=None) -> Session:
+    """Build (or restore from the run folder's checkpoint) everything the loop needs."""
+    run_dir = Path(cfg.out)
+    ckpt = None
+    if resume:
+        _check_run_dir(run_dir, need_checkpoint=True)
+        ckpt = load_checkpoint(run_dir / CHECKPOINT)
+        saved = TrainConfig.from_json(ckpt["config"])
+        cfg = dataclasses.replace(saved, out=str(run_dir), device=cfg.device, backend=cfg.backend)
+    cfg = resolve_config(cfg)
+    device = _pick_device(cfg.device)
+    backend = _pick_backend(cfg.backend, device)
+    scene = scene if scene is not None else _load_scene(cfg)
+    if not scene.train:
+        raise UserError(f"{cfg.data}: the scene has no training views")
+    if ckpt is not None:
+        init = ckpt["params"]
+        budget = ckpt["extra"].get("budget")
+    else:
+        init = _init_params(cfg, scene)
+        budget = _parse_budget(cfg, len(init["means"]))
+    params = {k: torch.nn.Parameter(v.to(device).float().contiguous()) for k, v in init.items()}
+    extent = scene.camera_extent()
+    optimizers = _make_optimizers(cfg, params, extent)
+    s = Session(cfg=cfg, run_dir=run_dir, scene=scene, device=device, backend=backend, params=params,
+                optimizers=optimizers, strategy=None, state={}, budget=budget, extent=extent)
+    s.strategy = _make_strategy(s)
+    s.strategy.check_sanity(s.params, s.optimizers)
+    s.state = _init_strategy_state(s)
+    if cfg.random_background and cfg.data:
+        s.other_bg = (0.0, 0.0, 0.0) if sum(scene.background) > 1.5 else (1.0, 1.0, 1.0)
+        s.gt_other = _load_scene(cfg, background=s.other_bg).train
+    if ckpt is not None:
+        for k, opt in optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][k])
+        s.state = _merge_state(s.state, ckpt["strategy_state"], device)
+        s.step, s.history = int(ckpt["step"]), list(ckpt.get("history", []))
+        s.train_seconds = float(ckpt["extra"].get("train_seconds", 0.0))
+        set_rng_state(ckpt["rng"])
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _seed_everything(cfg.seed)
+    _write_json(run_dir / CONFIG, cfg.to_json())
+    return s
+
+
+def _parse_budget(cfg: TrainConfig, n_init: int) -> Optional[int]:
+    if cfg.budget in (None, ""):
+        return None
+    from budget3d.budget import parse_budget
+
+    return parse_budget(cfg.budget, n_init, cfg.sh_degree)
+
+
+def _merge_state(fresh: dict, saved: dict, device) -> dict:
+    out = dict(fresh)
+    for k, v in saved.items():
+        out[k] = v.to(device) if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_run_dir(run_dir: Path, need_checkpoint: bool) -> None:
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder; give a folder written by 'budget3d train --out'")
+    if not (run_dir / CONFIG).is_file():
+        raise UserError(f"{run_dir}: not a run folder (no {CONFIG}); give a folder written by 'budget3d train --out'")
+    if need_checkpoint and not (run_dir / CHECKPOINT).is_file():
+        raise UserError(f"{run_dir}: no {CHECKPOINT} to resume from; start a new run without --resume")
+
+
+# ----------------------------------------------------------------------------- per-step helpers
+
+
+def _view_index(seed: int, step: int, n: int) -> int:
+    """A random view per step, a pure function of (seed, step) so resuming picks the same ones."""
+    return int(np.random.default_rng([seed, step]).integers(n))
+
+
+def _set_learning_rates(s: Session, step: int) -> None:
+    cfg = s.cfg
+    lr = exp_decay(step, cfg.iters, cfg.means_lr * s.extent, cfg.means_lr_final * s.extent)
+    s.optimizers["means"].param_groups[0]["lr"] = lr
+
+
+def _target(s: Session, view_idx: int, bg: torch.Tensor) -> torch.Tensor:
+    """The float (H, W, 3) ground truth, on ``bg`` when training on random backgrounds.
+
+    Scenes hand out images already composited on their background, so the transparency
+    (1 - alpha) is recovered from the same image composited on a second background:
+    img - other = (1 - alpha) * (own_bg - other_bg). Opaque sources give 0 and stay as they are.
+    """
+    img = torch.as_tensor(s.scene.train[view_idx].image(), device=s.device).float() / 255.0
+    if not s.cfg.random_background or s.gt_other is None:
+        return img
+    other = torch.as_tensor(s.gt_other[view_idx].image(), device=s.device).float() / 255.0
+    own = s.background()
+    d = own - torch.tensor(s.other_bg, device=s.device)
+    transparency = (((img - other) * d).sum(-1, keepdim=True) / (d * d).sum()).clamp(0, 1)
+    return img + transparency * (bg - own)
+
+
+def _loss(img: torch.Tensor, gt: torch.Tensor, ssim_lambda: float) -> torch.Tensor:
+    l1 = (img - gt).abs().mean()
+    if ssim_lambda <= 0:
+        return l1
+    from pytorch_msssim import ssim
+
+    s = ssim(img.permute(2, 0, 1)[None], gt.permute(2, 0, 1)[None], data_range=1.0, size_average=True)
+    return (1 - ssim_lambda) * l1 + ssim_lambda * (1 - s)
+
+
+def _regulariser(s: Session):
+    """MCMC's opacity and scale regularisers (gsplat's defaults); nothing for the others."""
+    if s.cfg.strategy != "mcmc":
+        return 0.0
+    p = s.params
+    return 0.01 * torch.sigmoid(p["opacities"]).mean() + 0.01 * torch.exp(p["scales"]).mean()
+
+
+def _strategy_info(s: Session, out, camera) -> dict:
+    """What the strategy reads. gsplat's strategies want [C, N, ...] tensors and a means2d
+    tensor whose .grad they read; ours gets plain (N, ...) tensors and the gradient itself."""
+    if s.cfg.strategy == "taming":
+        return {"radii": out.radii, "n_pixels": out.n_pixels, "depths": out.depths,
+                "width": camera.width, "height": camera.height, "n_cameras": 1}
+    n = out.radii.shape[0]
+    means2d = torch.zeros(1, n, 2, device=s.device, requires_grad=True)  # .grad filled after backward
+    return {"means2d": means2d, "radii": out.radii.reshape(1, n, 2), "width": camera.width,
+            "height": camera.height, "n_cameras": 1, "gaussian_ids": None}
+
+
+def _after_backward(s: Session, info: dict, out) -> None:
+    grad = out.means2d_grad()
+    if grad is None:
+        grad = torch.zeros(out.radii.shape[0], 2, device=s.device)
+    if s.cfg.strategy == "taming":
+        info["means2d_grad"] = grad
+    else:
+        info["means2d"].grad = grad.reshape(1, -1, 2)
+
+
+def _optimizer_step(s: Session, visible: torch.Tensor) -> None:
+    for opt in s.optimizers.values():
+        if isinstance(opt, VisibleAdam):
+            opt.step(visible)
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _strategy_post_backward(s: Session, step: int, info: dict) -> None:
+    if s.cfg.strategy == "mcmc":
+        lr = s.optimizers["means"].param_groups[0]["lr"]
+        s.strategy.step_post_backward(s.params, s.optimizers, s.state, step, info, lr=lr)
+    else:
+        s.strategy.step_post_backward(s.params, s.optimizers, s.state, step, info)
+
+
+def _score_views(s: Session, k: int) -> list:
+    """``k`` random training views with float ground truth, for Taming's scores."""
+    n = len(s.scene.train)
+    idx = torch.randperm(n)[: max(1, min(k, n))].tolist()
+    bg = s.background()
+    return [(s.scene.train[i].camera, _target(s, i, bg)) for i in idx]
+
+
+def _progress_bar(s: Session, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=s.cfg.iters, initial=s.step, disable=not enabled, desc=f"train {s.cfg.strategy}",
+                dynamic_ncols=True, mininterval=0.5)
+
+
+def _log(s: Session, bar, step: int, loss, img, gt) -> None:
+    bar.update(1)
+    if step % s.cfg.log_every and s.step != s.cfg.iters:
+        return
+    with torch.no_grad():
+        p = psnr(img.detach(), gt)
+    n = int(s.params["means"].shape[0])
+    s.history.append({"step": s.step, "loss": round(float(loss.detach()), 6), "psnr": round(p, 3), "count": n})
+    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", psnr=f"{p:.2f}", n=n, refresh=False)
+
+
+class _DefaultStrategy:
+    """gsplat's DefaultStrategy, with its opacity reset made to fire: in gsplat 1.5.3 the test
+    ``step % self.reset_every == 0 & step > 0`` parses as a chained comparison that is never true."""
+
+    def __new__(cls, **kw):
+        from gsplat import DefaultStrategy
+        from gsplat.strategy.ops import reset_opa
+
+        class Default(DefaultStrategy):
+            def step_post_backward(self, params, optimizers, state, step, info, packed=False):
+                super().step_post_backward(params, optimizers, state, step, info, packed=packed)
+                if 0 < step < self.refine_stop_iter and step % self.reset_every == 0:
+                    reset_opa(params=params, optimizers=optimizers, state=state, value=self.prune_opa * 2.0)
+
+        return Default(**kw)
+
+
+class _StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop after the current step (so the checkpoint is
+    consistent); a second one interrupts at once."""
+
+    def __enter__(self):
+        self.requested = False
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+# ----------------------------------------------------------------------------- the end of a run
+
+
+def finish(s: Session) -> dict:
+    """Force the exact budget, save checkpoint + .ply, evaluate, write metrics and the plot."""
+    from budget3d.splat import save_ply
+
+    if hasattr(s.strategy, "finalize"):
+        s.strategy.finalize(s.params, s.optimizers, s.state, s.step)
+    s.sh_now = s.cfg.sh_degree
+    for p in s.params.values():
+        p.requires_grad_(True)
+    s.save()
+    save_ply(s.params, s.run_dir / "gaussians.ply")
+    metrics = _train_metrics(s)
+    metrics.update(_evaluate(s))
+    _write_json(s.run_dir / "metrics.json", metrics)
+    title = f"{s.cfg.strategy}: {metrics['num_gaussians']} Gaussians, test PSNR {metrics['psnr']:.2f} dB"
+    plot_progress(s.history, s.run_dir / "progress.png", title=title)
+    return metrics
+
+
+def _train_metrics(s: Session) -> dict:
+    last = s.history[-1] if s.history else {}
+    return {
+        "num_gaussians": int(s.params["means"].shape[0]),
+        "budget": s.budget,
+        "budget_spec": s.cfg.budget,
+        "strategy": s.cfg.strategy,
+        "backend": s.backend,
+        "device": str(s.device),
+        "iters": s.cfg.iters,
+        "train_seconds": round(s.train_seconds, 2),
+        "steps_per_second": round(s.cfg.iters / s.train_seconds, 2) if s.train_seconds > 0 else None,
+        "final_train_psnr": last.get("psnr"),
+        **peak_memory_mb(s.device),
+        "scene": str(s.cfg.data),
+    }
+
+
+def _evaluate(s: Session) -> dict:
+    renders = s.run_dir / "renders" if s.cfg.save_renders else None
+    with torch.no_grad():
+        return evaluate(s.params, s.scene.test, render_fn=lambda p, cam: s.render(p, cam),
+                        background=s.background(), renders_dir=renders, max_views=s.cfg.eval_max_views,
+                        progress=s.progress)
+
+
+def evaluate_run(run_dir, *, device: str = "auto", backend: str = "auto", progress: bool = True) -> dict:
+    """Re-evaluate a finished run folder (its checkpoint, else gaussians.ply) on its test split;
+    rewrites the evaluation part of metrics.json and returns the whole metrics dict."""
+    from budget3d.splat import load_ply
+
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir, need_checkpoint=False)
+    try:
+        cfg = TrainConfig.from_json(json.loads((run_dir / CONFIG).read_text()))
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{run_dir / CONFIG}: not a readable run config ({e}); retrain the run") from None
+    dev = _pick_device(device)
+    if (run_dir / "gaussians.ply").is_file():
+        params = load_ply(run_dir / "gaussians.ply")
+    elif (run_dir / CHECKPOINT).is_file():
+        params = load_checkpoint(run_dir / CHECKPOINT)["params"]
+    else:
+        raise UserError(f"{run_dir}: neither gaussians.ply nor {CHECKPOINT}; train the run first")
+    params = {k: v.to(dev).float() for k, v in params.items()}
+    scene = _load_scene(cfg)
+    s = Session(cfg=cfg, run_dir=run_dir, scene=scene, device=dev, backend=_pick_backend(backend, dev),
+                params=params, optimizers={}, strategy=None, state={}, budget=None, extent=1.0,
+                sh_now=cfg.sh_degree, progress=progress)
+    metrics = {}
+    if (run_dir / "metrics.json").is_file():
+        try:
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+        except json.JSONDecodeError:
+            metrics = {}
+    metrics["num_gaussians"] = int(params["means"].shape[0])
+    metrics.update(_evaluate(s))
+    _write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        v = float(o)
+        return None if math.isnan(v) else v
+    return str(o)
+
+
+__all__ = ["TrainConfig", "TrainingInterrupted", "Session", "evaluate_run", "resolve_config", "setup", "train"]

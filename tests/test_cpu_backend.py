@@ -1,0 +1,179 @@
+"""The "cpu" (numba) backend against the "torch" oracle, through ``render``: images, alpha, depth,
+extra channels, n_pixels and the gradients of every parameter; edge cases; thread count."""
+
+import numpy as np
+import pytest
+import torch
+from test_render import camera, random_params
+
+from budget3d.splat import project, render
+from budget3d.splat.cpu import rasterize_cpu
+from budget3d.splat.rasterize_torch import rasterize_torch
+
+KEYS = ["means", "scales", "quats", "opacities", "sh0", "shN"]
+
+
+def _run(p0, cam, backend, bg=None, extra=None, seed=0, sh_degree=None):
+    p = {k: v.detach().clone().requires_grad_() for k, v in p0.items()}
+    ex = None if extra is None else extra.detach().clone().requires_grad_()
+    out = render(p, cam, backend=backend, background=bg, extra=ex, sh_degree=sh_degree)
+    g = torch.Generator().manual_seed(seed + 100)
+    loss = (out.image * torch.rand(out.image.shape, generator=g)).sum()
+    loss = loss + (out.alpha * torch.rand(out.alpha.shape, generator=g)).sum()
+    loss = loss + 0.1 * (out.depth * torch.rand(out.depth.shape, generator=g)).sum()
+    if ex is not None:
+        loss = loss + (out.extra * torch.rand(out.extra.shape, generator=g)).sum()
+    loss.backward()
+    grads = {k: p[k].grad for k in KEYS}
+    if ex is not None:
+        grads["extra"] = ex.grad
+    grads["means2d"] = out.means2d_grad()
+    return out, grads
+
+
+def _compare(a, b, tol=1e-4, grad_rtol=1e-3, npix_exact=True):
+    (oa, ga), (ob, gb) = a, b
+    assert torch.isfinite(ob.image).all() and torch.isfinite(ob.alpha).all()
+    assert (oa.image - ob.image).abs().max() <= tol
+    assert (oa.alpha - ob.alpha).abs().max() <= tol
+    # depth = img / alpha is ill-conditioned where alpha is tiny: compare where alpha > 1e-2
+    m = oa.alpha > 1e-2
+    if m.any():
+        assert (oa.depth - ob.depth)[m].abs().max() <= tol * 10
+    assert (oa.depth - ob.depth).abs().max() <= 1e-2
+    if oa.extra is not None:
+        assert (oa.extra - ob.extra).abs().max() <= tol
+    if npix_exact:
+        assert torch.equal(oa.n_pixels, ob.n_pixels)
+    for k in ga:
+        if ga[k] is None:
+            assert gb[k] is None or gb[k].abs().max() == 0, k
+            continue
+        assert gb[k] is not None, k
+        assert torch.isfinite(gb[k]).all(), k
+        den = ga[k].norm()
+        rel = ((ga[k] - gb[k]).norm() / den).item() if den > 0 else gb[k].norm().item()
+        assert rel <= grad_rtol, (k, rel)
+
+
+@pytest.mark.parametrize("n,w,h,seed,k", [(30, 24, 20, 0, 1), (300, 64, 48, 1, 2), (2000, 96, 80, 2, 0),
+                                          (4000, 160, 128, 3, 5)])
+def test_cpu_matches_torch_random_scenes(n, w, h, seed, k):
+    p = random_params(n, seed)
+    p["opacities"][: n // 10] = 6.0  # some near-opaque Gaussians: pixels stop early, alpha clamps at 0.99
+    cam = camera(w, h)
+    extra = torch.rand(n, k, generator=torch.Generator().manual_seed(seed)) if k else None
+    bg = torch.tensor([0.2, 0.5, 0.9])
+    t = _run(p, cam, "torch", bg, extra, seed)
+    c = _run(p, cam, "cpu", bg, extra, seed)
+    assert t[0].n_pixels.sum() > 0 and t[0].alpha.max() > 0.9
+    _compare(t, c)
+
+
+def test_many_channels_and_no_background_at_rasterizer_level():
+    """C = 40 feature channels straight through rasterize_cpu, float64 inputs accepted."""
+    n, w, h = 500, 40, 33
+    p = random_params(n, 11, dtype=torch.float64)
+    cam = camera(w, h)
+    op = torch.sigmoid(p["opacities"])
+    pr = project(p["means"], p["quats"], torch.exp(p["scales"]), op, cam.viewmat(dtype=torch.float64),
+                 cam.K(dtype=torch.float64), w, h)
+    feats = torch.rand(n, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    res = []
+    for fn in (rasterize_torch, rasterize_cpu):
+        m2d = pr.means2d.detach().float().requires_grad_()
+        con = pr.conics.detach().float().requires_grad_()
+        o = op.detach().float().requires_grad_()
+        f = feats.float().requires_grad_()
+        img, alpha, npx = fn(m2d, con, o, f, pr.depths.detach().float(), pr.radii, w, h)
+        wts = torch.rand(img.shape, generator=torch.Generator().manual_seed(1))
+        ((img * wts).sum() + alpha.sum()).backward()
+        res.append((img, alpha, npx, m2d.grad, con.grad, o.grad, f.grad))
+    (ti, ta, tn, *tg), (ci, ca, cn, *cg) = res
+    assert ci.shape == (h, w, 40) and ca.shape == (h, w, 1) and cn.dtype == torch.long
+    assert (ti - ci).abs().max() < 1e-4 and (ta - ca).abs().max() < 1e-4
+    assert torch.equal(tn, cn)
+    for a, b in zip(tg, cg):
+        assert ((a - b).norm() / a.norm()) < 1e-3
+
+
+def test_no_visible_gaussian_and_behind_camera():
+    p = random_params(50, 5)
+    p["means"][:, 2] *= -1  # all behind the camera: radii 0
+    bg = torch.tensor([0.3, 0.4, 0.5])
+    out, grads = _run(p, camera(16, 16), "cpu", bg)
+    assert not out.visible.any()
+    assert torch.allclose(out.image, bg.expand_as(out.image)) and (out.alpha == 0).all()
+    assert (out.n_pixels == 0).all() and (out.depth == 0).all()
+    for k, g in grads.items():
+        assert g is None or (g == 0).all(), k
+    # half behind the camera
+    p = random_params(400, 6)
+    p["means"][::2, 2] *= -1
+    _compare(_run(p, camera(48, 40), "torch", bg), _run(p, camera(48, 40), "cpu", bg))
+
+
+def test_huge_gaussians_cover_the_image():
+    p = random_params(40, 7, sigma=(30.0, 200.0))
+    p["opacities"][:] = 0.0  # alpha 0.5 at the centre
+    p["opacities"][:3] = 5.0
+    cam = camera(50, 37)
+    t = _run(p, cam, "torch", torch.tensor([1.0, 1.0, 1.0]))
+    c = _run(p, cam, "cpu", torch.tensor([1.0, 1.0, 1.0]))
+    assert (t[0].alpha > 0.5).all()  # every pixel covered
+    _compare(t, c)
+
+
+@pytest.mark.parametrize("w,h", [(1, 23), (19, 1), (1, 1)])
+def test_one_pixel_wide_images(w, h):
+    p = random_params(300, 8, spread=0.05, sigma=(0.5, 4.0))
+    cam = camera(w, h, f=40.0)
+    extra = torch.rand(300, 3, generator=torch.Generator().manual_seed(w * 100 + h))
+    t = _run(p, cam, "torch", torch.tensor([0.1, 0.2, 0.3]), extra)
+    c = _run(p, cam, "cpu", torch.tensor([0.1, 0.2, 0.3]), extra)
+    assert c[0].image.shape == (h, w, 3)
+    assert t[0].n_pixels.sum() > 0
+    _compare(t, c)
+
+
+def test_one_thread_and_background_none():
+    p = random_params(1500, 9)
+    cam = camera(64, 64)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        c1 = _run(p, cam, "cpu")
+    finally:
+        torch.set_num_threads(saved)
+    c2 = _run(p, cam, "cpu")
+    t = _run(p, cam, "torch")
+    _compare(t, c1)
+    # the thread count changes nothing: per-entry gradients are reduced in a fixed order
+    assert torch.equal(c1[0].image, c2[0].image) and torch.equal(c1[0].n_pixels, c2[0].n_pixels)
+    for k in c1[1]:
+        assert torch.equal(c1[1][k], c2[1][k]), k
+
+
+def test_background_is_added_with_final_transmittance():
+    p = random_params(800, 10)
+    cam = camera(40, 40)
+    o0, _ = _run(p, cam, "cpu")
+    bg = torch.tensor([0.7, 0.1, 0.4])
+    o1, _ = _run(p, cam, "cpu", bg)
+    assert torch.allclose(o1.image, o0.image + (1 - o0.alpha) * bg, atol=1e-6)
+    assert torch.equal(o1.alpha, o0.alpha)
+
+
+def test_auto_picks_cpu_on_cpu_tensors(monkeypatch):
+    import budget3d.splat.cpu as cpu_mod
+
+    calls = []
+    orig = cpu_mod.rasterize_cpu
+
+    def spy(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(cpu_mod, "rasterize_cpu", spy)
+    out = render(random_params(100, 12), camera(16, 16), backend="auto")
+    assert calls and out.image.shape == (16, 16, 3)

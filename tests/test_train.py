@@ -1,0 +1,284 @@
+"""Trainer: VisibleAdam, a short run that learns, the exact budget, resume == uninterrupted,
+Ctrl-C, the default strategy, and the run folder's contents. Tiny scenes made here."""
+
+import json
+import math
+import os
+import signal
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from budget3d.errors import UserError
+from budget3d.scene.camera import Camera, Scene, View
+from budget3d.splat import random_init, render
+from budget3d.train import TrainConfig, TrainingInterrupted, VisibleAdam, evaluate_run, train
+
+SIZE = 32
+
+
+def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 0.0, 1.0)) -> np.ndarray:
+    """OpenCV world-to-camera (x right, y down, z forward) for a camera at ``eye``."""
+    eye, target, up = (np.asarray(v, np.float64) for v in (eye, target, up))
+    z = target - eye
+    z /= np.linalg.norm(z)
+    x = np.cross(z, up)
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    w2c = np.eye(4)
+    w2c[:3, :3] = np.stack([x, y, z])
+    w2c[:3, 3] = -w2c[:3, :3] @ eye
+    return w2c
+
+
+def ring_cameras(n, size=SIZE, radius=4.0, height=1.5, phase=0.0):
+    f = size * 1.2
+    cams = []
+    for i in range(n):
+        a = 2 * math.pi * i / n + phase
+        eye = (radius * math.cos(a), radius * math.sin(a), height + 0.5 * math.sin(3 * a))
+        cams.append(Camera(f, f, size / 2, size / 2, size, size, look_at(eye)))
+    return cams
+
+
+def truth_gaussians(n=80, seed=1):
+    """A small coloured blob of Gaussians around the origin: the scene to recover."""
+    g = torch.Generator().manual_seed(seed)
+    p = random_init(n, (0.0, 0.0, 0.0), 0.8, sh_degree=1, seed=seed)
+    p["scales"] = torch.log(torch.rand(n, 3, generator=g) * 0.15 + 0.08)
+    p["opacities"] = torch.logit(torch.rand(n, generator=g) * 0.5 + 0.45)
+    p["sh0"] = (torch.rand(n, 1, 3, generator=g) - 0.5) * 3.0
+    return p
+
+
+def tiny_scene(n_train=10, n_test=3, size=SIZE, points=60):
+    """Views rendered from ``truth_gaussians`` (torch oracle) on white, plus noisy init points."""
+    truth = truth_gaussians()
+    bg = torch.ones(3)
+
+    def view(name, cam):
+        with torch.no_grad():
+            img = render(truth, cam, backend="torch", background=bg).image
+        arr = (img.clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+        return View(name, cam, lambda arr=arr: arr)
+
+    train = [view(f"train/r_{i}", c) for i, c in enumerate(ring_cameras(n_train, size))]
+    test = [view(f"test/r_{i}", c) for i, c in enumerate(ring_cameras(n_test, size, height=1.0, phase=0.4))]
+    rng = np.random.default_rng(0)
+    pts = (truth["means"].numpy()[:points] + rng.normal(0, 0.05, (points, 3))).astype(np.float32)
+    cols = rng.integers(0, 256, (points, 3)).astype(np.uint8)
+    return Scene(format="blender", path="<tiny>", train=train, test=test, points=pts, colors=cols)
+
+
+def write_blender_scene(root, n_train=8, n_test=2, size=SIZE):
+    """The tiny scene on disk in the Blender layout (RGBA PNGs, OpenGL c2w, points3d.ply)."""
+    from plyfile import PlyData, PlyElement
+
+    scene = tiny_scene(n_train, n_test, size)
+    root.mkdir(parents=True, exist_ok=True)
+    gl = np.diag([1.0, -1.0, -1.0, 1.0])
+    for split, views in (("train", scene.train), ("test", scene.test)):
+        (root / split).mkdir(exist_ok=True)
+        frames = []
+        for v in views:
+            cv2.imwrite(str(root / f"{v.name}.png"), cv2.cvtColor(v.image(), cv2.COLOR_RGB2BGR))
+            c2w = np.linalg.inv(v.camera.world_to_camera) @ gl
+            frames.append({"file_path": f"./{v.name}", "transform_matrix": c2w.tolist()})
+        angle = 2 * math.atan(size / 2 / views[0].camera.fx)
+        (root / f"transforms_{split}.json").write_text(json.dumps({"camera_angle_x": angle, "frames": frames}))
+    arr = np.empty(len(scene.points), dtype=[(k, "f4") for k in "xyz"] + [(k, "u1") for k in ("red", "green", "blue")])
+    for i, k in enumerate("xyz"):
+        arr[k] = scene.points[:, i]
+    for i, k in enumerate(("red", "green", "blue")):
+        arr[k] = scene.colors[:, i]
+    PlyData([PlyElement.describe(arr, "vertex")]).write(str(root / "points3d.ply"))
+    return root
+
+
+def tiny_config(tmp_path, **kw):
+    base = dict(data="", out=str(tmp_path / "run"), budget="150", iters=300, backend="torch", sh_degree=1,
+                checkpoint_every=0, save_renders=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return tiny_scene()
+
+
+def mean_colour_psnr(scene):
+    mean = np.mean([v.image().reshape(-1, 3).mean(0) for v in scene.train], 0) / 255.0
+    vals = [-10 * math.log10(np.mean((v.image() / 255.0 - mean) ** 2)) for v in scene.test]
+    return float(np.mean(vals))
+
+
+# ----------------------------------------------------------------------------- VisibleAdam
+
+
+def test_visible_adam_matches_torch_adam_when_all_rows_visible():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(50, 4, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours, ref = VisibleAdam([a], lr=1e-2, eps=1e-15), torch.optim.Adam([b], lr=1e-2, eps=1e-15)
+    for _ in range(20):
+        g = torch.randn_like(a)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step(torch.ones(50, dtype=torch.bool))
+        ref.step()
+    assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(ours.state[a]["exp_avg_sq"], ref.state[b]["exp_avg_sq"], rtol=1e-5)
+    assert torch.equal(ours.state[a]["row_step"], torch.full((50,), 20.0))
+
+
+def test_visible_adam_updates_only_visible_rows_with_per_row_bias_correction():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(10, 3))
+    opt = VisibleAdam([p], lr=0.1)
+    vis = torch.zeros(10, dtype=torch.bool)
+    vis[[1, 4, 7]] = True
+    before = p.detach().clone()
+    p.grad = torch.randn(10, 3)
+    opt.step(vis)
+    changed = (p.detach() != before).any(1)
+    assert torch.equal(changed, vis)
+    st = opt.state[p]
+    assert torch.equal(st["row_step"], vis.float())
+    assert (st["exp_avg"][~vis] == 0).all() and (st["exp_avg"][vis] != 0).all()
+    # a row's first update is a full lr-sized step (bias-corrected by *its* count), even late
+    for _ in range(5):
+        p.grad = torch.randn(10, 3)
+        opt.step(vis)
+    late = torch.zeros(10, dtype=torch.bool)
+    late[0] = True
+    p.grad = torch.ones(10, 3)
+    before = p.detach().clone()
+    opt.step(late)
+    assert torch.allclose(before[0] - p.detach()[0], torch.full((3,), 0.1), atol=1e-5)
+    assert torch.equal(p.detach()[1:], before[1:])
+
+
+def test_visible_adam_state_follows_gsplat_densification_ops():
+    from gsplat.strategy.ops import duplicate, remove
+
+    p = {"means": torch.nn.Parameter(torch.randn(6, 3))}
+    opts = {"means": VisibleAdam([p["means"]], lr=0.1)}
+    p["means"].grad = torch.randn(6, 3)
+    opts["means"].step(torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool))
+    duplicate(p, opts, {}, torch.tensor([0, 0, 1, 1, 0, 0], dtype=torch.bool))
+    st = opts["means"].state[p["means"]]
+    assert st["row_step"].tolist() == [1, 1, 0, 1, 0, 1, 0, 0]
+    remove(p, opts, {}, torch.tensor([1, 0, 0, 0, 0, 0, 0, 1], dtype=torch.bool))
+    st = opts["means"].state[p["means"]]
+    assert st["row_step"].tolist() == [1, 0, 1, 0, 1, 0] and st["exp_avg"].shape == (6, 3)
+    p["means"].grad = torch.randn(6, 3)
+    opts["means"].step(torch.ones(6, dtype=torch.bool))  # still steps after the rows changed
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_short_run_learns_and_ends_at_exactly_the_budget(tmp_path, scene):
+    cfg = tiny_config(tmp_path, budget="137", iters=400, backend="auto")
+    m = train(cfg, scene=scene, progress=False)
+    assert m["num_gaussians"] == 137 == m["budget"]
+    hist = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert hist["num_gaussians"] == 137
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    losses = [h["loss"] for h in ckpt["history"]]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
+    base = mean_colour_psnr(scene)
+    assert m["psnr"] >= base + 5.0, (m["psnr"], base)
+
+
+def test_budget_below_initial_count_shrinks_to_it(tmp_path, scene):
+    m = train(tiny_config(tmp_path, budget="40", iters=120, backend="auto"), scene=scene, progress=False)
+    assert m["num_gaussians"] == 40
+
+
+def test_run_folder_has_everything(tmp_path, scene):
+    cfg = tiny_config(tmp_path, iters=60, backend="auto", save_renders=True)
+    train(cfg, scene=scene, progress=False)
+    run = tmp_path / "run"
+    for name in ("config.json", "checkpoint.pt", "gaussians.ply", "metrics.json", "progress.png"):
+        assert (run / name).is_file(), name
+    m = json.loads((run / "metrics.json").read_text())
+    for key in ("psnr", "ssim", "lpips", "num_gaussians", "budget", "train_seconds", "peak_memory_mb", "iters",
+                "strategy", "backend"):
+        assert key in m, key
+    if m["lpips"] is None:
+        assert m["lpips_status"].startswith("absent")
+    assert m["peak_memory_mb"] > 0 and m["train_seconds"] > 0
+    renders = sorted((run / "renders").glob("*.png"))
+    assert len(renders) == len(scene.test)
+    assert cv2.imread(str(renders[0])).shape == (SIZE, 2 * SIZE, 3)  # ground truth | render
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["iters"] == 60 and saved["densify_every"] >= 1 and saved["sh_up_every"] >= 1
+
+
+def _params(run):
+    return torch.load(run / "checkpoint.pt", weights_only=False)["params"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, scene):
+    """2000 steps straight == Ctrl-C (a real SIGINT) at 1000, then --resume to 2000."""
+    kw = dict(budget="120", iters=2000, backend="auto", checkpoint_every=500, sh_degree=1)
+    straight = train(tiny_config(tmp_path / "a", **kw), scene=scene, progress=False)
+
+    def ctrl_c_at_1000(session):
+        if session.step == 1000:
+            os.kill(os.getpid(), signal.SIGINT)  # handled: the loop stops after this step
+        return False
+
+    cfg = tiny_config(tmp_path / "b", **kw)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(cfg, scene=scene, progress=False, on_step=ctrl_c_at_1000)
+    assert torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)["step"] == 1000
+    assert not (tmp_path / "b" / "run" / "metrics.json").exists()
+    resumed = train(TrainConfig(out=cfg.out, backend="auto"), resume=True, scene=scene, progress=False)
+
+    a, b = _params(tmp_path / "a" / "run"), _params(tmp_path / "b" / "run")
+    assert resumed["num_gaussians"] == straight["num_gaussians"] == 120
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-5), (k, (a[k] - b[k]).abs().max())
+    assert abs(resumed["psnr"] - straight["psnr"]) < 1e-3
+
+
+def test_default_strategy_runs_and_densifies(tmp_path, scene):
+    m = train(tiny_config(tmp_path, strategy="default", budget=None, iters=200, backend="auto"),
+              scene=scene, progress=False)
+    assert m["strategy"] == "default" and m["budget"] is None
+    assert m["num_gaussians"] > len(scene.points)
+    assert m["psnr"] > mean_colour_psnr(scene) + 3
+
+
+def test_torch_backend_and_plain_adam_also_train(tmp_path, scene):
+    m = train(tiny_config(tmp_path, iters=60, backend="torch", visible_adam=False, shN_every=1),
+              scene=scene, progress=False)
+    assert m["num_gaussians"] == 150 and m["backend"] == "torch"
+
+
+def test_mcmc_needs_cuda_and_bad_settings_are_user_errors(tmp_path, scene):
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA"):
+            train(tiny_config(tmp_path, strategy="mcmc", device="cpu"), scene=scene, progress=False)
+    with pytest.raises(UserError, match="budget"):
+        train(tiny_config(tmp_path, budget="lots"), scene=scene, progress=False)
+    with pytest.raises(UserError, match="budget"):
+        train(tiny_config(tmp_path, budget=None), scene=scene, progress=False)
+    with pytest.raises(UserError, match="strategy"):
+        train(tiny_config(tmp_path, strategy="magic"), scene=scene, progress=False)
+
+
+def test_evaluate_run_rescores_a_run_folder(tmp_path):
+    data = write_blender_scene(tmp_path / "scene")
+    cfg = tiny_config(tmp_path, data=str(data), iters=80, backend="auto")
+    m = train(cfg, progress=False)
+    again = evaluate_run(tmp_path / "run", backend="auto", progress=False)
+    assert abs(again["psnr"] - m["psnr"]) < 0.05  # the .ply round trip is float32-exact
+    assert again["train_seconds"] == m["train_seconds"]  # training part kept
+    with pytest.raises(UserError, match="run folder"):
+        evaluate_run(tmp_path / "nothing-here")
