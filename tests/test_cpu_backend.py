@@ -177,3 +177,78 @@ def test_auto_picks_cpu_on_cpu_tensors(monkeypatch):
     monkeypatch.setattr(cpu_mod, "rasterize_cpu", spy)
     out = render(random_params(100, 12), camera(16, 16), backend="auto")
     assert calls and out.image.shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("seed,n,w,h,opaque", [(20, 3000, 96, 80, 0.5), (21, 6000, 128, 96, 0.2), (22, 800, 40, 40, 0.9)])
+def test_fast_exp_fixup_matches_libm_exp(seed, n, w, h, opaque):
+    """The default polynomial exp + exact fix-up makes the same decisions as libm's exp
+    (cpu.exact_exp = True): identical n_pixels, images within float noise, same gradients."""
+    import budget3d.splat.cpu as cpu_mod
+
+    p = random_params(n, seed, sigma=(0.3, 6.0))
+    k = int(n * opaque)
+    p["opacities"][:k] = 6.0  # many near-opaque Gaussians: many pixels reach T <= 1e-4, alpha clamps
+    cam = camera(w, h)
+    bg = torch.tensor([0.2, 0.5, 0.9])
+    saved = cpu_mod.exact_exp
+    try:
+        cpu_mod.exact_exp = True
+        ex = _run(p, cam, "cpu", bg, seed=seed)
+        cpu_mod.exact_exp = False
+        fa = _run(p, cam, "cpu", bg, seed=seed)
+    finally:
+        cpu_mod.exact_exp = saved
+    assert torch.equal(ex[0].n_pixels, fa[0].n_pixels)
+    assert (ex[0].image - fa[0].image).abs().max() <= 1e-6
+    assert (ex[0].alpha - fa[0].alpha).abs().max() <= 1e-6
+    for key in ex[1]:
+        a, b = ex[1][key], fa[1][key]
+        assert ((a - b).norm() / a.norm().clamp_min(1e-30)) <= 1e-4, key
+
+
+def test_fast_exp_fixup_on_crafted_cutoff_pairs():
+    """Pairs crafted so that o * exp(-sigma) sits on the other side of 1/255 (or 0.99) with the
+    polynomial exp than with libm's: the fix-up must still give libm's decisions."""
+    import budget3d.splat.cpu as cpu_mod
+    from budget3d.splat import _cpu_kernels as K
+    from numba import njit
+
+    libm_exp = njit(lambda s: np.exp(-s))
+    fast_exp = njit(lambda s: K._fast_exp_neg(s))
+    rng = np.random.default_rng(0)
+    half, amin, amax = np.float32(0.5), K.AMIN, K.AMAX
+    found = []
+    for a in rng.uniform(5.0, 40.0, 4000).astype(np.float32):
+        dx = np.float32(0.5)  # mean at x = 0, pixel centre at 0.5; dy = 0
+        sg = half * (a * (dx * dx) + a * (np.float32(0.0) * np.float32(0.0))) + (np.float32(0.0) * dx) * np.float32(0.0)
+        ef, el = fast_exp(sg), libm_exp(sg)
+        if ef == el or not (0 < el):
+            continue
+        for target in (amin, amax):
+            o = np.float32(target / el)
+            for _ in range(8):
+                if (o * ef >= target) != (o * el >= target) and np.float32(0) < o < np.float32(1):
+                    found.append((a, o))
+                    break
+                o = np.nextafter(o, np.float32(np.inf if ef < el else -np.inf), dtype=np.float32)
+    assert len(found) >= 5
+    a = torch.tensor([f[0] for f in found])
+    o = torch.tensor([f[1] for f in found])
+    n = len(found)
+    m2d = torch.zeros(n, 2)
+    m2d[:, 1] = 0.5
+    con = torch.stack([a, torch.zeros(n), a], -1)
+    radii = torch.full((n, 2), 2, dtype=torch.int32)
+    feats = torch.ones(n, 1)
+    saved = cpu_mod.exact_exp
+    try:
+        for i in range(n):  # one Gaussian per render: each decision counts
+            res = []
+            for ex in (True, False):
+                cpu_mod.exact_exp = ex
+                res.append(rasterize_cpu(m2d[i:i + 1], con[i:i + 1], o[i:i + 1], feats[i:i + 1], torch.ones(1),
+                                         radii[i:i + 1], 1, 1))
+            assert torch.equal(res[0][2], res[1][2]), i
+            assert (res[0][0] - res[1][0]).abs().max() <= 1e-6
+    finally:
+        cpu_mod.exact_exp = saved

@@ -11,8 +11,13 @@ one-core device (``num_threads`` below overrides the torch count for the kernels
 not depend on the thread count (bitwise). Kernels are cached on disk (numba ``cache=True``); the first process compiles them
 (see ``warmup``).
 
-``fast_exp`` (module flag, default False, opt-in): a branch-free polynomial exp that vectorises;
-it is within a few ulp of libm's but may move pairs lying exactly at the 1/255 cut-off.
+``exp``: by default the kernels use a branch-free polynomial exp that vectorises (within ~1 ulp of
+libm's ``expf``) plus an exact fix-up: every lane whose o*exp(-sigma) lies within a few ulp of the
+1/255 cut-off or of the 0.99 clamp, or whose next transmittance lies within a tracked error bound of
+the 1e-4 stop, is recomputed with libm's ``exp`` (the transmittance by replaying the pixel) in a rare
+scalar path. So the default can NOT move a pixel across any cut-off: which pairs are composited (and
+n_pixels) is exactly what the libm path gives; values differ by float noise only. ``exact_exp = True``
+(module flag) selects the plain libm path (scalar exp under a branch; slower).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 
 from budget3d.splat import _cpu_kernels as K
 
-fast_exp = False  # opt-in: see the module docstring
+exact_exp = False  # True: libm exp everywhere (see the module docstring); same decisions, slower
 
 # numba's "workqueue" threading layer: on the shared 2-vCPU machines the OpenMP layer (a second
 # OpenMP runtime next to torch's) collapsed to ~10x slower than one thread; workqueue scaled. It
@@ -124,7 +129,7 @@ class _RasterizeCPU(torch.autograd.Function):
         t_final = np.empty(HW, dtype=np.float32)
         last = np.empty(HW, dtype=np.int64)
         ent_count = np.zeros(b.n_entries, dtype=np.int64)
-        K.forward(m2d, con, op, feat, b.rows, b.tile_start, b.gid, width, height, b.TX, bg, has_bg, fast_exp,
+        K.forward(m2d, con, op, feat, b.rows, b.tile_start, b.gid, width, height, b.TX, bg, has_bg, bool(exact_exp),
                   img, alpha, t_final, last, ent_count)
         n_pixels = np.empty(N, dtype=np.int64)
         K.reduce_counts(b.goff, b.slot, ent_count, n_pixels)
@@ -157,7 +162,7 @@ class _RasterizeCPU(torch.autograd.Function):
         e_conic = np.empty((E, 3), dtype=np.float32)
         e_opac = np.empty(E, dtype=np.float32)
         e_feat = np.empty((E, C), dtype=np.float32)
-        K.backward(m2d, con, op, feat, b.rows, b.tile_start, b.gid, width, height, b.TX, bg, has_bg, fast_exp,
+        K.backward(m2d, con, op, feat, b.rows, b.tile_start, b.gid, width, height, b.TX, bg, has_bg, bool(exact_exp),
                    t_final, last, gi, ga, e_mean, e_conic, e_opac, e_feat)
         g_mean = np.empty((N, 2), dtype=np.float32)
         g_conic = np.empty((N, 3), dtype=np.float32)

@@ -18,10 +18,10 @@ ALPHA_MIN = 1.0 / 255.0
 EPS2D = 0.3
 
 
-def quat_scale_to_covar(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(N,4) wxyz quaternions (any norm) and (N,3) linear scales -> (N,3,3) covariances."""
+def _quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
+    """(N,4) wxyz quaternions (any norm) -> (N,3,3) rotation matrices."""
     w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
-    R = torch.stack(
+    return torch.stack(
         [
             1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
             2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
@@ -29,8 +29,13 @@ def quat_scale_to_covar(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tens
         ],
         dim=-1,
     ).reshape(-1, 3, 3)
-    M = R * scales[:, None, :]
-    return M @ M.transpose(1, 2)
+
+
+def quat_scale_to_covar(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(N,4) wxyz quaternions (any norm) and (N,3) linear scales -> (N,3,3) covariances."""
+    M = _quat_to_rotmat(quats) * scales[:, None, :]
+    # elementwise M M^T (batched 3x3 matmuls are slow on CPU)
+    return (M[:, :, None, :] * M[:, None, :, :]).sum(-1)
 
 
 @dataclass
@@ -54,12 +59,20 @@ def project(means, quats, scales, opacities, viewmat, K, width, height, near=0.0
     tx = zs * torch.clamp(x / zs, -(cx / fx + 0.3 * tan_fovx), (width - cx) / fx + 0.3 * tan_fovx)
     ty = zs * torch.clamp(y / zs, -(cy / fy + 0.3 * tan_fovy), (height - cy) / fy + 0.3 * tan_fovy)
     zero = torch.zeros_like(zs)
-    J = torch.stack([fx / zs, zero, -fx * tx / zs**2, zero, fy / zs, -fy * ty / zs**2], -1).reshape(-1, 2, 3)
-    cov_c = R @ quat_scale_to_covar(quats, scales) @ R.T
-    cov2d = J @ cov_c @ J.transpose(1, 2)
-    a = cov2d[:, 0, 0] + EPS2D
-    b = cov2d[:, 0, 1]
-    c = cov2d[:, 1, 1] + EPS2D
+    # cov2d = J R_v Rq S S^T Rq^T R_v^T J^T = T T^T with T = (J R_v) Rq S (2x3 per Gaussian), in
+    # elementwise broadcasting ops on (N, 3) rows: batched 3x3 matmuls (bmm) are slow on CPU.
+    # J = [[fx/z, 0, -fx tx/z^2], [0, fy/z, -fy ty/z^2]]
+    iz = 1.0 / zs
+    j00, j02 = fx * iz, -fx * tx * iz * iz
+    j11, j12 = fy * iz, -fy * ty * iz * iz
+    JR0 = j00[:, None] * R[0] + j02[:, None] * R[2]  # (N, 3) rows of J R_v
+    JR1 = j11[:, None] * R[1] + j12[:, None] * R[2]
+    M = _quat_to_rotmat(quats) * scales[:, None, :]  # Rq S
+    T0 = (JR0[:, :, None] * M).sum(1)  # (N, 3)
+    T1 = (JR1[:, :, None] * M).sum(1)
+    a = (T0 * T0).sum(-1) + EPS2D
+    b = (T0 * T1).sum(-1)
+    c = (T1 * T1).sum(-1) + EPS2D
     det = a * c - b * b
     ok = in_depth & (det > 0) & (opacities >= ALPHA_MIN)
     det_s = torch.where(ok, det, torch.ones_like(det))
@@ -99,30 +112,26 @@ def sh_to_rgb(sh0: torch.Tensor, shN: torch.Tensor, dirs: torch.Tensor, degree: 
     """
     out = C0 * sh0[:, 0]
     if degree > 0:
-        x, y, z = (d[:, None] for d in dirs.unbind(-1))
-        s = shN
-        out = out - C1 * y * s[:, 0] + C1 * z * s[:, 1] - C1 * x * s[:, 2]
+        # the basis (N, nb - 1) times shN[:, :nb - 1] in one broadcast product: selecting shN[:, k]
+        # per term would cost a zero-filled (N, K, 3) gradient buffer per term in the backward
+        x, y, z = dirs.unbind(-1)
+        basis = [-C1 * y, C1 * z, -C1 * x]
         if degree > 1:
             xx, yy, zz, xy, yz, xz = x * x, y * y, z * z, x * y, y * z, x * z
-            out = (
-                out
-                + C2[0] * xy * s[:, 3]
-                + C2[1] * yz * s[:, 4]
-                + C2[2] * (2 * zz - xx - yy) * s[:, 5]
-                + C2[3] * xz * s[:, 6]
-                + C2[4] * (xx - yy) * s[:, 7]
-            )
+            basis += [C2[0] * xy, C2[1] * yz, C2[2] * (2 * zz - xx - yy), C2[3] * xz, C2[4] * (xx - yy)]
             if degree > 2:
-                out = (
-                    out
-                    + C3[0] * y * (3 * xx - yy) * s[:, 8]
-                    + C3[1] * xy * z * s[:, 9]
-                    + C3[2] * y * (4 * zz - xx - yy) * s[:, 10]
-                    + C3[3] * z * (2 * zz - 3 * xx - 3 * yy) * s[:, 11]
-                    + C3[4] * x * (4 * zz - xx - yy) * s[:, 12]
-                    + C3[5] * z * (xx - yy) * s[:, 13]
-                    + C3[6] * x * (xx - 3 * yy) * s[:, 14]
-                )
+                basis += [
+                    C3[0] * y * (3 * xx - yy),
+                    C3[1] * xy * z,
+                    C3[2] * y * (4 * zz - xx - yy),
+                    C3[3] * z * (2 * zz - 3 * xx - 3 * yy),
+                    C3[4] * x * (4 * zz - xx - yy),
+                    C3[5] * z * (xx - yy),
+                    C3[6] * x * (xx - 3 * yy),
+                ]
+        nb = len(basis)
+        s = shN if shN.shape[1] == nb else shN[:, :nb]
+        out = out + (torch.stack(basis, -1)[:, :, None] * s).sum(1)
     return torch.clamp_min(out + 0.5, 0.0)
 
 
