@@ -181,6 +181,58 @@ def time_backend(case, backend, threads, repeats, warmup=1, kernel_threads=None)
         cpu_backend.num_threads = None
 
 
+STAGES = {  # kernel -> stage of the report
+    "project_sh_fwd": "project+SH fwd", "project_sh_bwd": "project+SH bwd", "prepare": "binning",
+    "depth_order": "binning", "cull_entries": "binning", "bucket": "binning", "forward": "raster fwd",
+    "backward": "raster bwd", "reduce_counts": "reductions", "reduce_grads": "reductions",
+}
+
+
+def stage_times(case, threads, repeats):
+    """Median ms per stage of one cpu forward+backward through render (each numba kernel timed by a
+    wrapper; 'torch + glue' = the rest: torch ops, conversions, autograd)."""
+    from budget3d.splat import _cpu_kernels as K
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    orig = {k: getattr(K, k) for k in STAGES}
+    cur = {}
+
+    def wrap(name, f):
+        def w(*a):
+            t0 = time.perf_counter()
+            r = f(*a)
+            cur[STAGES[name]] = cur.get(STAGES[name], 0.0) + time.perf_counter() - t0
+            return r
+        return w
+
+    try:
+        for k, f in orig.items():
+            setattr(K, k, wrap(k, f))
+        cam = case["camera"]
+        wts = _loss_weights(cam)
+        bg = torch.tensor([1.0, 1.0, 1.0])
+        per = {}
+        for i in range(repeats + 1):
+            cur.clear()
+            p = {k: v.detach().clone().requires_grad_() for k, v in case["params"].items()}
+            t0 = time.perf_counter()
+            out = render(p, cam, backend="cpu", background=bg)
+            ((out.image * wts).sum() + out.alpha.sum()).backward()
+            tot = time.perf_counter() - t0
+            if i == 0:
+                continue  # warm-up
+            cur["torch + glue"] = tot - sum(cur.values())
+            cur["total"] = tot
+            for k, v in cur.items():
+                per.setdefault(k, []).append(v)
+        return {k: statistics.median(v) * 1e3 for k, v in per.items()}
+    finally:
+        for k, f in orig.items():
+            setattr(K, k, f)
+        torch.set_num_threads(saved)
+
+
 def work_counts(case):
     p, cam = case["params"], case["camera"]
     with torch.no_grad():
@@ -270,6 +322,9 @@ def main():
             sp = f"  speedup fwd {r['speedup_fwd']:6.1f}x  fwd+bwd {r['speedup_fwd_bwd']:6.1f}x" if "torch" in row else ""
             print(f"  cpu     x{label:3s}: fwd {f:9.2f} ms  fwd+bwd {fb:9.2f} ms{sp}  "
                   f"{r['pairs_per_s_fwd_bwd'] / 1e6:6.1f} Mpairs/s  {r['cycles_per_pair_fwd_bwd']:5.1f} cyc/pair  mem {mem}")
+        row["cpu_stages_ms"] = {str(t): stage_times(case, t, args.repeats) for t in threads}
+        print("  stages (ms, fwd+bwd):", "  ".join(
+            f"x{t}: " + ", ".join(f"{k} {v:.1f}" for k, v in st.items()) for t, st in row["cpu_stages_ms"].items()))
         row["limit_cycles_per_pair"] = LIMIT_CYCLES_PER_PAIR
         row["limit_cycles_per_pair_with_waste"] = LIMIT_CYCLES_PER_PAIR * wc["lanes"] / max(row["pairs"], 1)
         results.append(row)
@@ -293,6 +348,13 @@ def main():
         print(f"{'':22s} pairs {row['pairs']:,}  entries {row['entries']:,}  lanes evaluated {row['lanes']:,}  "
               f"limit ~{row['limit_cycles_per_pair']:.1f} cyc/pair ideal, "
               f"~{row['limit_cycles_per_pair_with_waste']:.1f} with the evaluated-lane waste")
+    print("\nper stage, cpu forward+backward (ms, medians; threads side by side)")
+    for row in results:
+        sts = row["cpu_stages_ms"]
+        keys = list(next(iter(sts.values())).keys())
+        print(f"{row['case']:22s} " + "  ".join(f"{'x' + t:>6s}" for t in sts))
+        for k in keys:
+            print(f"  {k:20s} " + "  ".join(f"{sts[t].get(k, 0.0):6.1f}" for t in sts))
     print(f"total bench time {time.perf_counter() - t0:.0f} s")
 
     if args.json:

@@ -1,12 +1,16 @@
 """Numba kernels of the "cpu" rasterizer (see cpu.py for the torch wrapper).
 
-Layout: the image is cut into 16x16 tiles. Binning gives every (Gaussian, tile) pair an
-*entry*; entries are grouped by tile and sorted within each tile by (depth, index), which is the
-compositing order of rasterize_torch. The forward walks each tile's entries front to back and,
-per entry, only the pixel rows the Gaussian's alpha >= 1/255 ellipse can reach, with a
-branch-free loop over the 16 pixels of a row (it vectorises). The backward walks each tile back to
-front and writes gradients per entry (no two threads write the same memory); a final kernel
-reduces the entries of each Gaussian.
+Layout: the image is cut into 16x16 tiles. Binning gives a (Gaussian, tile) *entry* only where
+the Gaussian's alpha >= 1/255 ellipse reaches the tile (conservative float64 test), with the tile's
+pixel rows the ellipse reaches there; the visible Gaussians are sorted once by (depth, index) (radix
+sort) and bucketed into tiles in that order, so each tile's entries come out in the compositing
+order of rasterize_torch without per-tile sorts. The forward walks each tile's entries front to back
+and, per entry, only its pixel rows, with a branch-free loop over the 16 pixels of a row (it
+vectorises). The backward walks each tile back to front and writes gradients per entry (no two
+threads write the same memory); a final kernel reduces the entries of each Gaussian.
+
+Projection and SH colour (``project_sh_fwd`` / ``project_sh_bwd``) are per-Gaussian kernels with a
+hand-written backward, following project.project / project.sh_to_rgb.
 
 All arithmetic that decides which pairs are composited is float32 and written in the same order
 as rasterize_torch, so the same pairs are kept (up to 1-ulp differences of ``exp``).
@@ -99,8 +103,9 @@ def _fast_exp_neg(s):
 
 @njit(parallel=True, **_opts)
 def prepare(means2d, conics, opac, radii, width, height, rect, rows, count):
-    """Per Gaussian: tile rectangle (tx0, tx1, ty0, ty1), pixel rows [r0, r1] the alpha >= 1/255
-    ellipse can reach (cut to the oracle's candidate box), and the number of tiles."""
+    """Per Gaussian: tile rectangle (tx0, tx1, ty0, ty1), pixel rows [r0, r1] and columns [c0, c1]
+    the alpha >= 1/255 ellipse can reach (cut to the oracle's candidate box; rows[g] = (r0, r1, c0,
+    c1)), and the number of tiles of the rectangle (an upper bound on its entries)."""
     N = means2d.shape[0]
     TX = (width + TS - 1) // TS
     thr = np.float64(AMIN)
@@ -112,6 +117,8 @@ def prepare(means2d, conics, opac, radii, width, height, rect, rows, count):
         rect[g, 3] = 0
         rows[g, 0] = 0
         rows[g, 1] = -1
+        rows[g, 2] = 0
+        rows[g, 3] = -1
         rx = radii[g, 0]
         ry = radii[g, 1]
         if rx <= 0 and ry <= 0:
@@ -139,7 +146,7 @@ def prepare(means2d, conics, opac, radii, width, height, rect, rows, count):
         c = np.float64(conics[g, 2])
         det = a * c - b * b
         if a > 0 and c > 0 and det > 0:
-            L = math.log(o / thr) * (1.0 + 1e-5) + 1e-5  # sigma <= L where alpha >= 1/255 (+margin)
+            L = _ellipse_level(o)
             hx = math.sqrt(2.0 * L * c / det) * (1.0 + 1e-5) + 2e-3
             hy = math.sqrt(2.0 * L * a / det) * (1.0 + 1e-5) + 2e-3
             # pixel centres p + 0.5 within [m - h, m + h]
@@ -155,6 +162,8 @@ def prepare(means2d, conics, opac, radii, width, height, rect, rows, count):
         ir1 = np.int64(r1)
         rows[g, 0] = ir0
         rows[g, 1] = ir1
+        rows[g, 2] = ic0
+        rows[g, 3] = ic1
         tx0 = ic0 // TS
         tx1 = ic1 // TS + 1
         ty0 = ir0 // TS
@@ -167,23 +176,142 @@ def prepare(means2d, conics, opac, radii, width, height, rect, rows, count):
     return TX
 
 
-@njit(parallel=True, **_opts)
-def bin_entries(rect, count, dkey, goff, n_tiles, TX, nchunks):
-    """Entries grouped by tile and sorted within each tile by (depth, index).
+@njit(inline="always", **_opts)
+def _ellipse_level(o):
+    """sigma <= L wherever alpha >= 1/255 (float64, with margin for the float32 sigma)."""
+    return math.log(o / np.float64(AMIN)) * (1.0 + 1e-5) + 1e-5
 
-    Returns tile_start (T+1,), gid (E,) Gaussian of each entry, slot (E,) such that the entries of
-    Gaussian g are slot[goff[g]:goff[g+1]] (for the per-Gaussian reduction)."""
-    N = count.shape[0]
-    E = goff[N]
-    csize = (N + nchunks - 1) // nchunks
-    cnt = np.zeros((nchunks, n_tiles), dtype=np.int64)
+
+@njit(inline="always", **_opts)
+def _branch(u, b, c, det, L2c, sign):
+    """dy of the ellipse's upper (sign +1) or lower (-1) boundary at dx = u."""
+    return (-b * u + sign * math.sqrt(max(L2c - det * u * u, 0.0))) / c
+
+
+@njit(parallel=True, **_opts)
+def cull_entries(means2d, conics, opac, rect, rows, order, ub_off, TX, nchunks, ent_tile, ent_row, count, cnt):
+    """The tiles of each Gaussian's rectangle that its alpha >= 1/255 ellipse really reaches, and per
+    such entry the tile's pixel rows [ra, rb] (absolute) on which the ellipse meets the tile's
+    columns. Gaussians are visited in ``order`` (visible ones by depth; ``nchunks`` chunks in
+    parallel); the i-th one's entries are written at ub_off[i] (rectangle order), count[g] = the
+    number kept, cnt[ch, t] += the entries chunk ch puts in tile t.
+
+    The ellipse 0.5 (a dx^2 + c dy^2) + b dx dy <= L cut to the vertical strip of the tile's column
+    centres (within [c0, c1]) spans dy from the lower boundary at the strip point nearest the
+    ellipse's lowest point to the upper boundary at the strip point nearest its highest point (the
+    upper boundary is concave, the lower convex); rows are the pixel centres in that dy range. In
+    float64, with L given a larger margin and the strip and dy range widened by 4e-3 px, so the
+    test is conservative (never drops a pixel the oracle composites)."""
+    M = order.shape[0]
+    csize = (M + nchunks - 1) // nchunks
     for ch in prange(nchunks):
-        for g in range(ch * csize, min(N, (ch + 1) * csize)):
-            if count[g] == 0:
-                continue
-            for ty in range(rect[g, 2], rect[g, 3]):
-                for tx in range(rect[g, 0], rect[g, 1]):
-                    cnt[ch, ty * TX + tx] += 1
+        for i in range(ch * csize, min(M, (ch + 1) * csize)):
+            g = order[i]
+            n = 0
+            if ub_off[i + 1] > ub_off[i]:
+                mx = np.float64(means2d[g, 0])
+                my = np.float64(means2d[g, 1])
+                a = np.float64(conics[g, 0])
+                b = np.float64(conics[g, 1])
+                c = np.float64(conics[g, 2])
+                det = a * c - b * b
+                good = a > 0 and c > 0 and det > 0
+                L = 0.0
+                hx = 0.0
+                hy = 0.0
+                if good:
+                    L = _ellipse_level(np.float64(opac[g])) * (1.0 + 1e-4) + 1e-4
+                    hx = math.sqrt(2.0 * L * c / det)
+                    hy = math.sqrt(2.0 * L * a / det)
+                L2c = 2.0 * L * c
+                u_top = -b * hy / a if good else 0.0  # dx of the highest / lowest point
+                r0 = rows[g, 0]
+                r1 = rows[g, 1]
+                c0 = rows[g, 2]
+                c1 = rows[g, 3]
+                base = ub_off[i]
+                single_col = rect[g, 1] - rect[g, 0] == 1
+                for ty in range(rect[g, 2], rect[g, 3]):
+                    ya = max(r0, ty * TS)
+                    yb = min(r1, ty * TS + TS - 1)
+                    for tx in range(rect[g, 0], rect[g, 1]):
+                        ra = ya
+                        rb = yb
+                        if good and not single_col:
+                            ua = np.float64(max(c0, tx * TS)) + 0.5 - 4e-3 - mx
+                            ub = np.float64(min(c1, tx * TS + TS - 1)) + 0.5 + 4e-3 - mx
+                            ua = max(ua, -hx)
+                            ub = min(ub, hx)
+                            if ua > ub:
+                                continue
+                            dhi = _branch(min(max(u_top, ua), ub), b, c, det, L2c, 1.0)
+                            dlo = _branch(min(max(-u_top, ua), ub), b, c, det, L2c, -1.0)
+                            ra = max(ra, np.int64(math.ceil(my + dlo - 4e-3 - 0.5)))
+                            rb = min(rb, np.int64(math.floor(my + dhi + 4e-3 - 0.5)))
+                        if ra <= rb:
+                            t = ty * TX + tx
+                            ent_tile[base + n] = t
+                            ent_row[base + n, 0] = ra
+                            ent_row[base + n, 1] = rb
+                            cnt[ch, t] += 1
+                            n += 1
+            count[g] = n
+    return 0
+
+
+@njit(**_opts)
+def depth_order(dkey, count):
+    """Indices of the Gaussians with count > 0, sorted by (dkey, index): a stable LSD radix sort (4
+    passes of 8 bits) of the uint32 depth keys."""
+    N = dkey.shape[0]
+    M = 0
+    for g in range(N):
+        if count[g] > 0:
+            M += 1
+    a = np.empty(M, dtype=np.int32)
+    ka = np.empty(M, dtype=np.uint32)
+    m = 0
+    for g in range(N):
+        if count[g] > 0:
+            a[m] = g
+            ka[m] = dkey[g]
+            m += 1
+    bb = np.empty(M, dtype=np.int32)
+    kb = np.empty(M, dtype=np.uint32)
+    hist = np.empty(256, dtype=np.int64)
+    for p in range(4):
+        sh = np.uint32(8 * p)
+        hist[:] = 0
+        for i in range(M):
+            hist[np.int64((ka[i] >> sh) & np.uint32(255))] += 1
+        run = 0
+        for d in range(256):
+            v = hist[d]
+            hist[d] = run
+            run += v
+        for i in range(M):
+            d = np.int64((ka[i] >> sh) & np.uint32(255))
+            j = hist[d]
+            hist[d] = j + 1
+            bb[j] = a[i]
+            kb[j] = ka[i]
+        a, bb = bb, a
+        ka, kb = kb, ka
+    return a
+
+
+@njit(parallel=True, **_opts)
+def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt):
+    """Entries grouped by tile, in depth order within each tile (chunk ch of ``order`` fills a
+    consecutive range of each tile after the chunks before it; cnt (nchunks, T) from cull_entries).
+    Returns tile_start (T+1,), gid (E,) Gaussian of each entry, erow (E, 2) its absolute pixel rows,
+    slot (E,) such that the entries of Gaussian g are slot[goff[g]:goff[g+1]] (for the per-Gaussian
+    reduction)."""
+    M = order.shape[0]
+    N = count.shape[0]
+    nchunks, n_tiles = cnt.shape
+    E = goff[N]
+    csize = (M + nchunks - 1) // nchunks
     tile_start = np.empty(n_tiles + 1, dtype=np.int64)
     run = 0
     for t in range(n_tiles):
@@ -193,32 +321,24 @@ def bin_entries(rect, count, dkey, goff, n_tiles, TX, nchunks):
             cnt[ch, t] = run
             run += v
     tile_start[n_tiles] = run
-    keys = np.empty(E, dtype=np.uint64)
-    for ch in prange(nchunks):
-        for g in range(ch * csize, min(N, (ch + 1) * csize)):
-            if count[g] == 0:
-                continue
-            k = (np.uint64(dkey[g]) << np.uint64(32)) | np.uint64(g)
-            for ty in range(rect[g, 2], rect[g, 3]):
-                for tx in range(rect[g, 0], rect[g, 1]):
-                    t = ty * TX + tx
-                    keys[cnt[ch, t]] = k
-                    cnt[ch, t] += 1
     gid = np.empty(E, dtype=np.int32)
-    slot = np.empty(E, dtype=np.int64)
-    for t in prange(n_tiles):
-        s = tile_start[t]
-        e = tile_start[t + 1]
-        if e - s > 1:
-            keys[s:e].sort()
-        tx = t % TX
-        ty = t // TX
-        for i in range(s, e):
-            g = np.int64(keys[i] & np.uint64(0xFFFFFFFF))
-            gid[i] = g
-            w = rect[g, 1] - rect[g, 0]
-            slot[goff[g] + (ty - rect[g, 2]) * w + (tx - rect[g, 0])] = i
-    return tile_start, gid, slot
+    erow = np.empty((E, 2), dtype=np.int32)
+    slot = np.empty(E, dtype=np.int32)
+    for ch in prange(nchunks):
+        for i in range(ch * csize, min(M, (ch + 1) * csize)):
+            g = order[i]
+            b = ub_off[i]
+            go = goff[g]
+            for jj in range(count[g]):
+                j = b + jj
+                t = ent_tile[j]
+                k = cnt[ch, t]
+                cnt[ch, t] = k + 1
+                gid[k] = g
+                erow[k, 0] = ent_row[j, 0]
+                erow[k, 1] = ent_row[j, 1]
+                slot[go + jj] = k
+    return tile_start, gid, erow, slot
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +449,7 @@ def _fixup_fwd(buf, st, pc, q0, q1, o, Lf, means2d, conics, opac, rows, gid, s0,
             T = F1
             for j in range(s0, k):
                 gj = gid[j]
-                if rows[gj, 0] - y0 > r or rows[gj, 1] - y0 < r:
+                if rows[j, 0] - y0 > r or rows[j, 1] - y0 < r:
                     continue
                 mxj = means2d[gj, 0]
                 myj = means2d[gj, 1]
@@ -396,7 +516,8 @@ def _pixel_centres(pc, x0, y0):
 @njit(parallel=True, **_opts)
 def forward(means2d, conics, opac, feats, rows, tile_start, gid, width, height, TX, background, has_bg,
             exact_exp, img, alpha_img, t_final, last, ent_count):
-    """Front-to-back compositing per tile. Writes img (H*W, C), alpha_img (H*W), t_final (H*W),
+    """Front-to-back compositing per tile (rows (E, 2): each entry's absolute pixel rows). Writes
+    img (H*W, C), alpha_img (H*W), t_final (H*W),
     last (H*W; the last composited entry of each pixel, -1 if none), ent_count (E; pixels each entry
     was composited into; must come zeroed)."""
     C = feats.shape[1]
@@ -429,10 +550,8 @@ def forward(means2d, conics, opac, feats, rows, tile_start, gid, width, height, 
             if n_act <= 0:
                 break
             g = gid[k]
-            ra = max(rows[g, 0] - y0, 0)
-            rb = min(rows[g, 1] - y0, th - 1)
-            if rb < ra:
-                continue
+            ra = rows[k, 0] - y0  # the entry's rows (within the tile)
+            rb = rows[k, 1] - y0
             q0 = np.uint64(ra * TS)  # unsigned block bounds: no wraparound, the loops vectorise
             q1 = np.uint64((rb + 1) * TS)
             kl = np.float32(k - s0)
@@ -556,18 +675,8 @@ def backward(means2d, conics, opac, feats, rows, tile_start, gid, width, height,
         for k in range(kmax, s0 - 1, -1):
             g = gid[k]
             kl = np.float32(k - s0)
-            ra = max(rows[g, 0] - y0, 0)
-            rb = min(rows[g, 1] - y0, th - 1)
-            if rb < ra:
-                e_mean[k, 0] = F0
-                e_mean[k, 1] = F0
-                e_conic[k, 0] = F0
-                e_conic[k, 1] = F0
-                e_conic[k, 2] = F0
-                e_opac[k] = F0
-                for ci in range(C):
-                    e_feat[k, ci] = F0
-                continue
+            ra = rows[k, 0] - y0  # the entry's rows (within the tile)
+            rb = rows[k, 1] - y0
             q0 = np.uint64(ra * TS)  # unsigned block bounds: no wraparound, the loops vectorise
             q1 = np.uint64((rb + 1) * TS)
             mx = means2d[g, 0]
@@ -668,4 +777,417 @@ def reduce_counts(goff, slot, ent_count, n_pixels):
         for i in range(goff[g], goff[g + 1]):
             s += ent_count[slot[i]]
         n_pixels[g] = s
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# projection + SH colour (the "cpu" backend's replacement for project.project / sh_to_rgb):
+# per Gaussian, float32, the oracle's order of operations where it is cheap to follow. The backward
+# recomputes the forward's intermediates and applies the chain rule by hand.
+
+F2 = np.float32(2.0)
+F3 = np.float32(3.0)
+F4 = np.float32(4.0)
+EPS2D32 = np.float32(0.3)
+EXT_MAX = np.float32(3.33)
+SH_C0 = np.float32(0.28209479177387814)
+SH_C1 = np.float32(0.4886025119029199)
+SH_C20 = np.float32(1.0925484305920792)
+SH_C21 = np.float32(-1.0925484305920792)
+SH_C22 = np.float32(0.31539156525252005)
+SH_C23 = np.float32(-1.0925484305920792)
+SH_C24 = np.float32(0.5462742152960396)
+SH_C30 = np.float32(-0.5900435899266435)
+SH_C31 = np.float32(2.890611442640554)
+SH_C32 = np.float32(-0.4570457994644658)
+SH_C33 = np.float32(0.3731763325901154)
+SH_C34 = np.float32(-0.4570457994644658)
+SH_C35 = np.float32(1.445305721320277)
+SH_C36 = np.float32(-0.5900435899266435)
+PCH = 512  # Gaussians per parallel chunk (scratch is allocated per chunk)
+
+
+@njit(inline="always", **_opts)
+def _quat_rot(qw, qx, qy, qz, R):
+    """Normalised quaternion (w, x, y, z) -> R (3x3, float32), as project._quat_to_rotmat."""
+    nrm = np.float32(math.sqrt(qw * qw + qx * qx + qy * qy + qz * qz))
+    nrm = nrm if nrm > np.float32(1e-12) else np.float32(1e-12)
+    w = qw / nrm
+    x = qx / nrm
+    y = qy / nrm
+    z = qz / nrm
+    R[0, 0] = F1 - F2 * (y * y + z * z)
+    R[0, 1] = F2 * (x * y - w * z)
+    R[0, 2] = F2 * (x * z + w * y)
+    R[1, 0] = F2 * (x * y + w * z)
+    R[1, 1] = F1 - F2 * (x * x + z * z)
+    R[1, 2] = F2 * (y * z - w * x)
+    R[2, 0] = F2 * (x * z - w * y)
+    R[2, 1] = F2 * (y * z + w * x)
+    R[2, 2] = F1 - F2 * (x * x + y * y)
+    return nrm, w, x, y, z
+
+
+@njit(inline="always", **_opts)
+def _sh_basis(x, y, z, deg, B):
+    """B[0:nb-1] = the real SH basis (without the constant term) along the unit (x, y, z)."""
+    B[0] = -SH_C1 * y
+    B[1] = SH_C1 * z
+    B[2] = -SH_C1 * x
+    if deg > 1:
+        xx = x * x
+        yy = y * y
+        zz = z * z
+        xy = x * y
+        yz = y * z
+        xz = x * z
+        B[3] = SH_C20 * xy
+        B[4] = SH_C21 * yz
+        B[5] = SH_C22 * (F2 * zz - xx - yy)
+        B[6] = SH_C23 * xz
+        B[7] = SH_C24 * (xx - yy)
+        if deg > 2:
+            B[8] = SH_C30 * y * (F3 * xx - yy)
+            B[9] = SH_C31 * xy * z
+            B[10] = SH_C32 * y * (F4 * zz - xx - yy)
+            B[11] = SH_C33 * z * (F2 * zz - F3 * xx - F3 * yy)
+            B[12] = SH_C34 * x * (F4 * zz - xx - yy)
+            B[13] = SH_C35 * z * (xx - yy)
+            B[14] = SH_C36 * x * (xx - F3 * yy)
+
+
+@njit(parallel=True, **_opts)
+def project_sh_fwd(means, quats, scales, opac, sh0, shN, Rv, tv, fx, fy, cx, cy, xlo, xhi, ylo, yhi, width,
+                   height, near, far, deg, campos, m2d, con, dep, rad, rgb):
+    """EWA projection (as project.project) and SH colour (as project.sh_to_rgb) per Gaussian."""
+    N = means.shape[0]
+    nb = (deg + 1) * (deg + 1) - 1
+    nch = (N + PCH - 1) // PCH
+    for chk in prange(nch):
+        R = np.empty((3, 3), dtype=np.float32)
+        B = np.empty(15, dtype=np.float32)
+        for g in range(chk * PCH, min(N, (chk + 1) * PCH)):
+            m0 = means[g, 0]
+            m1 = means[g, 1]
+            m2 = means[g, 2]
+            x = m0 * Rv[0, 0] + m1 * Rv[0, 1] + m2 * Rv[0, 2] + tv[0]
+            y = m0 * Rv[1, 0] + m1 * Rv[1, 1] + m2 * Rv[1, 2] + tv[1]
+            z = m0 * Rv[2, 0] + m1 * Rv[2, 1] + m2 * Rv[2, 2] + tv[2]
+            ind = (z > near) & (z < far)
+            zs = z if ind else F1
+            u = x / zs
+            v = y / zs
+            tx = zs * min(max(u, xlo), xhi)
+            ty = zs * min(max(v, ylo), yhi)
+            iz = F1 / zs
+            j00 = fx * iz
+            j02 = -fx * tx * iz * iz
+            j11 = fy * iz
+            j12 = -fy * ty * iz * iz
+            _quat_rot(quats[g, 0], quats[g, 1], quats[g, 2], quats[g, 3], R)
+            a = F0
+            b = F0
+            c = F0
+            for j in range(3):
+                sj = scales[g, j]
+                T0 = F0
+                T1 = F0
+                for i in range(3):
+                    JR0 = j00 * Rv[0, i] + j02 * Rv[2, i]
+                    JR1 = j11 * Rv[1, i] + j12 * Rv[2, i]
+                    M = R[i, j] * sj
+                    T0 += JR0 * M
+                    T1 += JR1 * M
+                a += T0 * T0
+                b += T0 * T1
+                c += T1 * T1
+            a = a + EPS2D32
+            c = c + EPS2D32
+            det = a * c - b * b
+            o = opac[g]
+            ok = ind & (det > F0) & (o >= AMIN)
+            ds = det if ok else F1
+            con[g, 0] = c / ds
+            con[g, 1] = -b / ds
+            con[g, 2] = a / ds
+            mx = fx * x / zs + cx
+            my = fy * y / zs + cy
+            m2d[g, 0] = mx
+            m2d[g, 1] = my
+            dep[g] = z if ind else F0
+            ext = np.float32(math.sqrt(F2 * np.float32(math.log(max(o, AMIN) / AMIN))))
+            ext = min(ext, EXT_MAX)
+            rx = np.float32(math.ceil(ext * np.float32(math.sqrt(max(a, F0)))))
+            ry = np.float32(math.ceil(ext * np.float32(math.sqrt(max(c, F0)))))
+            ok = ok & ((rx > F0) | (ry > F0))
+            ok = ok & (mx + rx > F0) & (mx - rx < width) & (my + ry > F0) & (my - ry < height)
+            ok = ok & np.isfinite(mx) & np.isfinite(my) & np.isfinite(con[g, 0]) & np.isfinite(con[g, 1])
+            ok = ok & np.isfinite(con[g, 2])
+            rad[g, 0] = np.int32(rx) if ok else 0
+            rad[g, 1] = np.int32(ry) if ok else 0
+            # colour
+            dx = F0
+            dy = F0
+            dz = F0
+            if deg > 0:
+                vx = m0 - campos[0]
+                vy = m1 - campos[1]
+                vz = m2 - campos[2]
+                nv = np.float32(math.sqrt(vx * vx + vy * vy + vz * vz))
+                nv = nv if nv > np.float32(1e-12) else np.float32(1e-12)
+                dx = vx / nv
+                dy = vy / nv
+                dz = vz / nv
+                _sh_basis(dx, dy, dz, deg, B)
+            for ch in range(3):
+                val = SH_C0 * sh0[g, ch]
+                if deg > 0:
+                    acc = F0
+                    for k in range(nb):
+                        acc += B[k] * shN[g, k, ch]
+                    val = val + acc
+                val = val + HALF
+                rgb[g, ch] = val if val > F0 else F0
+    return 0
+
+
+@njit(parallel=True, **_opts)
+def project_sh_bwd(means, quats, scales, opac, sh0, shN, Rv, tv, fx, fy, cx, cy, xlo, xhi, ylo, yhi, width,
+                   height, near, far, deg, campos, g_m2d, g_con, g_dep, g_rgb, d_means, d_quats, d_scales, d_sh0,
+                   d_shN):
+    """The hand-written backward of project_sh_fwd (same recomputation; gradients of means, quats,
+    linear scales, sh0, shN; opacities only gate visibility and get none here)."""
+    N = means.shape[0]
+    K = shN.shape[1]
+    nb = (deg + 1) * (deg + 1) - 1
+    nch = (N + PCH - 1) // PCH
+    for chk in prange(nch):
+        R = np.empty((3, 3), dtype=np.float32)
+        B = np.empty(15, dtype=np.float32)
+        JR = np.empty((2, 3), dtype=np.float32)
+        Tm = np.empty((2, 3), dtype=np.float32)
+        dM = np.empty((3, 3), dtype=np.float32)
+        db = np.empty(15, dtype=np.float32)
+        for g in range(chk * PCH, min(N, (chk + 1) * PCH)):
+            if ((g_m2d[g, 0] == F0) & (g_m2d[g, 1] == F0) & (g_con[g, 0] == F0) & (g_con[g, 1] == F0)
+                    & (g_con[g, 2] == F0) & (g_dep[g] == F0) & (g_rgb[g, 0] == F0) & (g_rgb[g, 1] == F0)
+                    & (g_rgb[g, 2] == F0)):
+                # no upstream gradient (a Gaussian the rasterizer did not draw): the backward is linear
+                for j in range(3):
+                    d_means[g, j] = F0
+                    d_scales[g, j] = F0
+                    d_sh0[g, j] = F0
+                for j in range(4):
+                    d_quats[g, j] = F0
+                for k in range(K):
+                    for ch in range(3):
+                        d_shN[g, k, ch] = F0
+                continue
+            m0 = means[g, 0]
+            m1 = means[g, 1]
+            m2 = means[g, 2]
+            x = m0 * Rv[0, 0] + m1 * Rv[0, 1] + m2 * Rv[0, 2] + tv[0]
+            y = m0 * Rv[1, 0] + m1 * Rv[1, 1] + m2 * Rv[1, 2] + tv[1]
+            z = m0 * Rv[2, 0] + m1 * Rv[2, 1] + m2 * Rv[2, 2] + tv[2]
+            ind = (z > near) & (z < far)
+            zs = z if ind else F1
+            u = x / zs
+            v = y / zs
+            tx = zs * min(max(u, xlo), xhi)
+            ty = zs * min(max(v, ylo), yhi)
+            iz = F1 / zs
+            j00 = fx * iz
+            j02 = -fx * tx * iz * iz
+            j11 = fy * iz
+            j12 = -fy * ty * iz * iz
+            nq, qw, qx, qy, qz = _quat_rot(quats[g, 0], quats[g, 1], quats[g, 2], quats[g, 3], R)
+            for i in range(3):
+                JR[0, i] = j00 * Rv[0, i] + j02 * Rv[2, i]
+                JR[1, i] = j11 * Rv[1, i] + j12 * Rv[2, i]
+            a = F0
+            b = F0
+            c = F0
+            for j in range(3):
+                sj = scales[g, j]
+                T0 = F0
+                T1 = F0
+                for i in range(3):
+                    M = R[i, j] * sj
+                    T0 += JR[0, i] * M
+                    T1 += JR[1, i] * M
+                Tm[0, j] = T0
+                Tm[1, j] = T1
+                a += T0 * T0
+                b += T0 * T1
+                c += T1 * T1
+            a = a + EPS2D32
+            c = c + EPS2D32
+            det = a * c - b * b
+            o = opac[g]
+            ok = ind & (det > F0) & (o >= AMIN)
+            # conics (c/D, -b/D, a/D)
+            gca = g_con[g, 0]
+            gcb = g_con[g, 1]
+            gcc = g_con[g, 2]
+            if ok:
+                iD = F1 / det
+                # d(conic)/d(a, b, c) with D = ac - b^2; P = dL/dD
+                P = -(gca * c - gcb * b + gcc * a) * iD * iD
+                ga = gcc * iD + P * c
+                gb = -gcb * iD - F2 * b * P
+                gc = gca * iD + P * a
+            else:
+                ga = gcc
+                gb = -gcb
+                gc = gca
+            # dT0 = 2 ga T0 + gb T1, dT1 = 2 gc T1 + gb T0
+            dj00 = F0
+            dj02 = F0
+            dj11 = F0
+            dj12 = F0
+            for i in range(3):
+                for j in range(3):
+                    dM[i, j] = F0
+            for j in range(3):
+                dT0 = F2 * ga * Tm[0, j] + gb * Tm[1, j]
+                dT1 = F2 * gc * Tm[1, j] + gb * Tm[0, j]
+                sj = scales[g, j]
+                dsj = F0
+                for i in range(3):
+                    M = R[i, j] * sj
+                    # dJR0[i] += dT0 M[i, j]
+                    dJR0 = dT0 * M
+                    dJR1 = dT1 * M
+                    dj00 += dJR0 * Rv[0, i]
+                    dj02 += dJR0 * Rv[2, i]
+                    dj11 += dJR1 * Rv[1, i]
+                    dj12 += dJR1 * Rv[2, i]
+                    dm = JR[0, i] * dT0 + JR[1, i] * dT1
+                    dM[i, j] = dm * sj  # dL/dR[i, j]
+                    dsj += dm * R[i, j]
+                d_scales[g, j] = dsj
+            # rotation matrix -> normalised quaternion -> quaternion
+            G = dM
+            dw = F2 * (-qz * G[0, 1] + qy * G[0, 2] + qz * G[1, 0] - qx * G[1, 2] - qy * G[2, 0] + qx * G[2, 1])
+            dx_ = F2 * (qy * G[0, 1] + qz * G[0, 2] + qy * G[1, 0] - F2 * qx * G[1, 1] - qw * G[1, 2] + qz * G[2, 0]
+                        + qw * G[2, 1] - F2 * qx * G[2, 2])
+            dy_ = F2 * (-F2 * qy * G[0, 0] + qx * G[0, 1] + qw * G[0, 2] + qx * G[1, 0] + qz * G[1, 2] - qw * G[2, 0]
+                        + qz * G[2, 1] - F2 * qy * G[2, 2])
+            dz_ = F2 * (-F2 * qz * G[0, 0] - qw * G[0, 1] + qx * G[0, 2] + qw * G[1, 0] - F2 * qz * G[1, 1]
+                        + qy * G[1, 2] + qx * G[2, 0] + qy * G[2, 1])
+            dot = qw * dw + qx * dx_ + qy * dy_ + qz * dz_
+            iq = F1 / nq if nq > np.float32(1e-12) else F0
+            if not (nq > np.float32(1e-12)):
+                # F.normalize with the eps clamp: q / eps, a linear map
+                iq = np.float32(1e12)
+                dot = F0
+            d_quats[g, 0] = (dw - qw * dot) * iq
+            d_quats[g, 1] = (dx_ - qx * dot) * iq
+            d_quats[g, 2] = (dy_ - qy * dot) * iq
+            d_quats[g, 3] = (dz_ - qz * dot) * iq
+            # J -> (iz, tx, ty)
+            diz = fx * dj00 - F2 * fx * tx * iz * dj02 + fy * dj11 - F2 * fy * ty * iz * dj12
+            dtx = -fx * iz * iz * dj02
+            dty = -fy * iz * iz * dj12
+            dzs = -diz * iz * iz
+            gx = F0
+            gy = F0
+            # tx = zs clamp(x / zs)
+            cu = min(max(u, xlo), xhi)
+            dzs += dtx * cu
+            if (u >= xlo) & (u <= xhi):
+                du = dtx * zs
+                gx += du / zs
+                dzs -= du * x / (zs * zs)
+            cv = min(max(v, ylo), yhi)
+            dzs += dty * cv
+            if (v >= ylo) & (v <= yhi):
+                dv = dty * zs
+                gy += dv / zs
+                dzs -= dv * y / (zs * zs)
+            # means2d = (fx x / zs + cx, fy y / zs + cy)
+            gm0 = g_m2d[g, 0]
+            gm1 = g_m2d[g, 1]
+            gx += gm0 * fx / zs
+            gy += gm1 * fy / zs
+            dzs -= (gm0 * fx * x + gm1 * fy * y) / (zs * zs)
+            gz = F0
+            if ind:
+                gz = dzs + g_dep[g]
+            # camera -> world
+            dmx = Rv[0, 0] * gx + Rv[1, 0] * gy + Rv[2, 0] * gz
+            dmy = Rv[0, 1] * gx + Rv[1, 1] * gy + Rv[2, 1] * gz
+            dmz = Rv[0, 2] * gx + Rv[1, 2] * gy + Rv[2, 2] * gz
+            # colour
+            ddx = F0
+            ddy = F0
+            ddz = F0
+            vx = F0
+            vy = F0
+            vz = F0
+            nv = F1
+            if deg > 0:
+                vx = m0 - campos[0]
+                vy = m1 - campos[1]
+                vz = m2 - campos[2]
+                nv = np.float32(math.sqrt(vx * vx + vy * vy + vz * vz))
+                nv = nv if nv > np.float32(1e-12) else np.float32(1e-12)
+                vx = vx / nv
+                vy = vy / nv
+                vz = vz / nv
+                _sh_basis(vx, vy, vz, deg, B)
+            for k in range(nb, K):
+                for ch in range(3):
+                    d_shN[g, k, ch] = F0
+            for k in range(15):
+                db[k] = F0
+            for ch in range(3):
+                val = SH_C0 * sh0[g, ch]
+                if deg > 0:
+                    acc = F0
+                    for k in range(nb):
+                        acc += B[k] * shN[g, k, ch]
+                    val = val + acc
+                val = val + HALF
+                gr = g_rgb[g, ch] if val >= F0 else F0
+                d_sh0[g, ch] = SH_C0 * gr
+                for k in range(nb):
+                    d_shN[g, k, ch] = B[k] * gr
+                    db[k] += shN[g, k, ch] * gr
+            if deg > 0:
+                x_ = vx
+                y_ = vy
+                z_ = vz
+                ddx = -SH_C1 * db[2]
+                ddy = -SH_C1 * db[0]
+                ddz = SH_C1 * db[1]
+                if deg > 1:
+                    ddx += (SH_C20 * y_ * db[3] - F2 * x_ * SH_C22 * db[5] + SH_C23 * z_ * db[6]
+                            + F2 * x_ * SH_C24 * db[7])
+                    ddy += (SH_C20 * x_ * db[3] + SH_C21 * z_ * db[4] - F2 * y_ * SH_C22 * db[5]
+                            - F2 * y_ * SH_C24 * db[7])
+                    ddz += SH_C21 * y_ * db[4] + F4 * z_ * SH_C22 * db[5] + SH_C23 * x_ * db[6]
+                    if deg > 2:
+                        xx = x_ * x_
+                        yy = y_ * y_
+                        zz = z_ * z_
+                        ddx += (SH_C30 * np.float32(6.0) * x_ * y_ * db[8] + SH_C31 * y_ * z_ * db[9]
+                                - SH_C32 * F2 * x_ * y_ * db[10] - SH_C33 * np.float32(6.0) * x_ * z_ * db[11]
+                                + SH_C34 * (F4 * zz - F3 * xx - yy) * db[12] + SH_C35 * F2 * x_ * z_ * db[13]
+                                + SH_C36 * F3 * (xx - yy) * db[14])
+                        ddy += (SH_C30 * F3 * (xx - yy) * db[8] + SH_C31 * x_ * z_ * db[9]
+                                + SH_C32 * (F4 * zz - xx - F3 * yy) * db[10]
+                                - SH_C33 * np.float32(6.0) * y_ * z_ * db[11]
+                                - SH_C34 * F2 * x_ * y_ * db[12] - SH_C35 * F2 * y_ * z_ * db[13]
+                                - SH_C36 * np.float32(6.0) * x_ * y_ * db[14])
+                        ddz += (SH_C31 * x_ * y_ * db[9] + SH_C32 * np.float32(8.0) * y_ * z_ * db[10]
+                                + SH_C33 * (np.float32(6.0) * zz - F3 * xx - F3 * yy) * db[11]
+                                + SH_C34 * np.float32(8.0) * x_ * z_ * db[12] + SH_C35 * (xx - yy) * db[13])
+                dd = x_ * ddx + y_ * ddy + z_ * ddz
+                dmx += (ddx - x_ * dd) / nv
+                dmy += (ddy - y_ * dd) / nv
+                dmz += (ddz - z_ * dd) / nv
+            d_means[g, 0] = dmx
+            d_means[g, 1] = dmy
+            d_means[g, 2] = dmz
     return 0

@@ -69,27 +69,37 @@ def _depth_keys(depths: np.ndarray) -> np.ndarray:
 
 
 class _Binning:
-    __slots__ = ("rows", "rect", "goff", "tile_start", "gid", "slot", "TX", "n_entries")
+    __slots__ = ("rows", "goff", "tile_start", "gid", "slot", "TX", "n_entries")
 
 
 def _bin(m2d, con, op, dep, rad, width, height, nthreads):
+    """Entries (Gaussian, tile) whose alpha >= 1/255 ellipse reaches the tile, each with the tile's
+    pixel rows it reaches (``rows``, (E, 2)), grouped by tile in (depth, index) order."""
     N = m2d.shape[0]
-    rect = np.empty((N, 4), dtype=np.int64)
-    rows = np.empty((N, 2), dtype=np.int64)
+    rect = np.empty((N, 4), dtype=np.int32)
+    grows = np.empty((N, 4), dtype=np.int32)
     count = np.empty(N, dtype=np.int64)
-    TX = K.prepare(m2d, con, op, rad, width, height, rect, rows, count)
+    TX = K.prepare(m2d, con, op, rad, width, height, rect, grows, count)
     TY = (height + K.TS - 1) // K.TS
+    order = K.depth_order(_depth_keys(dep), count)  # visible Gaussians by (depth, index)
+    ub_off = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(count[order], out=ub_off[1:])
+    UB = int(ub_off[-1])
+    if UB >= 2**31 - 1:
+        raise ValueError("cpu rasterizer: more than 2^31 (Gaussian, tile) entries")
+    ent_tile = np.empty(UB, dtype=np.int32)
+    ent_row = np.empty((UB, 2), dtype=np.int32)
+    nchunks = max(1, min(4 * nthreads, len(order) // 256 + 1))
+    cnt = np.zeros((nchunks, TX * TY), dtype=np.int64)
+    K.cull_entries(m2d, con, op, rect, grows, order, ub_off, TX, nchunks, ent_tile, ent_row, count, cnt)
     goff = np.zeros(N + 1, dtype=np.int64)
     np.cumsum(count, out=goff[1:])
-    dkey = _depth_keys(dep)
-    nchunks = max(1, min(4 * nthreads, N // 256 + 1))
-    tile_start, gid, slot = K.bin_entries(rect, count, dkey, goff, TX * TY, TX, nchunks)
+    tile_start, gid, erow, slot = K.bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt)
     if len(tile_start) > 1 and int(np.diff(tile_start).max()) >= 2**24:
         raise ValueError("cpu rasterizer: more than 2^24 Gaussians overlap one 16x16 tile")
     b = _Binning()
-    b.rows, b.goff, b.tile_start, b.gid, b.slot, b.TX = rows, goff, tile_start, gid, slot, TX
+    b.rows, b.goff, b.tile_start, b.gid, b.slot, b.TX = erow, goff, tile_start, gid, slot, TX
     b.n_entries = int(goff[N])
-    b.rect = rect
     return b
 
 
@@ -101,8 +111,7 @@ def binning_stats(means2d, conics, opacities, depths, radii, width, height) -> d
         b = _bin(_np32(means2d), _np32(conics), _np32(opacities).reshape(N), _np32(depths).reshape(N),
                  np.ascontiguousarray(radii.detach().to(torch.int32).numpy()).reshape(N, 2), int(width),
                  int(height), _threads())
-    nrows = np.maximum(b.rows[:, 1] - b.rows[:, 0] + 1, 0)
-    lanes = int((nrows * (b.rect[:, 1] - b.rect[:, 0])).sum()) * K.TS
+    lanes = int((b.rows[:, 1] - b.rows[:, 0] + 1).sum()) * K.TS
     return {"visible": int((b.goff[1:] > b.goff[:-1]).sum()), "entries": b.n_entries, "lanes": lanes}
 
 
@@ -196,3 +205,81 @@ def warmup() -> float:
                                   20, 20, torch.zeros(4))
     (img.sum() + alpha.sum()).backward()
     return time.perf_counter() - t0
+
+
+def _cam_consts(viewmat, K, width, height):
+    """float32 camera constants, computed with the same torch ops as project.project."""
+    vm = viewmat.detach().to(torch.float32)
+    Kf = K.detach().to(torch.float32)
+    R, t = vm[:3, :3], vm[:3, 3]
+    fx, fy, cx, cy = Kf[0, 0], Kf[1, 1], Kf[0, 2], Kf[1, 2]
+    tan_fovx, tan_fovy = 0.5 * width / fx, 0.5 * height / fy
+    lims = torch.stack([-(cx / fx + 0.3 * tan_fovx), (width - cx) / fx + 0.3 * tan_fovx,
+                        -(cy / fy + 0.3 * tan_fovy), (height - cy) / fy + 0.3 * tan_fovy]).numpy()
+    campos = (-viewmat[:3, :3].T @ viewmat[:3, 3]).detach().to(torch.float32).numpy()
+    f32 = np.float32
+    return (np.ascontiguousarray(R.numpy()), np.ascontiguousarray(t.numpy()), f32(fx), f32(fy), f32(cx), f32(cy),
+            f32(lims[0]), f32(lims[1]), f32(lims[2]), f32(lims[3]), np.ascontiguousarray(campos))
+
+
+class _ProjectSHCPU(torch.autograd.Function):
+    """project.project + project.sh_to_rgb as numba kernels with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, means, quats, scales, opacities, sh0, shN, viewmat, Kmat, width, height, near, far, deg):
+        with _LOCK:
+            _threads()
+            N = means.shape[0]
+            m, q, s, o = _np32(means), _np32(quats), _np32(scales), _np32(opacities).reshape(N)
+            s0 = _np32(sh0).reshape(N, 3)
+            sN = _np32(shN).reshape(N, shN.shape[1], 3)
+            cam = _cam_consts(viewmat, Kmat, width, height)
+            args = (m, q, s, o, s0, sN) + cam[:10] + (int(width), int(height), np.float32(near), np.float32(far),
+                                                      int(deg), cam[10])
+            m2d = np.empty((N, 2), dtype=np.float32)
+            con = np.empty((N, 3), dtype=np.float32)
+            dep = np.empty(N, dtype=np.float32)
+            rad = np.empty((N, 2), dtype=np.int32)
+            rgb = np.empty((N, 3), dtype=np.float32)
+            K.project_sh_fwd(*args, m2d, con, dep, rad, rgb)
+        ctx.args = args
+        ctx.dtypes = (means.dtype, quats.dtype, scales.dtype, sh0.dtype, shN.dtype)
+        dt = means.dtype
+        radii = torch.from_numpy(rad)
+        ctx.mark_non_differentiable(radii)
+        return (torch.from_numpy(m2d).to(dt), torch.from_numpy(con).to(dt), torch.from_numpy(dep).to(dt), radii,
+                torch.from_numpy(rgb).to(sh0.dtype))
+
+    @staticmethod
+    def backward(ctx, g_m2d, g_con, g_dep, _g_rad, g_rgb):
+        args = ctx.args
+        m, sN = args[0], args[5]
+        N = m.shape[0]
+
+        def z(g, shape):
+            return np.zeros(shape, dtype=np.float32) if g is None else _np32(g).reshape(shape)
+
+        gm, gc, gd, gr = z(g_m2d, (N, 2)), z(g_con, (N, 3)), z(g_dep, (N,)), z(g_rgb, (N, 3))
+        d_means = np.empty((N, 3), dtype=np.float32)
+        d_quats = np.empty((N, 4), dtype=np.float32)
+        d_scales = np.empty((N, 3), dtype=np.float32)
+        d_sh0 = np.empty((N, 3), dtype=np.float32)
+        d_shN = np.empty(sN.shape, dtype=np.float32)
+        with _LOCK:
+            _threads()
+            K.project_sh_bwd(*args, gm, gc, gd, gr, d_means, d_quats, d_scales, d_sh0, d_shN)
+        dm, dq, ds, d0, dn = ctx.dtypes
+        deg = args[-2]
+        g_shN = torch.from_numpy(d_shN).to(dn) if deg > 0 else None
+        return (torch.from_numpy(d_means).to(dm), torch.from_numpy(d_quats).to(dq), torch.from_numpy(d_scales).to(ds),
+                None, torch.from_numpy(d_sh0).reshape(N, 1, 3).to(d0), g_shN, None, None, None, None, None, None, None)
+
+
+def project_sh_cpu(means, quats, scales, opacities, sh0, shN, viewmat, K, width, height, near=0.01, far=1e10,
+                   sh_degree=0):
+    """``project.project`` and ``project.sh_to_rgb`` (directions from the camera centre, degree
+    ``sh_degree``) in one pass of numba kernels; returns (means2d, conics, depths, radii, rgb).
+    Differentiable w.r.t. means, quats, scales (linear), sh0 and shN; ``opacities`` only gate
+    visibility (as in ``project``)."""
+    return _ProjectSHCPU.apply(means, quats, scales, opacities, sh0, shN, viewmat, K, int(width), int(height),
+                               float(near), float(far), int(sh_degree))

@@ -20,10 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from budget3d.scene.camera import Camera
-from budget3d.splat.project import project, sh_to_rgb
+from budget3d.splat.project import Projected, project, sh_to_rgb
 from budget3d.splat.rasterize_torch import rasterize_torch
 
 BACKENDS = ("auto", "torch", "cpu", "cuda")
+
+# "cpu" backend: projection and SH colour in numba kernels (cpu.project_sh_cpu); False: the torch
+# ops of the "torch" backend (kept for benchmarks and as a fallback)
+cpu_fused = True
 
 
 @dataclass
@@ -86,7 +90,13 @@ def render(
     opacities = torch.sigmoid(params["opacities"])
     quats = params["quats"]
 
-    if deg > 0:
+    if backend == "cpu" and cpu_fused:
+        from budget3d.splat.cpu import project_sh_cpu
+
+        m2d, conics, depths, radii, rgb = project_sh_cpu(means, quats, scales, opacities, params["sh0"], shN, viewmat,
+                                                         K, W, H, near, far, deg)
+        p = Projected(m2d, conics, depths, radii)
+    elif deg > 0:
         cam_center = -viewmat[:3, :3].T @ viewmat[:3, 3]
         dirs = F.normalize(means - cam_center, dim=-1)
         rgb = sh_to_rgb(params["sh0"], shN, dirs, deg)
@@ -100,7 +110,8 @@ def render(
 
         return render_cuda(means, quats, scales, opacities, rgb, extra, viewmat, K, W, H, background, near, far)
 
-    p = project(means, quats, scales, opacities, viewmat, K, W, H, near, far)
+    if not (backend == "cpu" and cpu_fused):
+        p = project(means, quats, scales, opacities, viewmat, K, W, H, near, far)
     feats = [rgb, p.depths[:, None]] + ([extra] if extra is not None else [])
     features = torch.cat(feats, -1)
     bg = None

@@ -272,13 +272,8 @@ def _make_strategy(s: Session):
     if cfg.strategy == "taming":
         from budget3d.budget import TamingConfig, TamingStrategy
 
-        names = {f.name for f in dataclasses.fields(TamingConfig)}
-        wanted = {"budget": s.budget, "start": cfg.densify_start, "stop": cfg.densify_stop,
-                  "interval": cfg.densify_every, "densify_start": cfg.densify_start,
-                  "densify_stop": cfg.densify_stop, "densify_every": cfg.densify_every,
-                  "densify_interval": cfg.densify_every, "reset_every": cfg.opacity_reset_every,
-                  "opacity_reset_every": cfg.opacity_reset_every, "seed": cfg.seed}
-        tcfg = TamingConfig(**{k: v for k, v in wanted.items() if k in names})
+        tcfg = TamingConfig(budget=s.budget, start=cfg.densify_start, stop=cfg.densify_stop,
+                            interval=cfg.densify_every, reset_every=cfg.opacity_reset_every)
         return TamingStrategy(tcfg, score_views=lambda k: _score_views(s, k), render_fn=s.render)
     if cfg.strategy == "mcmc":
         if s.device.type != "cuda":
