@@ -63,6 +63,8 @@ class TamingConfig:
     grow_scale3d: float = 0.01  # clone if max scale <= this x scene scale, else split
     prune_opa: float = 0.005  # opacity below which a Gaussian is a pruning candidate
     prune_frac: float = 1.0  # fraction of the candidates pruned per step (chosen prop. to 1/score)
+    prune_scale3d: float = 0.1  # after the first opacity reset, also prune Gaussians larger than this
+    #                             x scene scale (as 3DGS does); 0 = off
     reset_every: int = 3000  # opacity reset period while densifying; 0 = off
     revised_opacity: bool = False  # gsplat's split option (arXiv:2404.06109)
     verbose: bool = False
@@ -336,8 +338,10 @@ class TamingStrategy(Strategy):
         target = max(1, int(target))
         shrinking = cfg.budget <= state["n_init"]
         n0 = _count(params)
-        cand = torch.nonzero(torch.sigmoid(params["opacities"].detach().reshape(n0, -1)[:, 0]) < cfg.prune_opa)
-        cand = cand.flatten() if prune_low_opacity else cand.new_zeros(0)
+        bad = torch.sigmoid(params["opacities"].detach().reshape(n0, -1)[:, 0]) < cfg.prune_opa
+        if cfg.prune_scale3d > 0 and cfg.reset_every and step > cfg.reset_every:
+            bad |= torch.exp(params["scales"].detach()).amax(-1) > cfg.prune_scale3d * state["scene_scale"]
+        cand = torch.nonzero(bad).flatten() if prune_low_opacity else bad.new_zeros(0, dtype=torch.long)
         k = int(round(len(cand) * min(max(cfg.prune_frac, 0.0), 1.0)))
         k = min(k, n0 - (target if shrinking else 1))
         if k <= 0 and n0 == target:  # nothing to do: skip the score renders
