@@ -43,8 +43,10 @@ def run(args) -> dict:
         print(f"{strategy}: {m['num_gaussians']} Gaussians, PSNR {m['psnr']}, {m['train_seconds']} s", flush=True)
         return m
 
-    default = one("default")
-    count = default["num_gaussians"]
+    if args.count:  # Default's count known from an earlier run: train only the budgeted strategies
+        count = args.count
+    else:
+        count = one("default")["num_gaussians"]
     one("taming", str(count))
     if cuda:
         one("mcmc", str(count))
@@ -74,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-views", type=int, default=0, help="test views to score (0 = all)")
     p.add_argument("--out", default="runs/bench", help="parent folder of the per-strategy run folders")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--count", type=int, help="skip Default and use this count (from an earlier run)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:

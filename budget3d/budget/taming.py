@@ -60,6 +60,9 @@ class TamingConfig:
     w_blend: float = 1.0
     edge_mix: float = 0.5  # pixel importance: 0 = L1 error only, 1 = gt edges only
     norm_clip: float = 20.0  # cap on each median-normalised term, so one heavy tail cannot dominate
+    grow_grad2d: float = 0.0002  # only Gaussians whose mean NDC positional gradient reaches this grow
+    #                              (3DGS's test; Taming samples among them by score); the last
+    #                              densification step tops up from all Gaussians to stay exact; 0 = all
     grow_scale3d: float = 0.01  # clone if max scale <= this x scene scale, else split
     prune_opa: float = 0.005  # opacity below which a Gaussian is a pruning candidate
     prune_frac: float = 1.0  # fraction of the candidates pruned per step (chosen prop. to 1/score)
@@ -277,7 +280,7 @@ class TamingStrategy(Strategy):
         self._update_state(params, state, info)
         if step in self._step_index:
             i = self._step_index[step]
-            self._densify(params, optimizers, state, step, state["schedule"][i])
+            self._densify(params, optimizers, state, step, state["schedule"][i], exact=step == self.steps[-1])
         # Reset after densifying (as 3DGS does), only while pruning still follows.
         if self.cfg.reset_every > 0 and 0 < step < self.steps[-1] and step % self.cfg.reset_every == 0:
             reset_opa(params=params, optimizers=optimizers, state=state, value=self.cfg.prune_opa * 2.0)
@@ -287,7 +290,7 @@ class TamingStrategy(Strategy):
         when the count is already right). Returns the count."""
         self._ensure_state(params, state)
         if _count(params) != self.cfg.budget:
-            self._densify(params, optimizers, state, step, self.cfg.budget, prune_low_opacity=False)
+            self._densify(params, optimizers, state, step, self.cfg.budget, prune_low_opacity=False, exact=True)
         return _count(params)
 
     # -- internals -------------------------------------------------------------------------
@@ -332,8 +335,10 @@ class TamingStrategy(Strategy):
         return list(self.score_views(k))
 
     @torch.no_grad()
-    def _densify(self, params, optimizers, state, step, target: int, prune_low_opacity: bool = True):
-        """Prune, then grow or trim to exactly ``target``."""
+    def _densify(self, params, optimizers, state, step, target: int, prune_low_opacity: bool = True,
+                 exact: bool = True):
+        """Prune, then grow or trim to ``target``: exactly when ``exact``, else growing only
+        Gaussians whose positional gradient qualifies (so the count may stay below the target)."""
         cfg = self.cfg
         target = max(1, int(target))
         shrinking = cfg.budget <= state["n_init"]
@@ -365,7 +370,16 @@ class TamingStrategy(Strategy):
             pick = torch.argsort(score, stable=True)[: n - target]
             score = self._remove(params, optimizers, state, score, pick)
             n_trimmed = n - target
-        while _count(params) < target:
+        n = _count(params)
+        if n < target and cfg.grow_grad2d > 0:
+            grad = state["grad2d"] / state["count"].clamp_min(1)
+            qual = grad >= cfg.grow_grad2d
+            m = min(target - n, int(qual.sum()))
+            if m > 0:  # qualifying Gaussians prop. to score (uniform among them if all scores are 0)
+                w = torch.where(qual, score + 1e-12 * float(score.max().clamp_min(1e-30)), torch.zeros_like(score))
+                score, c, s = self._grow(params, optimizers, state, score, sample_without_replacement(w, m, self.generator))
+                n_clone, n_split = n_clone + c, n_split + s
+        while (exact or cfg.grow_grad2d <= 0) and _count(params) < target:
             n = _count(params)
             if n == 0:
                 raise RuntimeError("no Gaussians left to grow from")
@@ -373,7 +387,7 @@ class TamingStrategy(Strategy):
             pick = sample_without_replacement(w, min(target - n, n), self.generator)
             score, c, s = self._grow(params, optimizers, state, score, pick)
             n_clone, n_split = n_clone + c, n_split + s
-        assert _count(params) == target, (_count(params), target)
+        assert _count(params) == target or not exact, (_count(params), target)
         self._record(params, state, step, target, n_pruned, n_trimmed, n_clone, n_split)
 
     def _record(self, params, state, step, target, pruned=0, trimmed=0, cloned=0, split_=0):
