@@ -323,11 +323,11 @@ def test_nerfstudio_distortion_is_undistorted(tmp_path, model):
     fx = fy = 80.0
     cx, cy = 60.0, 60.0
     if model == "OPENCV":
-        dist = {"k1": -0.25, "k2": 0.05, "p1": 0.002, "p2": -0.001, "k3": 0.0}
-        D = np.array([-0.25, 0.05, 0.002, -0.001, 0.0])
+        dist = {"k1": -0.25, "k2": 0.05, "p1": 0.002, "p2": -0.001, "k3": 0.1}
+        D = np.array([-0.25, 0.05, 0.002, -0.001, 0.1])  # OpenCV's order: k1 k2 p1 p2 k3
     else:
-        dist = {"k1": 0.08, "k2": 0.01, "k3": 0.0, "k4": 0.0}
-        D = np.array([0.08, 0.01, 0.0, 0.0])
+        dist = {"k1": 0.08, "k2": 0.01, "k3": 0.1, "k4": 0.02}
+        D = np.array([0.08, 0.01, 0.1, 0.02])
     c2w = look_at_cv((3.0, 1.0, 2.0), target=(0.2, 0.1, 0.3))
     # Known camera-frame points, also given in world coordinates.
     pts_cam = np.array([[0.45, -0.35, 1.0], [-0.5, 0.4, 1.0], [0.0, 0.0, 1.0]])
@@ -424,20 +424,39 @@ def test_colmap_downscale_uses_images_n_or_resizes(tmp_path):
     assert s2.train[0].image().shape == (15, 20, 3) and (s2.train[0].image() == 77).all()
 
 
-def test_colmap_distorted_opencv_is_undistorted(tmp_path):
+@pytest.mark.parametrize(
+    "model,params,D,writer",
+    [  # params after (f, cx, cy) or (fx, fy, cx, cy); D: the same distortion in OpenCV's order
+        ("OPENCV", (0.0015, 0.001), (-0.2, 0.03, 0.0015, 0.001), "txt"),
+        ("SIMPLE_RADIAL", (-0.2,), (-0.2, 0.0, 0.0, 0.0), "bin"),
+        ("RADIAL", (-0.18, 0.04), (-0.18, 0.04, 0.0, 0.0), "txt"),
+        ("OPENCV_FISHEYE", (0.05, 0.01, 0.02, 0.0), (0.05, 0.01, 0.02, 0.0), "bin"),
+    ],
+)
+def test_colmap_distorted_cameras_are_undistorted(tmp_path, model, params, D, writer):
     w, h, f = 100, 80, 70.0
-    D = np.array([-0.2, 0.03, 0.0015, 0.001])
-    cameras = {1: ("OPENCV", w, h, (f, f, 50.0, 40.0, *D))}
+    D = np.array(D)
+    fisheye = model == "OPENCV_FISHEYE"
+    if model in ("SIMPLE_RADIAL", "RADIAL"):
+        cam_params = (f, 50.0, 40.0, *params)
+    elif model == "OPENCV":
+        cam_params = (f, f, 50.0, 40.0, *D)
+    else:
+        cam_params = (f, f, 50.0, 40.0, *params)
+    cameras = {1: (model, w, h, cam_params)}
     c2w = look_at_cv((2.0, -3.0, 1.5))
     w2c = np.linalg.inv(c2w)
     images = [dict(id=1, q=quat_from_R(w2c[:3, :3]), t=w2c[:3, 3], cam=1, name="d.png")]
     pts_cam = np.array([[0.5, 0.4, 1.0]])
     K_cv = np.array([[f, 0, 49.5], [0, f, 39.5], [0, 0, 1]])
-    dpx = cv2.projectPoints(pts_cam, np.zeros(3), np.zeros(3), K_cv, D)[0].reshape(-1, 2)
+    if fisheye:
+        dpx = cv2.fisheye.projectPoints(pts_cam.reshape(1, -1, 3), np.zeros(3), np.zeros(3), K_cv, D)[0].reshape(-1, 2)
+    else:
+        dpx = cv2.projectPoints(pts_cam, np.zeros(3), np.zeros(3), K_cv, D)[0].reshape(-1, 2)
     root = tmp_path / "c"
-    write_colmap_txt(root / "sparse" / "0", cameras, images, np.zeros((0, 3)), np.zeros((0, 3), int))
+    (write_colmap_txt if writer == "txt" else write_colmap_bin)(root / "sparse" / "0", cameras, images, np.zeros((0, 3)), np.zeros((0, 3), int))
     ideal = pts_cam[:, :2] / pts_cam[:, 2:] * f + [50.0, 40.0]
-    src = distorted_blob_image(w, h, K_cv, D, False, ideal)
+    src = distorted_blob_image(w, h, K_cv, D, fisheye, ideal)
     assert blob_centroid(src, dpx[0] + 0.5) == pytest.approx(tuple(dpx[0] + 0.5), abs=0.3)
     write_png(root / "images" / "d.png", src)
     view = load_scene(root, test_every=0).train[0]

@@ -115,7 +115,7 @@ def decode_image(path: Path) -> np.ndarray:
     """The raw image as uint8 (H, W, C) with C in {3 RGB, 4 RGBA}; UserError naming the file if unreadable."""
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
-        what = "does not exist" if not Path(path).exists() else "is corrupt or not an image"
+        what = "does not exist" if not Path(path).exists() else "is corrupt, unreadable or not an image"
         raise UserError(f"{path}: image {what}; replace the file or remove its frame from the scene")
     if img.dtype == np.uint16:
         img = np.rint(img / 257.0).astype(np.uint8)
