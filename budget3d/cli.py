@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("path", help="scene folder (Blender, nerfstudio/instant-ngp, COLMAP or LLFF)")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.add_argument("--downscale", type=int, default=1, help="image downscale factor (default 1)")
+    q.add_argument("--check", action="store_true",
+                   help="also decode every image (slower): stops at the first unreadable or wrongly sized one")
 
     t = sub.add_parser("train", help="train Gaussians to an exact budget; writes a run folder")
     t.add_argument("--data", help="scene folder (not needed with --resume)")
@@ -76,7 +79,16 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_inspect(args) -> int:
     from budget3d.scene import describe, load_scene
 
-    info = describe(load_scene(args.path, downscale=args.downscale))
+    with warnings.catch_warnings(record=True) as caught:  # e.g. skipped frames: one line each, no source line
+        warnings.simplefilter("always", UserWarning)
+        scene = load_scene(args.path, downscale=args.downscale, cache=False)
+    for w in caught:
+        print(f"budget3d: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+    info = describe(scene)
+    if args.check:  # images load lazily, so a corrupt or wrongly sized one only shows when decoded
+        for view in scene.train + scene.test:
+            view.image()
+        info["n_images_checked"] = len(scene.train) + len(scene.test)
     if args.json:
         print(json.dumps(info))
     else:

@@ -259,7 +259,7 @@ def train(budget, n_init, iters=60, start=5, stop=45, interval=5, reset_every=20
     return params, optimizers, state, strategy
 
 
-@pytest.mark.parametrize("spec", [1237, "2.5x", 57, 100, "0.02MB"])
+@pytest.mark.parametrize("spec", [1237, "2.5x", 57, 100, "0.02MB", 1])
 def test_strategy_reaches_exact_budget(spec):
     n_init = 100
     budget = parse_budget(spec, n_init, 1)
@@ -341,3 +341,31 @@ def test_opacity_reset():
     # never after the last densification step
     params, _, state, _ = train(150, 100, iters=20, start=0, stop=10, interval=5, reset_every=20, finalize=False)
     assert torch.sigmoid(params["opacities"]).max() > 0.5
+
+
+def test_strategy_reads_gsplat_shaped_info():
+    """gsplat's trainers hand strategies [C, N, ...] tensors and a ``means2d`` whose .grad is
+    filled by backward; the strategy accumulates from that and still lands on the budget."""
+    torch.manual_seed(0)
+    cams, gts, params = make_scene(100)
+    optimizers = make_optimizers(params)
+    strategy = TamingStrategy(TamingConfig(budget=151, start=0, stop=8, interval=4, reset_every=0, grow_grad2d=0.0,
+                                           n_score_views=1),
+                              score_views=lambda k: [(cams[0], gts[0])], render_fn=render_fn)
+    state = strategy.initialize_state(scene_scale=1.0)
+    for step in range(1, 9):
+        out = render_fn(params, cams[0])
+        n = out.radii.shape[0]
+        info = {"means2d": torch.zeros(1, n, 2, requires_grad=True), "radii": out.radii.reshape(1, n, 2),
+                "width": cams[0].width, "height": cams[0].height, "n_cameras": 1}
+        strategy.step_pre_backward(params, optimizers, state, step, info)
+        (out.image - gts[0]).abs().mean().backward()
+        info["means2d"].grad = out.means2d_grad().reshape(1, n, 2)  # what gsplat's backward leaves there
+        for opt in optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if step == 3:
+            assert state["grad2d"].sum() > 0 and state["count"].sum() > 0
+        strategy.step_post_backward(params, optimizers, state, step, info, packed=False)
+        check_aligned(params, optimizers, state)
+    assert params["means"].shape[0] == 151 and [s for s, _ in state["history"]] == [4, 8]

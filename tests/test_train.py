@@ -294,3 +294,92 @@ def test_cpu_backend_trains_to_the_same_psnr_as_torch(tmp_path, scene):
     assert ms["cpu"]["backend"] == "cpu" and ms["torch"]["backend"] == "torch"
     assert ms["torch"]["psnr"] > mean_colour_psnr(scene) + 5
     assert abs(ms["cpu"]["psnr"] - ms["torch"]["psnr"]) < 0.1, (ms["cpu"]["psnr"], ms["torch"]["psnr"])
+
+
+# ----------------------------------------------------------------------------- schedules, loss, files
+
+
+def test_lr_sh_and_shN_schedules(tmp_path, scene):
+    """Position lr decays exponentially from lr * extent; the SH degree rises every sh_up_every
+    steps; higher-order SH move only on steps that are multiples of shN_every."""
+    from budget3d.train import exp_decay
+
+    assert exp_decay(0, 100, 1e-2, 1e-4) == pytest.approx(1e-2)
+    assert exp_decay(50, 100, 1e-2, 1e-4) == pytest.approx(1e-3)
+    assert exp_decay(100, 100, 1e-2, 1e-4) == pytest.approx(1e-4)
+    n0 = len(scene.points)
+    cfg = tiny_config(tmp_path, budget=str(n0), iters=24, sh_degree=2, sh_up_every=5, shN_every=4,
+                      densify_start=1000, densify_stop=2000, opacity_reset_every=0, backend="torch")
+    seen = []
+
+    def record(s):
+        lr = s.optimizers["means"].param_groups[0]["lr"]
+        seen.append((s.step - 1, s.sh_now, lr, s.params["shN"].detach().clone()))
+
+    train(cfg, scene=scene, progress=False, on_step=record)
+    extent = scene.camera_extent()
+    assert [sh for _, sh, _, _ in seen] == [min(2, k // 5) for k in range(24)]
+    for k, _, lr, _ in seen:
+        assert lr == pytest.approx(exp_decay(k, 24, cfg.means_lr * extent, cfg.means_lr_final * extent))
+    assert seen[0][2] == pytest.approx(cfg.means_lr * extent) and seen[-1][2] < seen[0][2]
+    moved = [k for (k, _, _, a), (_, _, _, b) in zip(seen[1:], seen) if not torch.equal(a, b)]
+    assert moved and all(k % 4 == 0 for k in moved), moved
+    assert {8, 12, 16, 20} <= set(moved)
+
+
+def test_loss_is_l1_plus_ssim_term():
+    from budget3d.train.metrics import ssim
+    from budget3d.train.trainer import _loss
+
+    assert TrainConfig().ssim_lambda == 0.2
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(24, 24, 3, generator=g), torch.rand(24, 24, 3, generator=g)
+    l1 = (a - b).abs().mean().item()
+    assert _loss(a, b, 0.0).item() == pytest.approx(l1)
+    assert _loss(a, b, 0.2).item() == pytest.approx(0.8 * l1 + 0.2 * (1 - ssim(a, b)), rel=1e-5)
+    assert _loss(a, a, 0.2).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_progress_bar_shows_loss_psnr_and_count(tmp_path, scene, capsys):
+    train(tiny_config(tmp_path, budget="70", iters=12, backend="torch"), scene=scene, progress=True)
+    err = capsys.readouterr().err
+    assert "loss=" in err and "psnr=" in err and "n=70" in err, err[-500:]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from budget3d.train import checkpoint as ck
+
+    path = tmp_path / "checkpoint.pt"
+    p = {"means": torch.nn.Parameter(torch.randn(5, 3))}
+    opts = {"means": VisibleAdam([p["means"]])}
+    kw = dict(params=p, optimizers=opts, strategy_state={}, history=[], config={})
+    ck.save_checkpoint(path, step=7, **kw)
+
+    def broken_save(obj, f):  # dies half-way through writing
+        open(f, "wb").write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ck.save_checkpoint(path, step=8, **kw)
+    monkeypatch.undo()
+    assert ck.load_checkpoint(path)["step"] == 7  # the previous checkpoint is intact
+
+
+def test_random_background_targets_follow_the_background(tmp_path):
+    """Training on random backgrounds recomposites RGBA ground truth on each step's colour."""
+    from budget3d.scene import load_scene
+    from budget3d.train.trainer import _target, setup
+
+    data = write_blender_scene(tmp_path / "scene", n_train=3, n_test=1)
+    for png in (data / "train").glob("*.png"):  # make the white surround transparent
+        bgr = cv2.imread(str(png))
+        alpha = np.where(bgr.min(-1) >= 250, 0, 255).astype(np.uint8)
+        cv2.imwrite(str(png), np.dstack([bgr, alpha]))
+    s = setup(tiny_config(tmp_path, data=str(data), random_background=True, backend="torch"))
+    colour = (0.2, 0.5, 0.9)
+    want = load_scene(data, background=colour).train
+    for i in range(3):
+        got = _target(s, i, torch.tensor(colour))
+        assert np.abs(got.numpy() - want[i].image() / 255.0).max() < 3 / 255
+    assert not np.allclose(want[0].image(), s.scene.train[0].image())  # the background did change

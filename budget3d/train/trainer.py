@@ -333,7 +333,10 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None) -> Session:
         s.train_seconds = float(ckpt["extra"].get("train_seconds", 0.0))
         set_rng_state(ckpt["rng"])
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{run_dir}: cannot create the run folder ({e.strerror}); choose another --out") from None
         _seed_everything(cfg.seed)
     _write_json(run_dir / CONFIG, cfg.to_json())
     return s
@@ -581,7 +584,10 @@ def evaluate_run(run_dir, *, device: str = "auto", backend: str = "auto", progre
     run_dir = Path(run_dir)
     _check_run_dir(run_dir, need_checkpoint=False)
     try:
-        cfg = TrainConfig.from_json(json.loads((run_dir / CONFIG).read_text()))
+        saved = json.loads((run_dir / CONFIG).read_text())
+        if not isinstance(saved, dict):
+            raise TypeError("not a JSON object")
+        cfg = TrainConfig.from_json(saved)
     except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"{run_dir / CONFIG}: not a readable run config ({e}); retrain the run") from None
     dev = _pick_device(device)
