@@ -29,6 +29,8 @@ from numba.extending import intrinsic
 TS = 16  # tile side
 TP = TS * TS  # pixels per tile
 
+I0 = np.int32(0)
+I1 = np.int32(1)
 F0 = np.float32(0.0)
 F1 = np.float32(1.0)
 HALF = np.float32(0.5)
@@ -348,6 +350,13 @@ def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt):
 
 
 @njit(inline="always", **_opts)
+def _inc(n, flag):
+    """n + flag as int32. Written ``n += np.int32(flag)``, numba widens the sum to int64, and the
+    loop counting lanes then vectorises 4 wide (xmm floats, int64 accumulators) instead of 8."""
+    return np.int32(n + (I1 if flag else I0))
+
+
+@njit(inline="always", **_opts)
 def _block_sigma(buf, pc, q0, q1, mx, my, ca, cb, cc):
     """buf[0] = sigma (written in the oracle's order of float32 operations), buf[1] = 0."""
     for q in range(q0, q1):
@@ -396,7 +405,7 @@ def _block_sigma_exp_fwd(buf, st, pc, q0, q1, mx, my, ca, cb, cc, o):
         nT = st[0, q] * (F1 - al)
         w = st[3, q] + _step_err(al)
         f = (sg >= F0) & (st[1, q] > F0) & (_near_a(oe) | (abs(nT - TMIN) <= TMIN * w))
-        nflag += np.int32(f)
+        nflag = _inc(nflag, f)
     return nflag
 
 
@@ -411,7 +420,7 @@ def _block_sigma_exp_bwd(buf, pc, q0, q1, mx, my, ca, cb, cc, o):
         buf[1, q] = _fast_exp_neg(sg)
     nflag = np.int32(0)  # a separate loop: fused into the one above it vectorised much worse
     for q in range(q0, q1):
-        nflag += np.int32((buf[0, q] >= F0) & _near_a(o * buf[1, q]))
+        nflag = _inc(nflag, (buf[0, q] >= F0) & _near_a(o * buf[1, q]))
     return nflag
 
 
@@ -482,20 +491,68 @@ def _fixup_bwd(buf, q0, q1, o, Lf):
     return 0
 
 
-@njit(cache=True, nogil=True, fastmath=True, error_model="numpy", boundscheck=False)
-def _sum_rows(a, nrows, q0, q1, out):
-    """out[i] = sum(a[i, q0:q1]) for i < nrows (reassociated: vectorised)."""
-    for i in range(nrows):
-        v = np.float32(0.0)
-        for q in range(q0, q1):
-            v += a[i, q]
-        out[i] = v
+# reassociation (vectorised sums) and contraction, but no finite-math or NaN assumptions: the
+# decisions (which lanes are valid) come from the exact forward-compatible arithmetic before it
+_fm = dict(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"}, error_model="numpy", boundscheck=False)
+
+
+@njit(**_fm)
+def _bwd_entry(buf, st, G, pc, q0, q1, mx, my, ca, cb, cc, o, kl, f0, f1, f2, f3):
+    """One entry's backward on its block (back to front): recovers T before it, updates the running
+    sums, and returns its gradient sums (mean x, y, conic a, b, c, opacity, channels 0..3). One fused
+    loop with the reductions in registers (its own function: the reassociation flags are per
+    function). buf[2] holds the extra channels' f . dL/dout (0 without extra channels); buf[3] gets
+    the weights. The channel sums are a second loop: in the first, they made LLVM spill registers."""
+    s0 = F0
+    s1 = F0
+    s2 = F0
+    s3 = F0
+    s4 = F0
+    s5 = F0
+    t0 = F0
+    t1 = F0
+    t2 = F0
+    t3 = F0
+    for q in range(q0, q1):
+        s = buf[0, q]
+        e = buf[1, q]
+        fg = (f0 * G[0, q] + f1 * G[1, q]) + (f2 * G[2, q] + f3 * G[3, q]) + buf[2, q]
+        oe = o * e
+        al = oe if oe < AMAX else AMAX
+        Tn = st[0, q]
+        Sg = st[1, q]
+        valid = (s >= F0) & (al >= AMIN) & (st[3, q] >= kl)
+        om = F1 - al
+        Ti = Tn / om
+        w = al * Ti
+        dla = Ti * fg - (Sg + st[2, q]) / om
+        st[0, q] = Ti if valid else Tn
+        st[1, q] = Sg + w * fg if valid else Sg
+        buf[3, q] = w if valid else F0
+        # alpha = min(0.99, o e): the clamp passes the gradient where o e <= 0.99
+        dla = dla if (valid & (oe <= AMAX)) else F0
+        ds = -(dla * al)  # dL/dsigma
+        dx = pc[0, q] - mx
+        dy = pc[1, q] - my
+        s0 += -ds * (ca * dx + cb * dy)
+        s1 += -ds * (cc * dy + cb * dx)
+        s2 += ds * (HALF * dx * dx)
+        s3 += ds * (dx * dy)
+        s4 += ds * (HALF * dy * dy)
+        s5 += dla * e
+    for q in range(q0, q1):
+        w = buf[3, q]
+        t0 += w * G[0, q]
+        t1 += w * G[1, q]
+        t2 += w * G[2, q]
+        t3 += w * G[3, q]
+    return s0, s1, s2, s3, s4, s5, t0, t1, t2, t3
 
 
 @njit(cache=True, nogil=True, fastmath=True, error_model="numpy", boundscheck=False)
-def _dots(w, G, q0, q1, out):
-    """out[c] = sum_q w[q] G[c, q] over [q0, q1) (reassociated: vectorised)."""
-    for ci in range(G.shape[0]):
+def _dots(w, G, c0, q0, q1, out):
+    """out[c] = sum_q w[q] G[c, q] over [q0, q1) for c >= c0 (reassociated: vectorised)."""
+    for ci in range(c0, out.shape[0]):
         v = np.float32(0.0)
         for q in range(q0, q1):
             v += w[q] * G[ci, q]
@@ -586,8 +643,8 @@ def forward(means2d, conics, opac, feats, rows, tile_start, gid, width, height, 
                 st[1, q] = F0 if stop else act
                 st[2, q] = kl if con else lv
                 st[3, q] = st[3, q] + _step_err(al) if con else st[3, q]
-                cnt += np.int32(con)
-                nstop += np.int32(stop)
+                cnt = _inc(cnt, con)
+                nstop = _inc(nstop, stop)
             if cnt > 0:
                 for ci in range(C):
                     f = feats[g, ci]
@@ -621,6 +678,8 @@ def backward(means2d, conics, opac, feats, rows, tile_start, gid, width, height,
              exact_exp, t_final, last, g_img, g_alpha, e_mean, e_conic, e_opac, e_feat):
     """Back-to-front per tile; writes per-entry gradients (E,2), (E,3), (E,), (E,C)."""
     C = feats.shape[1]
+    fg4 = np.zeros((feats.shape[0], 4), dtype=np.float32)  # the first four channels, zero-padded
+    fg4[:, :min(C, 4)] = feats[:, :min(C, 4)]
     n_tiles = tile_start.shape[0] - 1
     for t in prange(n_tiles):
         s0 = tile_start[t]
@@ -636,11 +695,9 @@ def backward(means2d, conics, opac, feats, rows, tile_start, gid, width, height,
         # st[0] T (running back from T_final), st[1] Sg = sum over the composited entries behind of
         # w_j (f_j . dL/dout), st[2] T_final (bg . dL/dout) - dL/dalpha T_final, st[3] last entry
         st = np.zeros((4, TP), dtype=np.float32)
-        G = np.zeros((C, TP), dtype=np.float32)
-        buf = np.zeros((4, TP), dtype=np.float32)  # sigma, exp(-sigma), f . g, weight
-        la = np.zeros((6, TP), dtype=np.float32)  # per pixel: d/d mean x, y, conic a, b, c, opacity
+        G = np.zeros((max(C, 4), TP), dtype=np.float32)  # rows >= C stay 0 (see fg4)
+        buf = np.zeros((4, TP), dtype=np.float32)  # sigma, exp(-sigma), f . g of the extra channels, weight
         pc = np.empty((2, TP), dtype=np.float32)
-        sums = np.empty(6, dtype=np.float32)
         fsum = np.empty(C, dtype=np.float32)
         _pixel_centres(pc, x0, y0)
         for q in range(TP):
@@ -690,49 +747,32 @@ def backward(means2d, conics, opac, feats, rows, tile_start, gid, width, height,
                 _block_exp(buf, q0, q1, _cutoff(ca, cb, cc, o))
             elif _block_sigma_exp_bwd(buf, pc, q0, q1, mx, my, ca, cb, cc, o) > 0:
                 _fixup_bwd(buf, q0, q1, o, _cutoff(ca, cb, cc, o))
-            for q in range(q0, q1):
-                buf[2, q] = F0
-            for ci in range(C):
-                f = feats[g, ci]
+            if C > 4:  # the extra channels' part of f . dL/dout (the first four are fused below)
                 for q in range(q0, q1):
-                    buf[2, q] += f * G[ci, q]
-            for q in range(q0, q1):
-                s = buf[0, q]
-                e = buf[1, q]
-                fg = buf[2, q]
-                oe = o * e
-                al = oe if oe < AMAX else AMAX
-                Tn = st[0, q]
-                Sg = st[1, q]
-                valid = (s >= F0) & (al >= AMIN) & (st[3, q] >= kl)
-                om = F1 - al
-                Ti = Tn / om
-                w = al * Ti
-                dla = Ti * fg - (Sg + st[2, q]) / om
-                st[0, q] = Ti if valid else Tn
-                st[1, q] = Sg + w * fg if valid else Sg
-                buf[3, q] = w if valid else F0
-                # alpha = min(0.99, o e): the clamp passes the gradient where o e <= 0.99
-                dla = dla if (valid & (oe <= AMAX)) else F0
-                ds = -(dla * al)  # dL/dsigma
-                dx = pc[0, q] - mx
-                dy = pc[1, q] - my
-                la[0, q] = -ds * (ca * dx + cb * dy)
-                la[1, q] = -ds * (cc * dy + cb * dx)
-                la[2, q] = ds * (HALF * dx * dx)
-                la[3, q] = ds * (dx * dy)
-                la[4, q] = ds * (HALF * dy * dy)
-                la[5, q] = dla * e
-            _sum_rows(la, 6, q0, q1, sums)
-            _dots(buf[3], G, q0, q1, fsum)
-            e_mean[k, 0] = sums[0]
-            e_mean[k, 1] = sums[1]
-            e_conic[k, 0] = sums[2]
-            e_conic[k, 1] = sums[3]
-            e_conic[k, 2] = sums[4]
-            e_opac[k] = sums[5]
-            for ci in range(C):
-                e_feat[k, ci] = fsum[ci]
+                    buf[2, q] = F0
+                for ci in range(4, C):
+                    f = feats[g, ci]
+                    for q in range(q0, q1):
+                        buf[2, q] += f * G[ci, q]
+            r = _bwd_entry(buf, st, G, pc, q0, q1, mx, my, ca, cb, cc, o, kl, fg4[g, 0], fg4[g, 1], fg4[g, 2],
+                           fg4[g, 3])
+            e_mean[k, 0] = r[0]
+            e_mean[k, 1] = r[1]
+            e_conic[k, 0] = r[2]
+            e_conic[k, 1] = r[3]
+            e_conic[k, 2] = r[4]
+            e_opac[k] = r[5]
+            e_feat[k, 0] = r[6]
+            if C > 1:
+                e_feat[k, 1] = r[7]
+            if C > 2:
+                e_feat[k, 2] = r[8]
+            if C > 3:
+                e_feat[k, 3] = r[9]
+            if C > 4:
+                _dots(buf[3], G, 4, q0, q1, fsum)
+                for ci in range(4, C):
+                    e_feat[k, ci] = fsum[ci]
     return 0
 
 
