@@ -307,8 +307,9 @@ def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt):
     """Entries grouped by tile, in depth order within each tile (chunk ch of ``order`` fills a
     consecutive range of each tile after the chunks before it; cnt (nchunks, T) from cull_entries).
     Returns tile_start (T+1,), gid (E,) Gaussian of each entry, erow (E, 2) its absolute pixel rows,
-    slot (E,) such that the entries of Gaussian g are slot[goff[g]:goff[g+1]] (for the per-Gaussian
-    reduction)."""
+    gpos (E,): where entry k's per-entry results go in Gaussian-major order (Gaussian g's entries at
+    goff[g]..goff[g+1]-1), so the kernels scatter each entry's results once and the per-Gaussian
+    reductions read contiguous memory instead of gathering."""
     M = order.shape[0]
     N = count.shape[0]
     nchunks, n_tiles = cnt.shape
@@ -325,7 +326,7 @@ def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt):
     tile_start[n_tiles] = run
     gid = np.empty(E, dtype=np.int32)
     erow = np.empty((E, 2), dtype=np.int32)
-    slot = np.empty(E, dtype=np.int32)
+    gpos = np.empty(E, dtype=np.int32)
     for ch in prange(nchunks):
         for i in range(ch * csize, min(M, (ch + 1) * csize)):
             g = order[i]
@@ -339,8 +340,8 @@ def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt):
                 gid[k] = g
                 erow[k, 0] = ent_row[j, 0]
                 erow[k, 1] = ent_row[j, 1]
-                slot[go + jj] = k
-    return tile_start, gid, erow, slot
+                gpos[k] = go + jj
+    return tile_start, gid, erow, gpos
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,12 +572,12 @@ def _pixel_centres(pc, x0, y0):
 
 
 @njit(parallel=True, **_opts)
-def forward(means2d, conics, opac, feats, rows, tile_start, gid, width, height, TX, background, has_bg,
+def forward(means2d, conics, opac, feats, rows, tile_start, gid, gpos, width, height, TX, background, has_bg,
             exact_exp, img, alpha_img, t_final, last, ent_count):
     """Front-to-back compositing per tile (rows (E, 2): each entry's absolute pixel rows). Writes
     img (H*W, C), alpha_img (H*W), t_final (H*W),
     last (H*W; the last composited entry of each pixel, -1 if none), ent_count (E; pixels each entry
-    was composited into; must come zeroed)."""
+    was composited into, at gpos[entry]; must come zeroed)."""
     C = feats.shape[1]
     n_tiles = tile_start.shape[0] - 1
     for t in prange(n_tiles):
@@ -650,7 +651,7 @@ def forward(means2d, conics, opac, feats, rows, tile_start, gid, width, height, 
                     f = feats[g, ci]
                     for q in range(q0, q1):
                         acc[ci, q] += buf[2, q] * f
-            ent_count[k] = cnt
+            ent_count[gpos[k]] = cnt
             n_act -= nstop
         for r in range(th):
             for j in range(tw):
@@ -674,9 +675,10 @@ def forward(means2d, conics, opac, feats, rows, tile_start, gid, width, height, 
 
 
 @njit(parallel=True, **_opts)
-def backward(means2d, conics, opac, feats, rows, tile_start, gid, width, height, TX, background, has_bg,
-             exact_exp, t_final, last, g_img, g_alpha, e_mean, e_conic, e_opac, e_feat):
-    """Back-to-front per tile; writes per-entry gradients (E,2), (E,3), (E,), (E,C)."""
+def backward(means2d, conics, opac, feats, rows, tile_start, gid, gpos, width, height, TX, background, has_bg,
+             exact_exp, t_final, last, g_img, g_alpha, eg):
+    """Back-to-front per tile; writes each entry's gradients to eg[gpos[entry]] (E, 6 + C): mean x,
+    y, conic a, b, c, opacity, then the C channels."""
     C = feats.shape[1]
     fg4 = np.zeros((feats.shape[0], 4), dtype=np.float32)  # the first four channels, zero-padded
     fg4[:, :min(C, 4)] = feats[:, :min(C, 4)]
@@ -721,14 +723,9 @@ def backward(means2d, conics, opac, feats, rows, tile_start, gid, width, height,
                 st[2, q] = Tf * dot - g_alpha[pix] * Tf
         # entries behind every pixel's last composited one get zero gradients
         for k in range(max(kmax + 1, s0), s1):
-            e_mean[k, 0] = F0
-            e_mean[k, 1] = F0
-            e_conic[k, 0] = F0
-            e_conic[k, 1] = F0
-            e_conic[k, 2] = F0
-            e_opac[k] = F0
-            for ci in range(C):
-                e_feat[k, ci] = F0
+            p = gpos[k]
+            for j in range(6 + C):
+                eg[p, j] = F0
         for k in range(kmax, s0 - 1, -1):
             g = gid[k]
             kl = np.float32(k - s0)
@@ -756,31 +753,32 @@ def backward(means2d, conics, opac, feats, rows, tile_start, gid, width, height,
                         buf[2, q] += f * G[ci, q]
             r = _bwd_entry(buf, st, G, pc, q0, q1, mx, my, ca, cb, cc, o, kl, fg4[g, 0], fg4[g, 1], fg4[g, 2],
                            fg4[g, 3])
-            e_mean[k, 0] = r[0]
-            e_mean[k, 1] = r[1]
-            e_conic[k, 0] = r[2]
-            e_conic[k, 1] = r[3]
-            e_conic[k, 2] = r[4]
-            e_opac[k] = r[5]
-            e_feat[k, 0] = r[6]
+            p = gpos[k]
+            eg[p, 0] = r[0]
+            eg[p, 1] = r[1]
+            eg[p, 2] = r[2]
+            eg[p, 3] = r[3]
+            eg[p, 4] = r[4]
+            eg[p, 5] = r[5]
+            eg[p, 6] = r[6]
             if C > 1:
-                e_feat[k, 1] = r[7]
+                eg[p, 7] = r[7]
             if C > 2:
-                e_feat[k, 2] = r[8]
+                eg[p, 8] = r[8]
             if C > 3:
-                e_feat[k, 3] = r[9]
+                eg[p, 9] = r[9]
             if C > 4:
                 _dots(buf[3], G, 4, q0, q1, fsum)
                 for ci in range(4, C):
-                    e_feat[k, ci] = fsum[ci]
+                    eg[p, 6 + ci] = fsum[ci]
     return 0
 
 
 @njit(parallel=True, **_opts)
-def reduce_grads(goff, slot, e_mean, e_conic, e_opac, e_feat, g_mean, g_conic, g_opac, g_feat):
-    """Sum the entries of each Gaussian (float64 accumulation)."""
+def reduce_grads(goff, eg, g_mean, g_conic, g_opac, g_feat):
+    """Sum each Gaussian's entries (contiguous rows goff[g]..goff[g+1]-1 of eg; float64 accumulation)."""
     N = goff.shape[0] - 1
-    C = e_feat.shape[1]
+    C = g_feat.shape[1]
     for g in prange(N):
         m0 = 0.0
         m1 = 0.0
@@ -791,15 +789,14 @@ def reduce_grads(goff, slot, e_mean, e_conic, e_opac, e_feat, g_mean, g_conic, g
         for ci in range(C):
             g_feat[g, ci] = F0
         for i in range(goff[g], goff[g + 1]):
-            k = slot[i]
-            m0 += e_mean[k, 0]
-            m1 += e_mean[k, 1]
-            q0 += e_conic[k, 0]
-            q1 += e_conic[k, 1]
-            q2 += e_conic[k, 2]
-            op += e_opac[k]
+            m0 += eg[i, 0]
+            m1 += eg[i, 1]
+            q0 += eg[i, 2]
+            q1 += eg[i, 3]
+            q2 += eg[i, 4]
+            op += eg[i, 5]
             for ci in range(C):
-                g_feat[g, ci] += e_feat[k, ci]
+                g_feat[g, ci] += eg[i, 6 + ci]
         g_mean[g, 0] = m0
         g_mean[g, 1] = m1
         g_conic[g, 0] = q0
@@ -810,12 +807,12 @@ def reduce_grads(goff, slot, e_mean, e_conic, e_opac, e_feat, g_mean, g_conic, g
 
 
 @njit(parallel=True, **_opts)
-def reduce_counts(goff, slot, ent_count, n_pixels):
+def reduce_counts(goff, ent_count, n_pixels):
     N = goff.shape[0] - 1
     for g in prange(N):
         s = 0
         for i in range(goff[g], goff[g + 1]):
-            s += ent_count[slot[i]]
+            s += ent_count[i]
         n_pixels[g] = s
     return 0
 

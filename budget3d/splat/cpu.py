@@ -69,7 +69,7 @@ def _depth_keys(depths: np.ndarray) -> np.ndarray:
 
 
 class _Binning:
-    __slots__ = ("rows", "goff", "tile_start", "gid", "slot", "TX", "n_entries")
+    __slots__ = ("rows", "goff", "tile_start", "gid", "gpos", "TX", "n_entries")
 
 
 def _bin(m2d, con, op, dep, rad, width, height, nthreads):
@@ -94,11 +94,11 @@ def _bin(m2d, con, op, dep, rad, width, height, nthreads):
     K.cull_entries(m2d, con, op, rect, grows, order, ub_off, TX, nchunks, ent_tile, ent_row, count, cnt)
     goff = np.zeros(N + 1, dtype=np.int64)
     np.cumsum(count, out=goff[1:])
-    tile_start, gid, erow, slot = K.bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt)
+    tile_start, gid, erow, gpos = K.bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt)
     if len(tile_start) > 1 and int(np.diff(tile_start).max()) >= 2**24:
         raise ValueError("cpu rasterizer: more than 2^24 Gaussians overlap one 16x16 tile")
     b = _Binning()
-    b.rows, b.goff, b.tile_start, b.gid, b.slot, b.TX = erow, goff, tile_start, gid, slot, TX
+    b.rows, b.goff, b.tile_start, b.gid, b.gpos, b.TX = erow, goff, tile_start, gid, gpos, TX
     b.n_entries = int(goff[N])
     return b
 
@@ -138,10 +138,10 @@ class _RasterizeCPU(torch.autograd.Function):
         t_final = np.empty(HW, dtype=np.float32)
         last = np.empty(HW, dtype=np.int64)
         ent_count = np.zeros(b.n_entries, dtype=np.int64)
-        K.forward(m2d, con, op, feat, b.rows, b.tile_start, b.gid, width, height, b.TX, bg, has_bg, bool(exact_exp),
+        K.forward(m2d, con, op, feat, b.rows, b.tile_start, b.gid, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp),
                   img, alpha, t_final, last, ent_count)
         n_pixels = np.empty(N, dtype=np.int64)
-        K.reduce_counts(b.goff, b.slot, ent_count, n_pixels)
+        K.reduce_counts(b.goff, ent_count, n_pixels)
         ctx.saved = (m2d, con, op, feat, bg, has_bg, b, t_final, last, width, height)
         ctx.dtypes = (means2d.dtype, conics.dtype, opacities.dtype, features.dtype)
         dt = features.dtype
@@ -167,17 +167,14 @@ class _RasterizeCPU(torch.autograd.Function):
         ga = (np.zeros(HW, dtype=np.float32) if g_alpha is None
               else _np32(g_alpha.reshape(HW)))
         E = b.n_entries
-        e_mean = np.empty((E, 2), dtype=np.float32)
-        e_conic = np.empty((E, 3), dtype=np.float32)
-        e_opac = np.empty(E, dtype=np.float32)
-        e_feat = np.empty((E, C), dtype=np.float32)
-        K.backward(m2d, con, op, feat, b.rows, b.tile_start, b.gid, width, height, b.TX, bg, has_bg, bool(exact_exp),
-                   t_final, last, gi, ga, e_mean, e_conic, e_opac, e_feat)
+        eg = np.empty((E, 6 + C), dtype=np.float32)
+        K.backward(m2d, con, op, feat, b.rows, b.tile_start, b.gid, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp),
+                   t_final, last, gi, ga, eg)
         g_mean = np.empty((N, 2), dtype=np.float32)
         g_conic = np.empty((N, 3), dtype=np.float32)
         g_opac = np.empty(N, dtype=np.float32)
         g_feat = np.empty((N, C), dtype=np.float32)
-        K.reduce_grads(b.goff, b.slot, e_mean, e_conic, e_opac, e_feat, g_mean, g_conic, g_opac, g_feat)
+        K.reduce_grads(b.goff, eg, g_mean, g_conic, g_opac, g_feat)
         dm, dc, do, df = ctx.dtypes
         return (torch.from_numpy(g_mean).to(dm), torch.from_numpy(g_conic).to(dc),
                 torch.from_numpy(g_opac).to(do), torch.from_numpy(g_feat).to(df),
