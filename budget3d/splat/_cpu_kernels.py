@@ -6,8 +6,9 @@ pixel rows the ellipse reaches there; the visible Gaussians are sorted once by (
 sort) and bucketed into tiles in that order, so each tile's entries come out in the compositing
 order of rasterize_torch without per-tile sorts. The forward walks each tile's entries front to back
 and, per entry, only its pixel rows, with a branch-free loop over the 16 pixels of a row (it
-vectorises). The backward walks each tile back to front and writes gradients per entry (no two
-threads write the same memory); a final kernel reduces the entries of each Gaussian.
+vectorises). The backward walks each tile back to front, one fused loop per entry with the gradient
+sums kept in registers, and writes them per entry (no two threads write the same memory) to the
+entry's row in Gaussian-major order; a final kernel sums each Gaussian's contiguous rows.
 
 Projection and SH colour (``project_sh_fwd`` / ``project_sh_bwd``) are per-Gaussian kernels with a
 hand-written backward, following project.project / project.sh_to_rgb.
