@@ -175,7 +175,7 @@ def _refuse_overwrite(out: Path) -> None:
 
 def _print_summary(m: dict, run: Path) -> None:
     fmt = lambda v, nd=2: "n/a" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lp = fmt(m.get("lpips"), 4) if m.get("lpips") is not None else f"absent ({m.get('lpips_status', 'n/a')})"
+    lp = fmt(m.get("lpips"), 4) if m.get("lpips") is not None else m.get("lpips_status", "absent")
     print(f"run folder:   {run}")
     print(f"test PSNR:    {fmt(m.get('psnr'))} dB   SSIM: {fmt(m.get('ssim'), 4)}   LPIPS: {lp}   "
           f"({m.get('n_test_views', 0)} test views)")
