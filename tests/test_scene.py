@@ -672,7 +672,53 @@ def test_lego_loads():
     assert img.shape == (800, 800, 3) and tuple(img[0, 0]) == (255, 255, 255)
     u, v, z = project(cam, (0, 0, 0))  # lego cameras look at the origin
     assert z > 0 and abs(u - 400) < 40 and abs(v - 400) < 40
+    centre, half = scene.look_at()  # the random init's region: at the origin, 3DGS's 1.3-unit half-size
+    assert np.linalg.norm(centre) < 0.05 and 1.2 < half < 1.5
 
 
 def test_public_types():
     assert Scene.__name__ == "Scene" and View.__name__ == "View"
+
+
+def _looking_at(target, centres, up=(0.0, 0.0, 1.0)):
+    """Views whose OpenCV cameras sit at ``centres`` and look at ``target``."""
+    views = []
+    for i, c in enumerate(np.asarray(centres, dtype=np.float64)):
+        z = np.asarray(target, dtype=np.float64) - c
+        z /= np.linalg.norm(z)
+        x = np.cross(z, up)
+        x = x / np.linalg.norm(x) if np.linalg.norm(x) > 1e-9 else np.array([1.0, 0.0, 0.0])
+        y = np.cross(z, x)
+        w2c = np.eye(4)
+        w2c[:3, :3] = np.stack([x, y, z])
+        w2c[:3, 3] = -w2c[:3, :3] @ c
+        views.append(View(f"v{i}", Camera(50.0, 50.0, 32.0, 32.0, 64, 64, w2c), lambda: np.zeros((64, 64, 3), np.uint8)))
+    return views
+
+
+def test_look_at_finds_what_hemisphere_cameras_look_at():
+    """Cameras on an upper hemisphere around (1, 2, 0.5): their mean centre is far above it, the
+    least-squares point nearest their axes is it; half-size = a third of their distance."""
+    g = np.random.default_rng(0)
+    target = np.array([1.0, 2.0, 0.5])
+    d = g.normal(size=(40, 3))
+    d[:, 2] = np.abs(d[:, 2]) + 0.2
+    centres = target + 4.0 * d / np.linalg.norm(d, axis=1, keepdims=True)
+    scene = Scene("blender", "x", _looking_at(target, centres), [])
+    centre, half = scene.look_at()
+    assert np.linalg.norm(centre - target) < 1e-6 and half == pytest.approx(4.0 / 3.0)
+    assert np.linalg.norm(centres.mean(0) - target) > 1.5  # what the old init used
+
+
+def test_look_at_forward_facing_goes_in_front_of_the_cameras():
+    """Parallel axes (a forward-facing capture): no nearest point, so the mean centre moved along
+    the axis by the middle of the near/far bounds."""
+    centres = np.array([[x, y, 0.0] for x in (-0.2, 0.0, 0.2) for y in (-0.1, 0.1)])
+    views = _looking_at((0.0, 0.0, 1.0), centres, up=(0.0, 1.0, 0.0))
+    for v, c in zip(views, centres):  # make the axes exactly parallel (+z)
+        w2c = np.eye(4)
+        w2c[:3, 3] = -c
+        v.camera.world_to_camera = w2c
+    scene = Scene("llff", "x", views, [], near_far=(2.0, 6.0))
+    centre, half = scene.look_at()
+    assert np.allclose(centre, [0.0, 0.0, 4.0]) and half == pytest.approx(4.0 / 3.0)

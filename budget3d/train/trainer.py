@@ -254,9 +254,8 @@ def _init_params(cfg: TrainConfig, scene) -> dict:
 
     if scene.points is not None and len(scene.points) > 0:
         return init_from_points(scene.points, scene.colors, cfg.sh_degree, opacity=cfg.init_opacity)
-    centers = np.stack([v.camera.center for v in scene.train])
-    radius = scene.camera_extent() / 3.0
-    return random_init(cfg.init_points, centers.mean(0), radius, cfg.sh_degree, seed=cfg.seed)
+    center, half_size = scene.look_at()
+    return random_init(cfg.init_points, center, half_size, cfg.sh_degree, seed=cfg.seed)
 
 
 def _make_optimizers(cfg: TrainConfig, params: dict, extent: float) -> dict:
