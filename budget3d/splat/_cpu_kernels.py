@@ -59,7 +59,7 @@ C5 = np.float32(1.0 / 120.0)
 C6 = np.float32(1.0 / 720.0)
 C7 = np.float32(1.0 / 5040.0)
 P32 = np.float32(2.0**-32)
-# Fix-up windows of the polynomial exp (measured: within 1.2e-7 relative of libm's expf on [0, 30]).
+# Fix-up windows of the polynomial exp (measured: within 1.2e-7 relative of libm's expf on [0, 30], 30M points).
 # DX bounds the relative difference of o*exp(-sigma) between the two exps (16x margin); a lane whose
 # o*exp is within DX (relative) of 1/255 or 0.99 is recomputed with libm. For the T <= 1e-4 test each
 # pixel carries a bound on the relative difference between its T and the libm path's T: one
@@ -101,6 +101,19 @@ def _sel(typingctx, c, a, b):
     return sig, codegen
 
 
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c with one rounding (llvm.fma: vfmadd on FMA3 machines, vectorises)."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+    sig = a(a, b, c)
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return sig, codegen
+
+
 @njit(inline="always", **_opts)
 def _fast_exp_neg(s):
     """exp(-s), branch free so that it vectorises; s < 0 gives exp(0) (those pairs are skipped).
@@ -110,8 +123,8 @@ def _fast_exp_neg(s):
     s = s if s < SMAX else SMAX
     ki = np.int32(s * LOG2E + HALF)  # round(s / ln2), s >= 0
     k = np.float32(ki)
-    r = (k * LN2HI - s) + k * LN2LO  # -s + k ln2, |r| <= ln2/2
-    p = F1 + r * (F1 + r * (C2 + r * (C3 + r * (C4 + r * (C5 + r * (C6 + r * C7))))))
+    r = _fma(k, LN2LO, k * LN2HI - s)  # -s + k ln2, |r| <= ln2/2 (k * LN2HI is exact)
+    p = _fma(r, _fma(r, _fma(r, _fma(r, _fma(r, _fma(r, _fma(r, C7, C6), C5), C4), C3), C2), F1), F1)
     return p * _i32_as_f32((np.int32(127) - ki) << np.int32(23))  # p * 2^-k, 0 <= k <= 44
 
 
