@@ -80,7 +80,7 @@ def _bin(m2d, con, op, dep, rad, width, height, nthreads):
     grows = np.empty((N, 4), dtype=np.int32)
     count = np.empty(N, dtype=np.int64)
     TX = K.prepare(m2d, con, op, rad, width, height, rect, grows, count)
-    TY = (height + K.TS - 1) // K.TS
+    TY = (height + K.TH - 1) // K.TH
     order = K.depth_order(_depth_keys(dep), count)  # visible Gaussians by (depth, index)
     ub_off = np.zeros(len(order) + 1, dtype=np.int64)
     np.cumsum(count[order], out=ub_off[1:])
@@ -96,7 +96,7 @@ def _bin(m2d, con, op, dep, rad, width, height, nthreads):
     np.cumsum(count, out=goff[1:])
     tile_start, gid, erow, gpos = K.bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt)
     if len(tile_start) > 1 and int(np.diff(tile_start).max()) >= 2**24:
-        raise ValueError("cpu rasterizer: more than 2^24 Gaussians overlap one 16x16 tile")
+        raise ValueError("cpu rasterizer: more than 2^24 Gaussians overlap one tile")
     b = _Binning()
     b.rows, b.goff, b.tile_start, b.gid, b.gpos, b.TX = erow, goff, tile_start, gid, gpos, TX
     b.n_entries = int(goff[N])
@@ -105,13 +105,13 @@ def _bin(m2d, con, op, dep, rad, width, height, nthreads):
 
 def binning_stats(means2d, conics, opacities, depths, radii, width, height) -> dict:
     """Work counts of one render (for benchmarks): visible Gaussians, (Gaussian, tile) entries and
-    pixel lanes evaluated (16 per tile row an entry visits)."""
+    pixel lanes evaluated (K.TW per tile row an entry visits)."""
     N = means2d.shape[0]
     with _LOCK:
         b = _bin(_np32(means2d), _np32(conics), _np32(opacities).reshape(N), _np32(depths).reshape(N),
                  np.ascontiguousarray(radii.detach().to(torch.int32).numpy()).reshape(N, 2), int(width),
                  int(height), _threads())
-    lanes = int((b.rows[:, 1] - b.rows[:, 0] + 1).sum()) * K.TS
+    lanes = int((b.rows[:, 1] - b.rows[:, 0] + 1).sum()) * K.TW
     return {"visible": int((b.goff[1:] > b.goff[:-1]).sum()), "entries": b.n_entries, "lanes": lanes}
 
 
@@ -138,11 +138,13 @@ class _RasterizeCPU(torch.autograd.Function):
         t_final = np.empty(HW, dtype=np.float32)
         last = np.empty(HW, dtype=np.int64)
         ent_count = np.zeros(b.n_entries, dtype=np.int64)
-        K.forward(m2d, con, op, feat, b.rows, b.tile_start, b.gid, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp),
-                  img, alpha, t_final, last, ent_count)
+        ep = np.empty((b.n_entries, 6 + max(C, 4)), dtype=np.float32)
+        K.pack_entries(b.gid, m2d, con, op, feat, ep)
+        K.forward(ep, b.rows, b.tile_start, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), img, alpha, t_final,
+                  last, ent_count)
         n_pixels = np.empty(N, dtype=np.int64)
         K.reduce_counts(b.goff, ent_count, n_pixels)
-        ctx.saved = (m2d, con, op, feat, bg, has_bg, b, t_final, last, width, height)
+        ctx.saved = (ep, N, C, bg, has_bg, b, t_final, last, width, height)
         ctx.dtypes = (means2d.dtype, conics.dtype, opacities.dtype, features.dtype)
         dt = features.dtype
         out_img = torch.from_numpy(img).reshape(height, width, C).to(dt)
@@ -158,9 +160,8 @@ class _RasterizeCPU(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_img, g_alpha):
-        m2d, con, op, feat, bg, has_bg, b, t_final, last, width, height = ctx.saved
+        ep, N, C, bg, has_bg, b, t_final, last, width, height = ctx.saved
         _threads()
-        N, C = feat.shape
         HW = width * height
         gi = (np.zeros((HW, C), dtype=np.float32) if g_img is None
               else _np32(g_img.reshape(HW, C)))
@@ -168,8 +169,8 @@ class _RasterizeCPU(torch.autograd.Function):
               else _np32(g_alpha.reshape(HW)))
         E = b.n_entries
         eg = np.empty((E, 6 + C), dtype=np.float32)
-        K.backward(m2d, con, op, feat, b.rows, b.tile_start, b.gid, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp),
-                   t_final, last, gi, ga, eg)
+        K.backward(ep, b.rows, b.tile_start, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), t_final, last, gi,
+                   ga, eg)
         g_mean = np.empty((N, 2), dtype=np.float32)
         g_conic = np.empty((N, 3), dtype=np.float32)
         g_opac = np.empty(N, dtype=np.float32)
