@@ -117,6 +117,22 @@ def _fma(typingctx, a, b, c):
     return sig, codegen
 
 
+@intrinsic
+def _radd(typingctx, a, b):
+    """a + b marked reassociable (and sign of zero insignificant): a running sum of these in a loop
+    vectorises as a reduction, while the rest of the function keeps strict IEEE order."""
+    if not (isinstance(a, types.Float) and a == b):
+        return None
+    sig = a(a, b)
+
+    def codegen(context, builder, signature, args):
+        v = builder.fadd(args[0], args[1])
+        v.flags.extend(["reassoc", "nsz"])
+        return v
+
+    return sig, codegen
+
+
 @njit(inline="always", **_opts)
 def _fast_exp_neg(s):
     """exp(-s), branch free so that it vectorises; s < 0 gives exp(0) (those pairs are skipped).
@@ -523,17 +539,13 @@ def _fixup_bwd(buf, q0, q1, o, Lf):
     return 0
 
 
-# reassociation (vectorised sums) and contraction, but no finite-math or NaN assumptions: the
-# decisions (which lanes are valid) come from the exact forward-compatible arithmetic before it
-_fm = dict(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"}, error_model="numpy", boundscheck=False)
-
-
-@njit(**_fm)
+@njit(inline="always", **_opts)
 def _bwd_entry(buf, st, G, pc, q0, q1, mx, my, ca, cb, cc, o, kl, f0, f1, f2, f3):
     """One entry's backward on its block (back to front): recovers T before it, updates the running
     sums, and returns its gradient sums (mean x, y, conic a, b, c, opacity, channels 0..3). One fused
-    loop with the reductions in registers (its own function: the reassociation flags are per
-    function). buf[2] holds the extra channels' f . dL/dout (0 without extra channels); buf[3] gets
+    loop with the reductions in registers: only the sums are reassociable (_radd), so they vectorise
+    while the decisions keep the forward's exact arithmetic; inlined (as a call, with its ~50
+    arguments and set-up, it cost ~130 ns per entry). buf[2] holds the extra channels' f . dL/dout (0 without extra channels); buf[3] gets
     the weights. The channel sums are a second loop: in the first, they made LLVM spill registers."""
     s0 = F0
     s1 = F0
@@ -548,7 +560,7 @@ def _bwd_entry(buf, st, G, pc, q0, q1, mx, my, ca, cb, cc, o, kl, f0, f1, f2, f3
     for q in range(q0, q1):
         s = buf[0, q]
         e = buf[1, q]
-        fg = (f0 * G[0, q] + f1 * G[1, q]) + (f2 * G[2, q] + f3 * G[3, q]) + buf[2, q]
+        fg = _fma(f0, G[0, q], _fma(f1, G[1, q], _fma(f2, G[2, q], _fma(f3, G[3, q], buf[2, q]))))
         oe = o * e
         al = oe if oe < AMAX else AMAX
         Tn = st[0, q]
@@ -560,25 +572,25 @@ def _bwd_entry(buf, st, G, pc, q0, q1, mx, my, ca, cb, cc, o, kl, f0, f1, f2, f3
         w = al * Ti
         dla = Ti * fg - (Sg + st[2, q]) / om
         st[0, q] = Ti
-        st[1, q] = Sg + _sel(valid, w * fg, F0)
+        st[1, q] = _fma(_sel(valid, w, F0), fg, Sg)
         buf[3, q] = _sel(valid, w, F0)
         # alpha = min(0.99, o e): the clamp passes the gradient where o e <= 0.99
         dla = dla if (valid & (oe <= AMAX)) else F0
         ds = -(dla * al)  # dL/dsigma
         dx = pc[0, q] - mx
         dy = pc[1, q] - my
-        s0 += -ds * (ca * dx + cb * dy)
-        s1 += -ds * (cc * dy + cb * dx)
-        s2 += ds * (HALF * dx * dx)
-        s3 += ds * (dx * dy)
-        s4 += ds * (HALF * dy * dy)
-        s5 += dla * e
+        s0 = _radd(s0, -ds * _fma(ca, dx, cb * dy))
+        s1 = _radd(s1, -ds * _fma(cc, dy, cb * dx))
+        s2 = _radd(s2, ds * (HALF * dx * dx))
+        s3 = _radd(s3, ds * (dx * dy))
+        s4 = _radd(s4, ds * (HALF * dy * dy))
+        s5 = _radd(s5, dla * e)
     for q in range(q0, q1):
         w = buf[3, q]
-        t0 += w * G[0, q]
-        t1 += w * G[1, q]
-        t2 += w * G[2, q]
-        t3 += w * G[3, q]
+        t0 = _radd(t0, w * G[0, q])
+        t1 = _radd(t1, w * G[1, q])
+        t2 = _radd(t2, w * G[2, q])
+        t3 = _radd(t3, w * G[3, q])
     return s0, s1, s2, s3, s4, s5, t0, t1, t2, t3
 
 
