@@ -243,7 +243,7 @@ def cull_entries(means2d, conics, opac, rect, rows, order, ub_off, TX, nchunks, 
     """The tiles of each Gaussian's rectangle that its alpha >= 1/255 ellipse really reaches, and per
     such entry the tile's pixel rows [ra, rb] (absolute) on which the ellipse meets the tile's
     columns. Gaussians are visited in ``order`` (visible ones by depth; ``nchunks`` chunks in
-    parallel); the i-th one's entries are written at ub_off[i] (rectangle order), count[g] = the
+    parallel); the i-th one's entries are written at ub_off[i] (by tile column, then row; the ellipse's row span is computed once per tile column), count[g] = the
     number kept, cnt[ch, t] += the entries chunk ch puts in tile t.
 
     The ellipse 0.5 (a dx^2 + c dy^2) + b dx dy <= L cut to the vertical strip of the tile's column
@@ -281,23 +281,23 @@ def cull_entries(means2d, conics, opac, rect, rows, order, ub_off, TX, nchunks, 
                 c1 = rows[g, 3]
                 base = ub_off[i]
                 single_col = rect[g, 1] - rect[g, 0] == 1
-                for ty in range(rect[g, 2], rect[g, 3]):
-                    ya = max(r0, ty * TH)
-                    yb = min(r1, ty * TH + TH - 1)
-                    for tx in range(rect[g, 0], rect[g, 1]):
-                        ra = ya
-                        rb = yb
-                        if good and not single_col:
-                            ua = np.float64(max(c0, tx * TW)) + 0.5 - 4e-3 - mx
-                            ub = np.float64(min(c1, tx * TW + TW - 1)) + 0.5 + 4e-3 - mx
-                            ua = max(ua, -hx)
-                            ub = min(ub, hx)
-                            if ua > ub:
-                                continue
-                            dhi = _branch(min(max(u_top, ua), ub), b, c, det, L2c, 1.0)
-                            dlo = _branch(min(max(-u_top, ua), ub), b, c, det, L2c, -1.0)
-                            ra = max(ra, np.int64(math.ceil(my + dlo - 4e-3 - 0.5)))
-                            rb = min(rb, np.int64(math.floor(my + dhi + 4e-3 - 0.5)))
+                for tx in range(rect[g, 0], rect[g, 1]):
+                    ea = r0  # the ellipse's rows over this tile column
+                    eb = r1
+                    if good and not single_col:
+                        ua = np.float64(max(c0, tx * TW)) + 0.5 - 4e-3 - mx
+                        ub = np.float64(min(c1, tx * TW + TW - 1)) + 0.5 + 4e-3 - mx
+                        ua = max(ua, -hx)
+                        ub = min(ub, hx)
+                        if ua > ub:
+                            continue
+                        dhi = _branch(min(max(u_top, ua), ub), b, c, det, L2c, 1.0)
+                        dlo = _branch(min(max(-u_top, ua), ub), b, c, det, L2c, -1.0)
+                        ea = max(ea, np.int64(math.ceil(my + dlo - 4e-3 - 0.5)))
+                        eb = min(eb, np.int64(math.floor(my + dhi + 4e-3 - 0.5)))
+                    for ty in range(max(rect[g, 2], ea // TH), min(rect[g, 3], eb // TH + 1)):
+                        ra = max(ea, ty * TH)
+                        rb = min(eb, ty * TH + TH - 1)
                         if ra <= rb:
                             t = ty * TX + tx
                             ent_tile[base + n] = t
@@ -351,15 +351,19 @@ def depth_order(dkey, count):
 
 
 @njit(parallel=True, **_opts)
-def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt):
+def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt, means2d, conics, opac, feats, ep):
     """Entries grouped by tile, in depth order within each tile (chunk ch of ``order`` fills a
     consecutive range of each tile after the chunks before it; cnt (nchunks, T) from cull_entries).
     Returns tile_start (T+1,), gid (E,) Gaussian of each entry, erow (E, 2) its absolute pixel rows,
     gpos (E,): where entry k's per-entry results go in Gaussian-major order (Gaussian g's entries at
     goff[g]..goff[g+1]-1), so the kernels scatter each entry's results once and the per-Gaussian
-    reductions read contiguous memory instead of gathering."""
+    reductions read contiguous memory instead of gathering. Also fills ep (E, 6 + max(C, 4)): entry k's
+    Gaussian's mean x, y, conic a, b, c, opacity and channels (zero-padded to 4), so that the raster
+    kernels read each entry's parameters sequentially instead of gathering them (random Gaussians per
+    entry: the cache misses had cost ~20% of the raster time)."""
     M = order.shape[0]
     N = count.shape[0]
+    C = feats.shape[1]
     nchunks, n_tiles = cnt.shape
     E = goff[N]
     csize = (M + nchunks - 1) // nchunks
@@ -380,6 +384,12 @@ def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt):
             g = order[i]
             b = ub_off[i]
             go = goff[g]
+            mx = means2d[g, 0]
+            my = means2d[g, 1]
+            ca = conics[g, 0]
+            cb = conics[g, 1]
+            cc = conics[g, 2]
+            o = opac[g]
             for jj in range(count[g]):
                 j = b + jj
                 t = ent_tile[j]
@@ -389,6 +399,16 @@ def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt):
                 erow[k, 0] = ent_row[j, 0]
                 erow[k, 1] = ent_row[j, 1]
                 gpos[k] = go + jj
+                ep[k, 0] = mx
+                ep[k, 1] = my
+                ep[k, 2] = ca
+                ep[k, 3] = cb
+                ep[k, 4] = cc
+                ep[k, 5] = o
+                for ci in range(C):
+                    ep[k, 6 + ci] = feats[g, ci]
+                for ci in range(C, ep.shape[1] - 6):
+                    ep[k, 6 + ci] = F0
     return tile_start, gid, erow, gpos
 
 
@@ -611,27 +631,6 @@ def _pixel_centres(pc, x0, y0):
         pc[1, q] = np.float32(y0 + (q // TW)) + HALF
 
 
-@njit(parallel=True, **_opts)
-def pack_entries(gid, means2d, conics, opac, feats, ep):
-    """ep[k] = (mean x, y, conic a, b, c, opacity, channels; zero-padded to 4 channels) of entry k's
-    Gaussian: the raster kernels then read each entry's parameters sequentially instead of gathering
-    them from four arrays (random Gaussians per entry: cache misses cost ~20% of the raster time)."""
-    C = feats.shape[1]
-    for k in prange(gid.shape[0]):
-        g = gid[k]
-        ep[k, 0] = means2d[g, 0]
-        ep[k, 1] = means2d[g, 1]
-        ep[k, 2] = conics[g, 0]
-        ep[k, 3] = conics[g, 1]
-        ep[k, 4] = conics[g, 2]
-        ep[k, 5] = opac[g]
-        for ci in range(C):
-            ep[k, 6 + ci] = feats[g, ci]
-        for ci in range(C, ep.shape[1] - 6):
-            ep[k, 6 + ci] = F0
-    return 0
-
-
 # ----------------------------------------------------------------------------------------------
 # forward
 
@@ -639,7 +638,7 @@ def pack_entries(gid, means2d, conics, opac, feats, ep):
 @njit(parallel=True, **_opts)
 def forward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, img, alpha_img, t_final,
             last, ent_count):
-    """Front-to-back compositing per tile (ep: each entry's parameters, see pack_entries; rows (E, 2):
+    """Front-to-back compositing per tile (ep: each entry's parameters, see bucket; rows (E, 2):
     its absolute pixel rows). Writes
     img (H*W, C), alpha_img (H*W), t_final (H*W),
     last (H*W; the last composited entry of each pixel, -1 if none), ent_count (E; pixels each entry
@@ -741,7 +740,7 @@ def forward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, e
 @njit(parallel=True, **_opts)
 def backward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, t_final, last, g_img,
              g_alpha, eg):
-    """Back-to-front per tile (ep from pack_entries, at least 4 channels wide); writes each entry's gradients to eg[gpos[entry]] (E, 6 + C): mean x,
+    """Back-to-front per tile (ep from bucket, at least 4 channels wide); writes each entry's gradients to eg[gpos[entry]] (E, 6 + C): mean x,
     y, conic a, b, c, opacity, then the C channels."""
     C = g_img.shape[1]
     n_tiles = tile_start.shape[0] - 1

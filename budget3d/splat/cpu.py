@@ -69,12 +69,13 @@ def _depth_keys(depths: np.ndarray) -> np.ndarray:
 
 
 class _Binning:
-    __slots__ = ("rows", "goff", "tile_start", "gid", "gpos", "TX", "n_entries")
+    __slots__ = ("rows", "goff", "tile_start", "gid", "gpos", "ep", "TX", "n_entries")
 
 
-def _bin(m2d, con, op, dep, rad, width, height, nthreads):
+def _bin(m2d, con, op, feat, dep, rad, width, height, nthreads):
     """Entries (Gaussian, tile) whose alpha >= 1/255 ellipse reaches the tile, each with the tile's
-    pixel rows it reaches (``rows``, (E, 2)), grouped by tile in (depth, index) order."""
+    pixel rows it reaches (``rows``, (E, 2)) and its Gaussian's parameters (``ep``, see K.bucket),
+    grouped by tile in (depth, index) order."""
     N = m2d.shape[0]
     rect = np.empty((N, 4), dtype=np.int32)
     grows = np.empty((N, 4), dtype=np.int32)
@@ -94,11 +95,12 @@ def _bin(m2d, con, op, dep, rad, width, height, nthreads):
     K.cull_entries(m2d, con, op, rect, grows, order, ub_off, TX, nchunks, ent_tile, ent_row, count, cnt)
     goff = np.zeros(N + 1, dtype=np.int64)
     np.cumsum(count, out=goff[1:])
-    tile_start, gid, erow, gpos = K.bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt)
+    ep = np.empty((int(goff[N]), 6 + max(feat.shape[1], 4)), dtype=np.float32)
+    tile_start, gid, erow, gpos = K.bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt, m2d, con, op, feat, ep)
     if len(tile_start) > 1 and int(np.diff(tile_start).max()) >= 2**24:
         raise ValueError("cpu rasterizer: more than 2^24 Gaussians overlap one tile")
     b = _Binning()
-    b.rows, b.goff, b.tile_start, b.gid, b.gpos, b.TX = erow, goff, tile_start, gid, gpos, TX
+    b.rows, b.goff, b.tile_start, b.gid, b.gpos, b.ep, b.TX = erow, goff, tile_start, gid, gpos, ep, TX
     b.n_entries = int(goff[N])
     return b
 
@@ -108,7 +110,8 @@ def binning_stats(means2d, conics, opacities, depths, radii, width, height) -> d
     pixel lanes evaluated (K.TW per tile row an entry visits)."""
     N = means2d.shape[0]
     with _LOCK:
-        b = _bin(_np32(means2d), _np32(conics), _np32(opacities).reshape(N), _np32(depths).reshape(N),
+        b = _bin(_np32(means2d), _np32(conics), _np32(opacities).reshape(N), np.zeros((N, 0), np.float32),
+                 _np32(depths).reshape(N),
                  np.ascontiguousarray(radii.detach().to(torch.int32).numpy()).reshape(N, 2), int(width),
                  int(height), _threads())
     lanes = int((b.rows[:, 1] - b.rows[:, 0] + 1).sum()) * K.TW
@@ -131,15 +134,14 @@ class _RasterizeCPU(torch.autograd.Function):
         rad = np.ascontiguousarray(radii.detach().to(torch.int32).numpy()).reshape(N, 2)
         has_bg = background is not None
         bg = _np32(background).reshape(C) if has_bg else np.zeros(C, dtype=np.float32)
-        b = _bin(m2d, con, op, dep, rad, width, height, nthreads)
+        b = _bin(m2d, con, op, feat, dep, rad, width, height, nthreads)
         HW = width * height
         img = np.empty((HW, C), dtype=np.float32)
         alpha = np.empty(HW, dtype=np.float32)
         t_final = np.empty(HW, dtype=np.float32)
         last = np.empty(HW, dtype=np.int64)
         ent_count = np.zeros(b.n_entries, dtype=np.int64)
-        ep = np.empty((b.n_entries, 6 + max(C, 4)), dtype=np.float32)
-        K.pack_entries(b.gid, m2d, con, op, feat, ep)
+        ep = b.ep
         K.forward(ep, b.rows, b.tile_start, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), img, alpha, t_final,
                   last, ent_count)
         n_pixels = np.empty(N, dtype=np.int64)
