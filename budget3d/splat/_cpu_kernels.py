@@ -656,7 +656,7 @@ def forward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, e
         # st[0] T, st[1] active (1/0), st[2] last composited entry (local index as float32; -1 none),
         # st[3] bound on the relative difference of T from the libm path's (fast exp only)
         st = np.empty((4, TP), dtype=np.float32)
-        acc = np.zeros((C, TP), dtype=np.float32)
+        acc = np.zeros((max(C, 4), TP), dtype=np.float32)
         buf = np.zeros((3, TP), dtype=np.float32)  # sigma, exp(-sigma), weight
         pc = np.empty((2, TP), dtype=np.float32)
         fl = np.empty(C, dtype=np.float32)
@@ -710,7 +710,17 @@ def forward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, e
                 cnt = _inc(cnt, con)
                 nstop = _inc(nstop, stop)
             if cnt > 0:
-                for ci in range(C):
+                f0 = ep[k, 6]
+                f1 = ep[k, 7]
+                f2 = ep[k, 8]
+                f3 = ep[k, 9]
+                for q in range(q0, q1):  # the first four channels in one loop (ep is zero-padded)
+                    w = buf[2, q]
+                    acc[0, q] += w * f0
+                    acc[1, q] += w * f1
+                    acc[2, q] += w * f2
+                    acc[3, q] += w * f3
+                for ci in range(4, C):
                     f = ep[k, 6 + ci]
                     for q in range(q0, q1):
                         acc[ci, q] += buf[2, q] * f
