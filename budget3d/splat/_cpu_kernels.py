@@ -1,16 +1,21 @@
 """Numba kernels of the "cpu" rasterizer (see cpu.py for the torch wrapper).
 
-Layout: the image is cut into tiles 8 pixels wide (one AVX2 vector of float32 per row) and 32 tall;
-an entry visits only the rows its ellipse reaches, so narrow tiles waste fewer lanes than 16x16 ones
-(random 50k scene: 10.5M lanes instead of 15.0M, for 12% more entries). Binning gives a (Gaussian, tile) *entry* only where
-the Gaussian's alpha >= 1/255 ellipse reaches the tile (conservative float64 test), with the tile's
-pixel rows the ellipse reaches there; the visible Gaussians are sorted once by (depth, index) (radix
-sort) and bucketed into tiles in that order, so each tile's entries come out in the compositing
-order of rasterize_torch without per-tile sorts. The forward walks each tile's entries front to back
-and, per entry, only its pixel rows, with a branch-free loop over the
-block of those rows (it vectorises). The backward walks each tile back to front, one fused loop per entry with the gradient
-sums kept in registers, and writes them per entry (no two threads write the same memory) to the
-entry's row in Gaussian-major order; a final kernel sums each Gaussian's contiguous rows.
+Layout: the image is cut into tiles 8 pixels wide (one AVX2 vector of float32 per row) and 32
+tall. Binning gives a (Gaussian, tile) *entry* only where the Gaussian's alpha >= 1/255 ellipse
+reaches the tile (conservative float64 test), with the tile's pixel rows the ellipse reaches there,
+and packs each entry's Gaussian parameters (``ep``) so the raster kernels read them sequentially.
+Narrow tiles waste fewer lanes than 16x16 ones (random 50k scene: 10.5M evaluated lanes instead of
+15.0M, for 12% more entries). The visible Gaussians are sorted once by (depth, index) (radix sort)
+and bucketed into tiles in that order, so each tile's entries come out in the compositing order of
+rasterize_torch without per-tile sorts. The forward walks each tile's entries front to back and,
+per entry, only its pixel rows, with branch-free loops over that block of rows (they vectorise).
+The backward walks each tile back to front, one fused loop per entry with the gradient sums kept in
+registers, and writes them per entry (no two threads write the same memory) to the entry's row in
+Gaussian-major order; a final kernel sums each Gaussian's contiguous rows.
+
+Three LLVM-level helpers keep the loops vectorised without function-wide fast-math: ``_sel`` (a
+select, where numba's branches became masked stores), ``_fma`` and ``_radd`` (an add marked
+reassociable, for the backward's running sums).
 
 Projection and SH colour (``project_sh_fwd`` / ``project_sh_bwd``) are per-Gaussian kernels with a
 hand-written backward, following project.project / project.sh_to_rgb.
@@ -243,8 +248,9 @@ def cull_entries(means2d, conics, opac, rect, rows, order, ub_off, TX, nchunks, 
     """The tiles of each Gaussian's rectangle that its alpha >= 1/255 ellipse really reaches, and per
     such entry the tile's pixel rows [ra, rb] (absolute) on which the ellipse meets the tile's
     columns. Gaussians are visited in ``order`` (visible ones by depth; ``nchunks`` chunks in
-    parallel); the i-th one's entries are written at ub_off[i] (by tile column, then row; the ellipse's row span is computed once per tile column), count[g] = the
-    number kept, cnt[ch, t] += the entries chunk ch puts in tile t.
+    parallel); the i-th one's entries are written at ub_off[i] (by tile column, then row: the
+    ellipse's row span is computed once per tile column), count[g] = the number kept, cnt[ch, t] +=
+    the entries chunk ch puts in tile t.
 
     The ellipse 0.5 (a dx^2 + c dy^2) + b dx dy <= L cut to the vertical strip of the tile's column
     centres (within [c0, c1]) spans dy from the lower boundary at the strip point nearest the
@@ -565,8 +571,9 @@ def _bwd_entry(buf, st, G, pc, q0, q1, mx, my, ca, cb, cc, o, kl, f0, f1, f2, f3
     sums, and returns its gradient sums (mean x, y, conic a, b, c, opacity, channels 0..3). One fused
     loop with the reductions in registers: only the sums are reassociable (_radd), so they vectorise
     while the decisions keep the forward's exact arithmetic; inlined (as a call, with its ~50
-    arguments and set-up, it cost ~130 ns per entry). buf[2] holds the extra channels' f . dL/dout (0 without extra channels); buf[3] gets
-    the weights. The channel sums are a second loop: in the first, they made LLVM spill registers."""
+    arguments and set-up, it cost ~130 ns per entry). buf[2] holds the extra channels' f . dL/dout
+    (0 without extra channels); buf[3] gets the weights. The channel sums are a second loop (in the
+    first, as a separate function, they made LLVM spill registers)."""
     s0 = F0
     s1 = F0
     s2 = F0
@@ -750,8 +757,8 @@ def forward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, e
 @njit(parallel=True, **_opts)
 def backward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, t_final, last, g_img,
              g_alpha, eg):
-    """Back-to-front per tile (ep from bucket, at least 4 channels wide); writes each entry's gradients to eg[gpos[entry]] (E, 6 + C): mean x,
-    y, conic a, b, c, opacity, then the C channels."""
+    """Back-to-front per tile (ep from bucket, at least 4 channels wide); writes each entry's
+    gradients to eg[gpos[entry]] (E, 6 + C): mean x, y, conic a, b, c, opacity, then the C channels."""
     C = g_img.shape[1]
     n_tiles = tile_start.shape[0] - 1
     for t in prange(n_tiles):
