@@ -139,6 +139,12 @@ def _radd(typingctx, a, b):
 
 
 @njit(inline="always", **_opts)
+def _entry(ep, k):
+    """Entry k's Gaussian: mean x, y, conic a, b, c, opacity (see bucket)."""
+    return ep[k, 0], ep[k, 1], ep[k, 2], ep[k, 3], ep[k, 4], ep[k, 5]
+
+
+@njit(inline="always", **_opts)
 def _fast_exp_neg(s):
     """exp(-s), branch free so that it vectorises; s < 0 gives exp(0) (those pairs are skipped).
     Cody-Waite reduction and a degree-7 Taylor polynomial: within ~1-2 ulp of exp (decisions are
@@ -360,7 +366,7 @@ def depth_order(dkey, count):
 def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt, means2d, conics, opac, feats, ep):
     """Entries grouped by tile, in depth order within each tile (chunk ch of ``order`` fills a
     consecutive range of each tile after the chunks before it; cnt (nchunks, T) from cull_entries).
-    Returns tile_start (T+1,), gid (E,) Gaussian of each entry, erow (E, 2) its absolute pixel rows,
+    Returns tile_start (T+1,), erow (E, 2) each entry's absolute pixel rows,
     gpos (E,): where entry k's per-entry results go in Gaussian-major order (Gaussian g's entries at
     goff[g]..goff[g+1]-1), so the kernels scatter each entry's results once and the per-Gaussian
     reductions read contiguous memory instead of gathering. Also fills ep (E, 6 + max(C, 4)): entry k's
@@ -382,7 +388,6 @@ def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt, means2d, conics, 
             cnt[ch, t] = run
             run += v
     tile_start[n_tiles] = run
-    gid = np.empty(E, dtype=np.int32)
     erow = np.empty((E, 2), dtype=np.int32)
     gpos = np.empty(E, dtype=np.int32)
     for ch in prange(nchunks):
@@ -401,7 +406,6 @@ def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt, means2d, conics, 
                 t = ent_tile[j]
                 k = cnt[ch, t]
                 cnt[ch, t] = k + 1
-                gid[k] = g
                 erow[k, 0] = ent_row[j, 0]
                 erow[k, 1] = ent_row[j, 1]
                 gpos[k] = go + jj
@@ -415,7 +419,7 @@ def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt, means2d, conics, 
                     ep[k, 6 + ci] = feats[g, ci]
                 for ci in range(C, ep.shape[1] - 6):
                     ep[k, 6 + ci] = F0
-    return tile_start, gid, erow, gpos
+    return tile_start, erow, gpos
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,12 +538,7 @@ def _fixup_fwd(buf, st, pc, q0, q1, o, Lf, ep, rows, s0, k, y0):
             for j in range(s0, k):
                 if rows[j, 0] - y0 > r or rows[j, 1] - y0 < r:
                     continue
-                mxj = ep[j, 0]
-                myj = ep[j, 1]
-                caj = ep[j, 2]
-                cbj = ep[j, 3]
-                ccj = ep[j, 4]
-                oj = ep[j, 5]
+                mxj, myj, caj, cbj, ccj, oj = _entry(ep, j)
                 dx = px - mxj
                 dy = py - myj
                 sj = HALF * (caj * (dx * dx) + ccj * (dy * dy)) + (cbj * dx) * dy
@@ -666,7 +665,6 @@ def forward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, e
         acc = np.zeros((max(C, 4), TP), dtype=np.float32)
         buf = np.zeros((3, TP), dtype=np.float32)  # sigma, exp(-sigma), weight
         pc = np.empty((2, TP), dtype=np.float32)
-        fl = np.empty(C, dtype=np.float32)
         _pixel_centres(pc, x0, y0)
         for q in range(TP):
             r = q // TW
@@ -684,12 +682,7 @@ def forward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, e
             q0 = np.uint64(ra * TW)  # unsigned block bounds: no wraparound, the loops vectorise
             q1 = np.uint64((rb + 1) * TW)
             kl = np.float32(k - s0)
-            mx = ep[k, 0]
-            my = ep[k, 1]
-            ca = ep[k, 2]
-            cb = ep[k, 3]
-            cc = ep[k, 4]
-            o = ep[k, 5]
+            mx, my, ca, cb, cc, o = _entry(ep, k)
             if exact_exp:
                 _block_sigma(buf, pc, q0, q1, mx, my, ca, cb, cc)
                 _block_exp(buf, q0, q1, _cutoff(ca, cb, cc, o))
@@ -810,12 +803,7 @@ def backward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, 
             rb = rows[k, 1] - y0
             q0 = np.uint64(ra * TW)  # unsigned block bounds: no wraparound, the loops vectorise
             q1 = np.uint64((rb + 1) * TW)
-            mx = ep[k, 0]
-            my = ep[k, 1]
-            ca = ep[k, 2]
-            cb = ep[k, 3]
-            cc = ep[k, 4]
-            o = ep[k, 5]
+            mx, my, ca, cb, cc, o = _entry(ep, k)
             if exact_exp:
                 _block_sigma(buf, pc, q0, q1, mx, my, ca, cb, cc)
                 _block_exp(buf, q0, q1, _cutoff(ca, cb, cc, o))

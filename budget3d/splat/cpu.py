@@ -69,7 +69,7 @@ def _depth_keys(depths: np.ndarray) -> np.ndarray:
 
 
 class _Binning:
-    __slots__ = ("rows", "goff", "tile_start", "gid", "gpos", "ep", "TX", "n_entries")
+    __slots__ = ("rows", "goff", "tile_start", "gpos", "ep", "TX", "n_entries")
 
 
 def _bin(m2d, con, op, feat, dep, rad, width, height, nthreads):
@@ -96,11 +96,11 @@ def _bin(m2d, con, op, feat, dep, rad, width, height, nthreads):
     goff = np.zeros(N + 1, dtype=np.int64)
     np.cumsum(count, out=goff[1:])
     ep = np.empty((int(goff[N]), 6 + max(feat.shape[1], 4)), dtype=np.float32)
-    tile_start, gid, erow, gpos = K.bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt, m2d, con, op, feat, ep)
+    tile_start, erow, gpos = K.bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt, m2d, con, op, feat, ep)
     if len(tile_start) > 1 and int(np.diff(tile_start).max()) >= 2**24:
         raise ValueError("cpu rasterizer: more than 2^24 Gaussians overlap one tile")
     b = _Binning()
-    b.rows, b.goff, b.tile_start, b.gid, b.gpos, b.ep, b.TX = erow, goff, tile_start, gid, gpos, ep, TX
+    b.rows, b.goff, b.tile_start, b.gpos, b.ep, b.TX = erow, goff, tile_start, gpos, ep, TX
     b.n_entries = int(goff[N])
     return b
 
@@ -141,12 +141,11 @@ class _RasterizeCPU(torch.autograd.Function):
         t_final = np.empty(HW, dtype=np.float32)
         last = np.empty(HW, dtype=np.int64)
         ent_count = np.zeros(b.n_entries, dtype=np.int64)
-        ep = b.ep
-        K.forward(ep, b.rows, b.tile_start, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), img, alpha,
+        K.forward(b.ep, b.rows, b.tile_start, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), img, alpha,
                   t_final, last, ent_count)
         n_pixels = np.empty(N, dtype=np.int64)
         K.reduce_counts(b.goff, ent_count, n_pixels)
-        ctx.saved = (ep, N, C, bg, has_bg, b, t_final, last, width, height)
+        ctx.saved = (N, C, bg, has_bg, b, t_final, last, width, height)
         ctx.dtypes = (means2d.dtype, conics.dtype, opacities.dtype, features.dtype)
         dt = features.dtype
         out_img = torch.from_numpy(img).reshape(height, width, C).to(dt)
@@ -162,7 +161,7 @@ class _RasterizeCPU(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g_img, g_alpha):
-        ep, N, C, bg, has_bg, b, t_final, last, width, height = ctx.saved
+        N, C, bg, has_bg, b, t_final, last, width, height = ctx.saved
         _threads()
         HW = width * height
         gi = (np.zeros((HW, C), dtype=np.float32) if g_img is None
@@ -171,7 +170,7 @@ class _RasterizeCPU(torch.autograd.Function):
               else _np32(g_alpha.reshape(HW)))
         E = b.n_entries
         eg = np.empty((E, 6 + C), dtype=np.float32)
-        K.backward(ep, b.rows, b.tile_start, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), t_final, last,
+        K.backward(b.ep, b.rows, b.tile_start, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), t_final, last,
                    gi, ga, eg)
         g_mean = np.empty((N, 2), dtype=np.float32)
         g_conic = np.empty((N, 3), dtype=np.float32)
