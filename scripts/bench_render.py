@@ -183,7 +183,7 @@ def time_backend(case, backend, threads, repeats, warmup=1, kernel_threads=None)
 
 STAGES = {  # kernel -> stage of the report
     "project_sh_fwd": "project+SH fwd", "project_sh_bwd": "project+SH bwd", "prepare": "binning",
-    "depth_order": "binning", "cull_entries": "binning", "bucket": "binning",
+    "depth_order": "binning", "sort_params": "binning", "cull_entries": "binning", "bucket": "binning",
     "forward": "raster fwd",
     "backward": "raster bwd", "reduce_counts": "reductions", "reduce_grads": "reductions",
 }

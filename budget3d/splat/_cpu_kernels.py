@@ -250,13 +250,14 @@ def _branch(u, b, c, det, L2c, sign):
 
 
 @njit(parallel=True, **_opts)
-def cull_entries(means2d, conics, opac, rect, rows, order, ub_off, TX, nchunks, ent_tile, ent_row, count, cnt):
+def cull_entries(P, PR, order, ub_off, TX, nchunks, ent_tile, ent_row, ent_rank, count, cnt):
     """The tiles of each Gaussian's rectangle that its alpha >= 1/255 ellipse really reaches, and per
     such entry the tile's pixel rows [ra, rb] (absolute) on which the ellipse meets the tile's
     columns. Gaussians are visited in ``order`` (visible ones by depth; ``nchunks`` chunks in
-    parallel); the i-th one's entries are written at ub_off[i] (by tile column, then row: the
-    ellipse's row span is computed once per tile column), count[g] = the number kept, cnt[ch, t] +=
-    the entries chunk ch puts in tile t.
+    parallel), reading their parameters and rectangles from the depth-sorted tables P and PR (see
+    sort_params); the i-th one's entries are written at ub_off[i] (by tile column, then row: the
+    ellipse's row span is computed once per tile column) with ent_rank = i, count[g] = the number
+    kept, cnt[ch, t] += the entries chunk ch puts in tile t.
 
     The ellipse 0.5 (a dx^2 + c dy^2) + b dx dy <= L cut to the vertical strip of the tile's column
     centres (within [c0, c1]) spans dy from the lower boundary at the strip point nearest the
@@ -271,29 +272,29 @@ def cull_entries(means2d, conics, opac, rect, rows, order, ub_off, TX, nchunks, 
             g = order[i]
             n = 0
             if ub_off[i + 1] > ub_off[i]:
-                mx = np.float64(means2d[g, 0])
-                my = np.float64(means2d[g, 1])
-                a = np.float64(conics[g, 0])
-                b = np.float64(conics[g, 1])
-                c = np.float64(conics[g, 2])
+                mx = np.float64(P[i, 0])
+                my = np.float64(P[i, 1])
+                a = np.float64(P[i, 2])
+                b = np.float64(P[i, 3])
+                c = np.float64(P[i, 4])
                 det = a * c - b * b
                 good = a > 0 and c > 0 and det > 0
                 L = 0.0
                 hx = 0.0
                 hy = 0.0
                 if good:
-                    L = _ellipse_level(np.float64(opac[g])) * (1.0 + 1e-4) + 1e-4
+                    L = _ellipse_level(np.float64(P[i, 5])) * (1.0 + 1e-4) + 1e-4
                     hx = math.sqrt(2.0 * L * c / det)
                     hy = math.sqrt(2.0 * L * a / det)
                 L2c = 2.0 * L * c
                 u_top = -b * hy / a if good else 0.0  # dx of the highest / lowest point
-                r0 = rows[g, 0]
-                r1 = rows[g, 1]
-                c0 = rows[g, 2]
-                c1 = rows[g, 3]
+                r0 = PR[i, 4]
+                r1 = PR[i, 5]
+                c0 = PR[i, 6]
+                c1 = PR[i, 7]
                 base = ub_off[i]
-                single_col = rect[g, 1] - rect[g, 0] == 1
-                for tx in range(rect[g, 0], rect[g, 1]):
+                single_col = PR[i, 1] - PR[i, 0] == 1
+                for tx in range(PR[i, 0], PR[i, 1]):
                     ea = r0  # the ellipse's rows over this tile column
                     eb = r1
                     if good and not single_col:
@@ -307,7 +308,7 @@ def cull_entries(means2d, conics, opac, rect, rows, order, ub_off, TX, nchunks, 
                         dlo = _branch(min(max(-u_top, ua), ub), b, c, det, L2c, -1.0)
                         ea = max(ea, np.int64(math.ceil(my + dlo - 4e-3 - 0.5)))
                         eb = min(eb, np.int64(math.floor(my + dhi + 4e-3 - 0.5)))
-                    for ty in range(max(rect[g, 2], ea // TH), min(rect[g, 3], eb // TH + 1)):
+                    for ty in range(max(PR[i, 2], ea // TH), min(PR[i, 3], eb // TH + 1)):
                         ra = max(ea, ty * TH)
                         rb = min(eb, ty * TH + TH - 1)
                         if ra <= rb:
@@ -315,6 +316,7 @@ def cull_entries(means2d, conics, opac, rect, rows, order, ub_off, TX, nchunks, 
                             ent_tile[base + n] = t
                             ent_row[base + n, 0] = ra
                             ent_row[base + n, 1] = rb
+                            ent_rank[base + n] = i
                             cnt[ch, t] += 1
                             n += 1
             count[g] = n
@@ -363,21 +365,44 @@ def depth_order(dkey, count):
 
 
 @njit(parallel=True, **_opts)
-def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt, means2d, conics, opac, feats, ep):
+def sort_params(order, means2d, conics, opac, feats, rect, rows, P, PR):
+    """The visible Gaussians' parameters in depth order: P[i] = (mean x, y, conic a, b, c, opacity,
+    channels zero-padded to 4) and PR[i] = (rect, rows) of prepare, of Gaussian order[i], so that the
+    binning and bucket read them sequentially (in the Gaussians' order they were cache misses)."""
+    C = feats.shape[1]
+    for i in prange(order.shape[0]):
+        g = order[i]
+        P[i, 0] = means2d[g, 0]
+        P[i, 1] = means2d[g, 1]
+        P[i, 2] = conics[g, 0]
+        P[i, 3] = conics[g, 1]
+        P[i, 4] = conics[g, 2]
+        P[i, 5] = opac[g]
+        for ci in range(C):
+            P[i, 6 + ci] = feats[g, ci]
+        for ci in range(C, P.shape[1] - 6):
+            P[i, 6 + ci] = F0
+        for j in range(4):
+            PR[i, j] = rect[g, j]
+            PR[i, 4 + j] = rows[g, j]
+    return 0
+
+
+@njit(parallel=True, **_opts)
+def bucket(order, ub_off, count, goff, ent_tile, ent_row, ent_rank, cnt, P, ep):
     """Entries grouped by tile, in depth order within each tile (chunk ch of ``order`` fills a
     consecutive range of each tile after the chunks before it; cnt (nchunks, T) from cull_entries).
     Returns tile_start (T+1,), erow (E, 2) each entry's absolute pixel rows,
     gpos (E,): where entry k's per-entry results go in Gaussian-major order (Gaussian g's entries at
     goff[g]..goff[g+1]-1), so the kernels scatter each entry's results once and the per-Gaussian
-    reductions read contiguous memory instead of gathering. Also fills ep (E, 6 + max(C, 4)): entry k's
-    Gaussian's mean x, y, conic a, b, c, opacity and channels (zero-padded to 4), so that the raster
-    kernels read each entry's parameters sequentially instead of gathering them (random Gaussians per
-    entry: the cache misses had cost ~20% of the raster time)."""
+    reductions read contiguous memory instead of gathering. Also fills ep (E, P.shape[1]): entry k's
+    Gaussian's row of P (mean x, y, conic a, b, c, opacity, channels), so that the raster kernels
+    read each entry's parameters sequentially instead of gathering them (random Gaussians per entry:
+    the cache misses had cost ~20% of the raster time).
+    Two passes: the first scatters only each entry's source index (one int32 per entry); the second
+    writes the outputs sequentially, reading the sources in increasing order within each tile."""
     M = order.shape[0]
-    N = count.shape[0]
-    C = feats.shape[1]
     nchunks, n_tiles = cnt.shape
-    E = goff[N]
     csize = (M + nchunks - 1) // nchunks
     tile_start = np.empty(n_tiles + 1, dtype=np.int64)
     run = 0
@@ -388,37 +413,33 @@ def bucket(order, ub_off, count, goff, ent_tile, ent_row, cnt, means2d, conics, 
             cnt[ch, t] = run
             run += v
     tile_start[n_tiles] = run
-    erow = np.empty((E, 2), dtype=np.int32)
-    gpos = np.empty(E, dtype=np.int32)
+    E = run
+    src = np.empty(E, dtype=np.int32)
     for ch in prange(nchunks):
         for i in range(ch * csize, min(M, (ch + 1) * csize)):
-            g = order[i]
             b = ub_off[i]
-            go = goff[g]
-            mx = means2d[g, 0]
-            my = means2d[g, 1]
-            ca = conics[g, 0]
-            cb = conics[g, 1]
-            cc = conics[g, 2]
-            o = opac[g]
-            for jj in range(count[g]):
-                j = b + jj
+            for j in range(b, b + count[order[i]]):
                 t = ent_tile[j]
                 k = cnt[ch, t]
                 cnt[ch, t] = k + 1
-                erow[k, 0] = ent_row[j, 0]
-                erow[k, 1] = ent_row[j, 1]
-                gpos[k] = go + jj
-                ep[k, 0] = mx
-                ep[k, 1] = my
-                ep[k, 2] = ca
-                ep[k, 3] = cb
-                ep[k, 4] = cc
-                ep[k, 5] = o
-                for ci in range(C):
-                    ep[k, 6 + ci] = feats[g, ci]
-                for ci in range(C, ep.shape[1] - 6):
-                    ep[k, 6 + ci] = F0
+                src[k] = j
+    gb = np.empty(M, dtype=np.int64)  # gpos of an entry j of the i-th Gaussian: gb[i] + j
+    for i in range(M):
+        gb[i] = goff[order[i]] - ub_off[i]
+    erow = np.empty((E, 2), dtype=np.int32)
+    gpos = np.empty(E, dtype=np.int32)
+    W = ep.shape[1]
+    nb = max(1, min(E // 4096 + 1, 64))
+    bs = (E + nb - 1) // nb
+    for bi in prange(nb):
+        for k in range(bi * bs, min(E, (bi + 1) * bs)):
+            j = src[k]
+            i = ent_rank[j]
+            erow[k, 0] = ent_row[j, 0]
+            erow[k, 1] = ent_row[j, 1]
+            gpos[k] = gb[i] + j
+            for c in range(W):
+                ep[k, c] = P[i, c]
     return tile_start, erow, gpos
 
 
