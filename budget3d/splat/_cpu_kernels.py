@@ -1061,13 +1061,17 @@ def project_sh_fwd(means, quats, scales, opac, sh0, shN, Rv, tv, fx, fy, cx, cy,
                 dy = vy / nv
                 dz = vz / nv
                 _sh_basis(dx, dy, dz, deg, B)
+            a0 = F0
+            a1 = F0
+            a2 = F0
+            for k in range(nb):  # (per channel, the same order of sums as one channel at a time)
+                a0 += B[k] * shN[g, k, 0]
+                a1 += B[k] * shN[g, k, 1]
+                a2 += B[k] * shN[g, k, 2]
             for ch in range(3):
                 val = SH_C0 * sh0[g, ch]
                 if deg > 0:
-                    acc = F0
-                    for k in range(nb):
-                        acc += B[k] * shN[g, k, ch]
-                    val = val + acc
+                    val = val + (a0 if ch == 0 else (a1 if ch == 1 else a2))
                 val = val + HALF
                 rgb[g, ch] = val if val > F0 else F0
     return 0
@@ -1090,6 +1094,7 @@ def project_sh_bwd(means, quats, scales, opac, sh0, shN, Rv, tv, fx, fy, cx, cy,
         Tm = np.empty((2, 3), dtype=np.float32)
         dM = np.empty((3, 3), dtype=np.float32)
         db = np.empty(15, dtype=np.float32)
+        gs = np.empty(3, dtype=np.float32)
         for g in range(chk * PCH, min(N, (chk + 1) * PCH)):
             if ((g_m2d[g, 0] == F0) & (g_m2d[g, 1] == F0) & (g_con[g, 0] == F0) & (g_con[g, 1] == F0)
                     & (g_con[g, 2] == F0) & (g_dep[g] == F0) & (g_rgb[g, 0] == F0) & (g_rgb[g, 1] == F0)
@@ -1261,21 +1266,29 @@ def project_sh_bwd(means, quats, scales, opac, sh0, shN, Rv, tv, fx, fy, cx, cy,
             for k in range(nb, K):
                 for ch in range(3):
                     d_shN[g, k, ch] = F0
-            for k in range(15):
-                db[k] = F0
+            a0 = F0
+            a1 = F0
+            a2 = F0
+            for k in range(nb):  # (per channel, the same order of sums as the forward)
+                a0 += B[k] * shN[g, k, 0]
+                a1 += B[k] * shN[g, k, 1]
+                a2 += B[k] * shN[g, k, 2]
             for ch in range(3):
                 val = SH_C0 * sh0[g, ch]
                 if deg > 0:
-                    acc = F0
-                    for k in range(nb):
-                        acc += B[k] * shN[g, k, ch]
-                    val = val + acc
+                    val = val + (a0 if ch == 0 else (a1 if ch == 1 else a2))
                 val = val + HALF
                 gr = g_rgb[g, ch] if val >= F0 else F0
                 d_sh0[g, ch] = SH_C0 * gr
-                for k in range(nb):
-                    d_shN[g, k, ch] = B[k] * gr
-                    db[k] += shN[g, k, ch] * gr
+                gs[ch] = gr
+            g0 = gs[0]
+            g1 = gs[1]
+            g2 = gs[2]
+            for k in range(nb):
+                d_shN[g, k, 0] = B[k] * g0
+                d_shN[g, k, 1] = B[k] * g1
+                d_shN[g, k, 2] = B[k] * g2
+                db[k] = shN[g, k, 0] * g0 + shN[g, k, 1] * g1 + shN[g, k, 2] * g2
             if deg > 0:
                 x_ = vx
                 y_ = vy
