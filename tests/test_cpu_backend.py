@@ -206,6 +206,26 @@ def test_fast_exp_fixup_matches_libm_exp(seed, n, w, h, opaque):
         assert ((a - b).norm() / a.norm().clamp_min(1e-30)) <= 1e-4, key
 
 
+def test_fast_exp_within_an_eighth_of_the_fixup_window():
+    """The fix-up assumes the polynomial exp is within DX (relative) of libm's expf; check a
+    dense grid of [0, 30] (plus the tiny arguments) with 8x margin."""
+    from budget3d.splat import _cpu_kernels as K
+    from numba import njit
+
+    @njit
+    def both(s, ef, el):
+        for i in range(s.size):
+            ef[i] = K._fast_exp_neg(s[i])
+            el[i] = np.exp(-s[i])
+
+    s = np.concatenate([np.linspace(0, 30, 4_000_001, dtype=np.float32),
+                        np.random.default_rng(0).uniform(0, 1e-3, 100_000).astype(np.float32)])
+    ef, el = np.empty_like(s), np.empty_like(s)
+    both(s, ef, el)
+    rel = np.abs(ef.astype(np.float64) - el) / el
+    assert rel.max() <= K.DX / 8, rel.max()
+
+
 def test_fast_exp_fixup_on_crafted_cutoff_pairs():
     """Pairs crafted so that o * exp(-sigma) sits on the other side of 1/255 (or 0.99) with the
     polynomial exp than with libm's: the fix-up must still give libm's decisions."""

@@ -67,7 +67,8 @@ C5 = np.float32(1.0 / 120.0)
 C6 = np.float32(1.0 / 720.0)
 C7 = np.float32(1.0 / 5040.0)
 P32 = np.float32(2.0**-32)
-# Fix-up windows of the polynomial exp (measured: within 1.2e-7 relative of libm's expf on [0, 30], 30M points).
+# Fix-up windows of the polynomial exp (measured: within 2.6e-7 relative of libm's expf on [0, 30], 32M points;
+# tests/test_cpu_backend.py checks 1/8 of DX).
 # DX bounds the relative difference of o*exp(-sigma) between the two exps (16x margin); a lane whose
 # o*exp is within DX (relative) of 1/255 or 0.99 is recomputed with libm. For the T <= 1e-4 test each
 # pixel carries a bound on the relative difference between its T and the libm path's T: one
@@ -147,14 +148,16 @@ def _entry(ep, k):
 @njit(inline="always", **_opts)
 def _fast_exp_neg(s):
     """exp(-s), branch free so that it vectorises; s < 0 gives exp(0) (those pairs are skipped).
-    Cody-Waite reduction and a degree-7 Taylor polynomial: within ~1-2 ulp of exp (decisions are
-    made exact by the fix-up in ``_fixup_fwd`` / ``_fixup_bwd``)."""
+    Cody-Waite reduction and a degree-7 Taylor polynomial in Estrin's form (dependency depth 4
+    instead of Horner's 7: the raster loops are bound by latency; 4-6% faster than Horner, A/B):
+    within ~2 ulp of exp (decisions are made exact by the fix-up in ``_fixup_fwd`` / ``_fixup_bwd``)."""
     s = s if s > F0 else F0
     s = s if s < SMAX else SMAX
     ki = np.int32(s * LOG2E + HALF)  # round(s / ln2), s >= 0
     k = np.float32(ki)
-    r = _fma(k, LN2LO, k * LN2HI - s)  # -s + k ln2, |r| <= ln2/2 (k * LN2HI is exact)
-    p = _fma(r, _fma(r, _fma(r, _fma(r, _fma(r, _fma(r, _fma(r, C7, C6), C5), C4), C3), C2), F1), F1)
+    r = _fma(k, LN2LO, _fma(k, LN2HI, -s))  # -s + k ln2, |r| <= ln2/2 (k * LN2HI is exact)
+    r2 = r * r
+    p = _fma(r2 * r2, _fma(r2, _fma(r, C7, C6), _fma(r, C5, C4)), _fma(r2, _fma(r, C3, C2), _fma(r, F1, F1)))
     return p * _i32_as_f32((np.int32(127) - ki) << np.int32(23))  # p * 2^-k, 0 <= k <= 44
 
 
