@@ -88,24 +88,15 @@ def random_case(n, w, h):
 def garden_case():
     if not GARDEN.exists():
         return None
-    from budget3d.splat.gaussians import _knn_mean_dist
+    from budget3d.splat._knn import knn_mean_dist
     from budget3d.splat.project import rgb_to_sh0
 
     d = np.load(GARDEN)
     pts = d["means3d"].astype(np.float32)
     n = len(pts)
-    # exact nearest-neighbour distance (brute force, minutes on 2 cores): cached under the temp dir,
-    # keyed by the file's size and mtime
-    st = GARDEN.stat()
-    cache = Path(tempfile.gettempdir()) / f"budget3d_garden_nn_{st.st_size}_{int(st.st_mtime)}.npy"
     t0 = time.perf_counter()
-    if cache.exists():
-        nn = np.load(cache)
-        how = f"loaded from the cache {cache}"
-    else:
-        nn = np.clip(_knn_mean_dist(pts, k=1), 1e-6, None)  # nearest-neighbour distance
-        np.save(cache, nn)
-        how = f"computed in {time.perf_counter() - t0:.1f} s, cached in {cache}"
+    nn = np.clip(knn_mean_dist(pts, k=1), 1e-6, None)  # exact nearest-neighbour distance (k-d tree)
+    how = f"k-d tree, {time.perf_counter() - t0:.1f} s"
     g = torch.Generator().manual_seed(0)
     rgb = torch.as_tensor(d["colors"].astype(np.float32) / 255.0)
     params = {

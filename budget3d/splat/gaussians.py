@@ -14,19 +14,10 @@ import numpy as np
 import torch
 
 from budget3d.errors import UserError
+from budget3d.splat._knn import knn_mean_dist
 from budget3d.splat.project import num_sh_bases, rgb_to_sh0, sh_degree_for
 
 PARAM_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
-
-
-def _knn_mean_dist(points: np.ndarray, k: int = 3) -> np.ndarray:
-    """Mean distance to the k nearest neighbours (chunked brute force; fine for <= ~200k points)."""
-    pts = torch.as_tensor(points, dtype=torch.float32)
-    out = torch.empty(len(pts))
-    for i in range(0, len(pts), 2048):
-        d = torch.cdist(pts[i : i + 2048], pts)
-        out[i : i + 2048] = d.topk(min(k + 1, len(pts)), largest=False).values[:, 1:].mean(1)
-    return out.numpy()
 
 
 def init_from_points(points: np.ndarray, colors: np.ndarray | None, sh_degree: int = 3,
@@ -37,7 +28,7 @@ def init_from_points(points: np.ndarray, colors: np.ndarray | None, sh_degree: i
         raise UserError("cannot initialise Gaussians from an empty point cloud: give points or use random init")
     if colors is None:
         colors = np.full((n, 3), 128, np.uint8)
-    dist = _knn_mean_dist(points) if n > 1 else np.ones(1, np.float32)
+    dist = knn_mean_dist(points) if n > 1 else np.ones(1, np.float32)
     dist = np.clip(dist, 1e-7, None)
     rgb = torch.as_tensor(np.asarray(colors, np.float32) / 255.0)
     shN = torch.zeros(n, num_sh_bases(sh_degree) - 1, 3)
