@@ -954,6 +954,20 @@ def _quat_rot(qw, qx, qy, qz, R):
 
 
 @njit(inline="always", **_opts)
+def _sh_rest(B, shN, g, nb):
+    """Gaussian g's sums over the SH bases 1..nb, the three channels in one pass over shN's
+    contiguous rows (per channel the same order of sums as one channel at a time)."""
+    a0 = F0
+    a1 = F0
+    a2 = F0
+    for k in range(nb):
+        a0 += B[k] * shN[g, k, 0]
+        a1 += B[k] * shN[g, k, 1]
+        a2 += B[k] * shN[g, k, 2]
+    return a0, a1, a2
+
+
+@njit(inline="always", **_opts)
 def _sh_basis(x, y, z, deg, B):
     """B[0:nb-1] = the real SH basis (without the constant term) along the unit (x, y, z)."""
     B[0] = -SH_C1 * y
@@ -1064,17 +1078,11 @@ def project_sh_fwd(means, quats, scales, opac, sh0, shN, Rv, tv, fx, fy, cx, cy,
                 dy = vy / nv
                 dz = vz / nv
                 _sh_basis(dx, dy, dz, deg, B)
-            a0 = F0
-            a1 = F0
-            a2 = F0
-            for k in range(nb):  # (per channel, the same order of sums as one channel at a time)
-                a0 += B[k] * shN[g, k, 0]
-                a1 += B[k] * shN[g, k, 1]
-                a2 += B[k] * shN[g, k, 2]
+            rest = _sh_rest(B, shN, g, nb)
             for ch in range(3):
                 val = SH_C0 * sh0[g, ch]
                 if deg > 0:
-                    val = val + (a0 if ch == 0 else (a1 if ch == 1 else a2))
+                    val = val + rest[ch]
                 val = val + HALF
                 rgb[g, ch] = val if val > F0 else F0
     return 0
@@ -1269,17 +1277,11 @@ def project_sh_bwd(means, quats, scales, opac, sh0, shN, Rv, tv, fx, fy, cx, cy,
             for k in range(nb, K):
                 for ch in range(3):
                     d_shN[g, k, ch] = F0
-            a0 = F0
-            a1 = F0
-            a2 = F0
-            for k in range(nb):  # (per channel, the same order of sums as the forward)
-                a0 += B[k] * shN[g, k, 0]
-                a1 += B[k] * shN[g, k, 1]
-                a2 += B[k] * shN[g, k, 2]
+            rest = _sh_rest(B, shN, g, nb)
             for ch in range(3):
                 val = SH_C0 * sh0[g, ch]
                 if deg > 0:
-                    val = val + (a0 if ch == 0 else (a1 if ch == 1 else a2))
+                    val = val + rest[ch]
                 val = val + HALF
                 gr = g_rgb[g, ch] if val >= F0 else F0
                 d_sh0[g, ch] = SH_C0 * gr

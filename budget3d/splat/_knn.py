@@ -26,9 +26,8 @@ def _build(p, perm, lo_, hi_, left, right, bmin, bmax, depth):
     depth[0] = 0
     dmax = 0
     stack = np.empty(lo_.shape[0] + 1, dtype=np.int64)
-    sp = 0
-    stack[sp] = 0
-    sp += 1
+    stack[0] = 0  # the root
+    sp = 1
     while sp > 0:
         sp -= 1
         nd = stack[sp]
@@ -107,9 +106,8 @@ def _query(p, perm, lo_, hi_, left, right, bmin, bmax, dmax, k, out):
         q0 = p[i, 0]
         q1 = p[i, 1]
         q2 = p[i, 2]
-        sp = 0
-        stack[sp] = 0
-        sp += 1
+        stack[0] = 0  # the root
+        sp = 1
         while sp > 0:
             sp -= 1
             nd = stack[sp]
