@@ -9,6 +9,10 @@ Narrow tiles waste fewer lanes than 16x16 ones (random 50k scene: 10.5M evaluate
 and bucketed into tiles in that order, so each tile's entries come out in the compositing order of
 rasterize_torch without per-tile sorts. The forward walks each tile's entries front to back and,
 per entry, only its pixel rows, with branch-free loops over that block of rows (they vectorise).
+With more than one thread, the raster kernels' threads take tiles from a shared atomic counter
+(``_next``), the tiles with most entries first, instead of numba's static halves: on the 2-vCPU
+machines a core is often shared for a while (torch's OpenMP workers spin for milliseconds after each
+parallel torch op), and a static half on that core made the whole kernel wait for it.
 The backward walks each tile back to front, one fused loop per entry with the gradient sums kept in
 registers, and writes them per entry (no two threads write the same memory) to the entry's row in
 Gaussian-major order; a final kernel sums each Gaussian's contiguous rows.
@@ -32,6 +36,7 @@ import math
 
 import numpy as np
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 TW = 8  # tile width: a row of a tile is one AVX2 vector of float32
@@ -80,6 +85,21 @@ DX10 = np.float32(2e-5)
 DX100 = np.float32(2e-4)
 A05 = np.float32(0.5)
 A09 = np.float32(0.9)
+
+@intrinsic
+def _next(typingctx, ctr):
+    """Atomically ctr[0] += 1; returns the old value (a shared work counter for the parallel loops)."""
+    if not (isinstance(ctr, types.Array) and ctr.dtype == types.int64):
+        return None
+    sig = types.int64(ctr)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [context.get_constant(types.intp, 0)])
+        return builder.atomic_rmw("add", ptr, context.get_constant(types.int64, 1), "monotonic")
+
+    return sig, codegen
+
 
 _opts = dict(cache=True, nogil=True, fastmath=False, error_model="numpy", boundscheck=False)
 
@@ -665,105 +685,124 @@ def _pixel_centres(pc, x0, y0):
 # forward
 
 
+@njit(inline="always", **_opts)
+def _forward_tile(t, ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, img, alpha_img,
+                  t_final, last, ent_count):
+    """One tile of forward (see there)."""
+    C = img.shape[1]
+    tx = t % TX
+    ty = t // TX
+    x0 = tx * TW
+    y0 = ty * TH
+    tw = min(TW, width - x0)
+    th = min(TH, height - y0)
+    s0 = tile_start[t]
+    # st[0] T, st[1] active (1/0), st[2] last composited entry (local index as float32; -1 none),
+    # st[3] bound on the relative difference of T from the libm path's (fast exp only)
+    st = np.empty((4, TP), dtype=np.float32)
+    acc = np.zeros((max(C, 4), TP), dtype=np.float32)
+    buf = np.zeros((3, TP), dtype=np.float32)  # sigma, exp(-sigma), weight
+    pc = np.empty((2, TP), dtype=np.float32)
+    _pixel_centres(pc, x0, y0)
+    for q in range(TP):
+        r = q // TW
+        j = q & (TW - 1)
+        st[0, q] = F1
+        st[1, q] = F1 if (r < th and j < tw) else F0
+        st[2, q] = np.float32(-1.0)
+        st[3, q] = F0
+    n_act = tw * th
+    for k in range(s0, tile_start[t + 1]):
+        if n_act <= 0:
+            break
+        ra = rows[k, 0] - y0  # the entry's rows (within the tile)
+        rb = rows[k, 1] - y0
+        q0 = np.uint64(ra * TW)  # unsigned block bounds: no wraparound, the loops vectorise
+        q1 = np.uint64((rb + 1) * TW)
+        kl = np.float32(k - s0)
+        mx, my, ca, cb, cc, o = _entry(ep, k)
+        if exact_exp:
+            _block_sigma(buf, pc, q0, q1, mx, my, ca, cb, cc)
+            _block_exp(buf, q0, q1, _cutoff(ca, cb, cc, o))
+        else:
+            if _block_sigma_exp_fwd(buf, st, pc, q0, q1, mx, my, ca, cb, cc, o) > 0:
+                _fixup_fwd(buf, st, pc, q0, q1, o, _cutoff(ca, cb, cc, o), ep, rows, s0, k, y0)
+        cnt = np.int32(0)
+        nstop = np.int32(0)
+        for q in range(q0, q1):
+            s = buf[0, q]
+            al = o * buf[1, q]
+            al = al if al < AMAX else AMAX
+            Tp = st[0, q]
+            act = st[1, q]
+            lv = st[2, q]
+            valid = (s >= F0) & (al >= AMIN) & (act > F0)
+            nT = Tp * (F1 - al)
+            stop = valid & (nT <= TMIN)
+            con = valid & (~stop)
+            buf[2, q] = _sel(con, al * Tp, F0)
+            st[0, q] = _sel(con, nT, Tp)
+            st[1, q] = _sel(stop, F0, act)
+            st[2, q] = _sel(con, kl, lv)
+            st[3, q] = st[3, q] + _sel(con, _step_err(al), F0)  # (a select of the old value: masked store)
+            cnt = _inc(cnt, con)
+            nstop = _inc(nstop, stop)
+        if cnt > 0:
+            f0 = ep[k, 6]
+            f1 = ep[k, 7]
+            f2 = ep[k, 8]
+            f3 = ep[k, 9]
+            for q in range(q0, q1):  # the first four channels in one loop (ep is zero-padded)
+                w = buf[2, q]
+                acc[0, q] += w * f0
+                acc[1, q] += w * f1
+                acc[2, q] += w * f2
+                acc[3, q] += w * f3
+            for ci in range(4, C):
+                f = ep[k, 6 + ci]
+                for q in range(q0, q1):
+                    acc[ci, q] += buf[2, q] * f
+        ent_count[gpos[k]] = cnt
+        n_act -= nstop
+    for r in range(th):
+        for j in range(tw):
+            q = r * TW + j
+            pix = (y0 + r) * width + (x0 + j)
+            Tp = st[0, q]
+            t_final[pix] = Tp
+            lv = st[2, q]
+            last[pix] = s0 + np.int64(lv) if lv >= F0 else -1
+            alpha_img[pix] = F1 - Tp
+            for ci in range(C):
+                v = acc[ci, q]
+                if has_bg:
+                    v += Tp * background[ci]
+                img[pix, ci] = v
+    return 0
+
+
 @njit(parallel=True, **_opts)
-def forward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, img, alpha_img, t_final,
-            last, ent_count):
+def forward(ep, rows, tile_start, torder, nwork, gpos, width, height, TX, background, has_bg, exact_exp, img,
+            alpha_img, t_final, last, ent_count):
     """Front-to-back compositing per tile (ep: each entry's parameters, see bucket; rows (E, 2):
     its absolute pixel rows). Writes
     img (H*W, C), alpha_img (H*W), t_final (H*W),
     last (H*W; the last composited entry of each pixel, -1 if none), ent_count (E; pixels each entry
     was composited into, at gpos[entry]; must come zeroed)."""
-    C = img.shape[1]
     n_tiles = tile_start.shape[0] - 1
-    for t in prange(n_tiles):
-        tx = t % TX
-        ty = t // TX
-        x0 = tx * TW
-        y0 = ty * TH
-        tw = min(TW, width - x0)
-        th = min(TH, height - y0)
-        s0 = tile_start[t]
-        # st[0] T, st[1] active (1/0), st[2] last composited entry (local index as float32; -1 none),
-        # st[3] bound on the relative difference of T from the libm path's (fast exp only)
-        st = np.empty((4, TP), dtype=np.float32)
-        acc = np.zeros((max(C, 4), TP), dtype=np.float32)
-        buf = np.zeros((3, TP), dtype=np.float32)  # sigma, exp(-sigma), weight
-        pc = np.empty((2, TP), dtype=np.float32)
-        _pixel_centres(pc, x0, y0)
-        for q in range(TP):
-            r = q // TW
-            j = q & (TW - 1)
-            st[0, q] = F1
-            st[1, q] = F1 if (r < th and j < tw) else F0
-            st[2, q] = np.float32(-1.0)
-            st[3, q] = F0
-        n_act = tw * th
-        for k in range(s0, tile_start[t + 1]):
-            if n_act <= 0:
+    if nwork == 1:
+        for t in prange(n_tiles):
+            _forward_tile(t, ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, img,
+                      alpha_img, t_final, last, ent_count)
+        return 0
+    ctr = np.zeros(1, dtype=np.int64)  # tiles are taken from this counter (see torder)
+    for _w in prange(nwork):
+        while True:
+            i = _next(ctr)
+            if i >= n_tiles:
                 break
-            ra = rows[k, 0] - y0  # the entry's rows (within the tile)
-            rb = rows[k, 1] - y0
-            q0 = np.uint64(ra * TW)  # unsigned block bounds: no wraparound, the loops vectorise
-            q1 = np.uint64((rb + 1) * TW)
-            kl = np.float32(k - s0)
-            mx, my, ca, cb, cc, o = _entry(ep, k)
-            if exact_exp:
-                _block_sigma(buf, pc, q0, q1, mx, my, ca, cb, cc)
-                _block_exp(buf, q0, q1, _cutoff(ca, cb, cc, o))
-            else:
-                if _block_sigma_exp_fwd(buf, st, pc, q0, q1, mx, my, ca, cb, cc, o) > 0:
-                    _fixup_fwd(buf, st, pc, q0, q1, o, _cutoff(ca, cb, cc, o), ep, rows, s0, k, y0)
-            cnt = np.int32(0)
-            nstop = np.int32(0)
-            for q in range(q0, q1):
-                s = buf[0, q]
-                al = o * buf[1, q]
-                al = al if al < AMAX else AMAX
-                Tp = st[0, q]
-                act = st[1, q]
-                lv = st[2, q]
-                valid = (s >= F0) & (al >= AMIN) & (act > F0)
-                nT = Tp * (F1 - al)
-                stop = valid & (nT <= TMIN)
-                con = valid & (~stop)
-                buf[2, q] = _sel(con, al * Tp, F0)
-                st[0, q] = _sel(con, nT, Tp)
-                st[1, q] = _sel(stop, F0, act)
-                st[2, q] = _sel(con, kl, lv)
-                st[3, q] = st[3, q] + _sel(con, _step_err(al), F0)  # (a select of the old value: masked store)
-                cnt = _inc(cnt, con)
-                nstop = _inc(nstop, stop)
-            if cnt > 0:
-                f0 = ep[k, 6]
-                f1 = ep[k, 7]
-                f2 = ep[k, 8]
-                f3 = ep[k, 9]
-                for q in range(q0, q1):  # the first four channels in one loop (ep is zero-padded)
-                    w = buf[2, q]
-                    acc[0, q] += w * f0
-                    acc[1, q] += w * f1
-                    acc[2, q] += w * f2
-                    acc[3, q] += w * f3
-                for ci in range(4, C):
-                    f = ep[k, 6 + ci]
-                    for q in range(q0, q1):
-                        acc[ci, q] += buf[2, q] * f
-            ent_count[gpos[k]] = cnt
-            n_act -= nstop
-        for r in range(th):
-            for j in range(tw):
-                q = r * TW + j
-                pix = (y0 + r) * width + (x0 + j)
-                Tp = st[0, q]
-                t_final[pix] = Tp
-                lv = st[2, q]
-                last[pix] = s0 + np.int64(lv) if lv >= F0 else -1
-                alpha_img[pix] = F1 - Tp
-                for ci in range(C):
-                    v = acc[ci, q]
-                    if has_bg:
-                        v += Tp * background[ci]
-                    img[pix, ci] = v
+            _forward_tile(torder[i], ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, img,
+                          alpha_img, t_final, last, ent_count)
     return 0
 
 
@@ -771,94 +810,113 @@ def forward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, e
 # backward
 
 
+@njit(inline="always", **_opts)
+def _backward_tile(t, ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, t_final, last,
+                   g_img, g_alpha, eg):
+    """One tile of backward (see there)."""
+    C = g_img.shape[1]
+    s0 = tile_start[t]
+    s1 = tile_start[t + 1]
+    if s1 == s0:
+        return 0
+    tx = t % TX
+    ty = t // TX
+    x0 = tx * TW
+    y0 = ty * TH
+    tw = min(TW, width - x0)
+    th = min(TH, height - y0)
+    # st[0] T (running back from T_final), st[1] Sg = sum over the composited entries behind of
+    # w_j (f_j . dL/dout), st[2] T_final (bg . dL/dout) - dL/dalpha T_final, st[3] last entry
+    st = np.zeros((4, TP), dtype=np.float32)
+    G = np.zeros((max(C, 4), TP), dtype=np.float32)  # rows >= C stay 0 (and ep's padding is 0)
+    buf = np.zeros((4, TP), dtype=np.float32)  # sigma, exp(-sigma), f . g of the extra channels, weight
+    pc = np.empty((2, TP), dtype=np.float32)
+    fsum = np.empty(C, dtype=np.float32)
+    _pixel_centres(pc, x0, y0)
+    for q in range(TP):
+        st[3, q] = np.float32(-1.0)
+    kmax = -1
+    for r in range(th):
+        for j in range(tw):
+            q = r * TW + j
+            pix = (y0 + r) * width + (x0 + j)
+            Tf = t_final[pix]
+            st[0, q] = Tf
+            lk = last[pix]
+            st[3, q] = np.float32(lk - s0) if lk >= 0 else np.float32(-1.0)
+            kmax = max(kmax, lk)
+            dot = F0
+            for ci in range(C):
+                gv = g_img[pix, ci]
+                G[ci, q] = gv
+                if has_bg:
+                    dot += background[ci] * gv
+            st[2, q] = Tf * dot - g_alpha[pix] * Tf
+    # entries behind every pixel's last composited one get zero gradients
+    for k in range(max(kmax + 1, s0), s1):
+        p = gpos[k]
+        for j in range(6 + C):
+            eg[p, j] = F0
+    for k in range(kmax, s0 - 1, -1):
+        kl = np.float32(k - s0)
+        ra = rows[k, 0] - y0  # the entry's rows (within the tile)
+        rb = rows[k, 1] - y0
+        q0 = np.uint64(ra * TW)  # unsigned block bounds: no wraparound, the loops vectorise
+        q1 = np.uint64((rb + 1) * TW)
+        mx, my, ca, cb, cc, o = _entry(ep, k)
+        if exact_exp:
+            _block_sigma(buf, pc, q0, q1, mx, my, ca, cb, cc)
+            _block_exp(buf, q0, q1, _cutoff(ca, cb, cc, o))
+        elif _block_sigma_exp_bwd(buf, pc, q0, q1, mx, my, ca, cb, cc, o) > 0:
+            _fixup_bwd(buf, q0, q1, o, _cutoff(ca, cb, cc, o))
+        if C > 4:  # the extra channels' part of f . dL/dout (the first four are fused below)
+            for q in range(q0, q1):
+                buf[2, q] = F0
+            for ci in range(4, C):
+                f = ep[k, 6 + ci]
+                for q in range(q0, q1):
+                    buf[2, q] += f * G[ci, q]
+        r = _bwd_entry(buf, st, G, pc, q0, q1, mx, my, ca, cb, cc, o, kl, ep[k, 6], ep[k, 7], ep[k, 8], ep[k, 9])
+        p = gpos[k]
+        eg[p, 0] = r[0]
+        eg[p, 1] = r[1]
+        eg[p, 2] = r[2]
+        eg[p, 3] = r[3]
+        eg[p, 4] = r[4]
+        eg[p, 5] = r[5]
+        eg[p, 6] = r[6]
+        if C > 1:
+            eg[p, 7] = r[7]
+        if C > 2:
+            eg[p, 8] = r[8]
+        if C > 3:
+            eg[p, 9] = r[9]
+        if C > 4:
+            _dots(buf[3], G, 4, q0, q1, fsum)
+            for ci in range(4, C):
+                eg[p, 6 + ci] = fsum[ci]
+    return 0
+
+
 @njit(parallel=True, **_opts)
-def backward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, t_final, last, g_img,
-             g_alpha, eg):
+def backward(ep, rows, tile_start, torder, nwork, gpos, width, height, TX, background, has_bg, exact_exp, t_final,
+             last, g_img, g_alpha, eg):
     """Back-to-front per tile (ep from bucket, at least 4 channels wide); writes each entry's
     gradients to eg[gpos[entry]] (E, 6 + C): mean x, y, conic a, b, c, opacity, then the C channels."""
-    C = g_img.shape[1]
     n_tiles = tile_start.shape[0] - 1
-    for t in prange(n_tiles):
-        s0 = tile_start[t]
-        s1 = tile_start[t + 1]
-        if s1 == s0:
-            continue
-        tx = t % TX
-        ty = t // TX
-        x0 = tx * TW
-        y0 = ty * TH
-        tw = min(TW, width - x0)
-        th = min(TH, height - y0)
-        # st[0] T (running back from T_final), st[1] Sg = sum over the composited entries behind of
-        # w_j (f_j . dL/dout), st[2] T_final (bg . dL/dout) - dL/dalpha T_final, st[3] last entry
-        st = np.zeros((4, TP), dtype=np.float32)
-        G = np.zeros((max(C, 4), TP), dtype=np.float32)  # rows >= C stay 0 (and ep's padding is 0)
-        buf = np.zeros((4, TP), dtype=np.float32)  # sigma, exp(-sigma), f . g of the extra channels, weight
-        pc = np.empty((2, TP), dtype=np.float32)
-        fsum = np.empty(C, dtype=np.float32)
-        _pixel_centres(pc, x0, y0)
-        for q in range(TP):
-            st[3, q] = np.float32(-1.0)
-        kmax = -1
-        for r in range(th):
-            for j in range(tw):
-                q = r * TW + j
-                pix = (y0 + r) * width + (x0 + j)
-                Tf = t_final[pix]
-                st[0, q] = Tf
-                lk = last[pix]
-                st[3, q] = np.float32(lk - s0) if lk >= 0 else np.float32(-1.0)
-                kmax = max(kmax, lk)
-                dot = F0
-                for ci in range(C):
-                    gv = g_img[pix, ci]
-                    G[ci, q] = gv
-                    if has_bg:
-                        dot += background[ci] * gv
-                st[2, q] = Tf * dot - g_alpha[pix] * Tf
-        # entries behind every pixel's last composited one get zero gradients
-        for k in range(max(kmax + 1, s0), s1):
-            p = gpos[k]
-            for j in range(6 + C):
-                eg[p, j] = F0
-        for k in range(kmax, s0 - 1, -1):
-            kl = np.float32(k - s0)
-            ra = rows[k, 0] - y0  # the entry's rows (within the tile)
-            rb = rows[k, 1] - y0
-            q0 = np.uint64(ra * TW)  # unsigned block bounds: no wraparound, the loops vectorise
-            q1 = np.uint64((rb + 1) * TW)
-            mx, my, ca, cb, cc, o = _entry(ep, k)
-            if exact_exp:
-                _block_sigma(buf, pc, q0, q1, mx, my, ca, cb, cc)
-                _block_exp(buf, q0, q1, _cutoff(ca, cb, cc, o))
-            elif _block_sigma_exp_bwd(buf, pc, q0, q1, mx, my, ca, cb, cc, o) > 0:
-                _fixup_bwd(buf, q0, q1, o, _cutoff(ca, cb, cc, o))
-            if C > 4:  # the extra channels' part of f . dL/dout (the first four are fused below)
-                for q in range(q0, q1):
-                    buf[2, q] = F0
-                for ci in range(4, C):
-                    f = ep[k, 6 + ci]
-                    for q in range(q0, q1):
-                        buf[2, q] += f * G[ci, q]
-            r = _bwd_entry(buf, st, G, pc, q0, q1, mx, my, ca, cb, cc, o, kl, ep[k, 6], ep[k, 7], ep[k, 8], ep[k, 9])
-            p = gpos[k]
-            eg[p, 0] = r[0]
-            eg[p, 1] = r[1]
-            eg[p, 2] = r[2]
-            eg[p, 3] = r[3]
-            eg[p, 4] = r[4]
-            eg[p, 5] = r[5]
-            eg[p, 6] = r[6]
-            if C > 1:
-                eg[p, 7] = r[7]
-            if C > 2:
-                eg[p, 8] = r[8]
-            if C > 3:
-                eg[p, 9] = r[9]
-            if C > 4:
-                _dots(buf[3], G, 4, q0, q1, fsum)
-                for ci in range(4, C):
-                    eg[p, 6 + ci] = fsum[ci]
+    if nwork == 1:
+        for t in prange(n_tiles):
+            _backward_tile(t, ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, t_final,
+                       last, g_img, g_alpha, eg)
+        return 0
+    ctr = np.zeros(1, dtype=np.int64)  # tiles are taken from this counter (see torder)
+    for _w in prange(nwork):
+        while True:
+            i = _next(ctr)
+            if i >= n_tiles:
+                break
+            _backward_tile(torder[i], ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, t_final,
+                           last, g_img, g_alpha, eg)
     return 0
 
 

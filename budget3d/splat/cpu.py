@@ -69,7 +69,7 @@ def _depth_keys(depths: np.ndarray) -> np.ndarray:
 
 
 class _Binning:
-    __slots__ = ("rows", "goff", "tile_start", "gpos", "ep", "TX", "n_entries")
+    __slots__ = ("rows", "goff", "tile_start", "torder", "gpos", "ep", "TX", "n_entries")
 
 
 def _bin(m2d, con, op, feat, dep, rad, width, height, nthreads):
@@ -105,6 +105,9 @@ def _bin(m2d, con, op, feat, dep, rad, width, height, nthreads):
         raise ValueError("cpu rasterizer: more than 2^24 Gaussians overlap one tile")
     b = _Binning()
     b.rows, b.goff, b.tile_start, b.gpos, b.ep, b.TX = erow, goff, tile_start, gpos, ep, TX
+    # the raster kernels' threads take tiles from a shared counter in this order: the most entries
+    # first, so the last tiles taken are short ones
+    b.torder = np.argsort(-np.diff(tile_start), kind="stable")
     b.n_entries = int(goff[N])
     return b
 
@@ -145,7 +148,7 @@ class _RasterizeCPU(torch.autograd.Function):
         t_final = np.empty(HW, dtype=np.float32)
         last = np.empty(HW, dtype=np.int64)
         ent_count = np.zeros(b.n_entries, dtype=np.int64)
-        K.forward(b.ep, b.rows, b.tile_start, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), img, alpha,
+        K.forward(b.ep, b.rows, b.tile_start, b.torder, nthreads, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), img, alpha,
                   t_final, last, ent_count)
         n_pixels = np.empty(N, dtype=np.int64)
         K.reduce_counts(b.goff, ent_count, n_pixels)
@@ -166,7 +169,7 @@ class _RasterizeCPU(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g_img, g_alpha):
         N, C, bg, has_bg, b, t_final, last, width, height = ctx.saved
-        _threads()
+        nthreads = _threads()
         HW = width * height
         gi = (np.zeros((HW, C), dtype=np.float32) if g_img is None
               else _np32(g_img.reshape(HW, C)))
@@ -174,7 +177,7 @@ class _RasterizeCPU(torch.autograd.Function):
               else _np32(g_alpha.reshape(HW)))
         E = b.n_entries
         eg = np.empty((E, 6 + C), dtype=np.float32)
-        K.backward(b.ep, b.rows, b.tile_start, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), t_final, last,
+        K.backward(b.ep, b.rows, b.tile_start, b.torder, nthreads, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), t_final, last,
                    gi, ga, eg)
         g_mean = np.empty((N, 2), dtype=np.float32)
         g_conic = np.empty((N, 3), dtype=np.float32)
