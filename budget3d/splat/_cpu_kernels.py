@@ -857,10 +857,28 @@ def _backward_tile(t, ep, rows, tile_start, gpos, width, height, TX, background,
         p = gpos[k]
         for j in range(6 + C):
             eg[p, j] = F0
+    # per row, its pixels' last composited entry (local): an entry's row range is trimmed to the rows
+    # with a pixel it may have been composited into (the other rows' lanes change nothing; at 50k/256^2
+    # that drops 15% of the entries' rows, on garden 25%; the gradient sums' rounding differs a little)
+    rlast = np.empty(TH, dtype=np.float32)
+    for r in range(TH):
+        m = np.float32(-1.0)
+        for j in range(TW):
+            m = max(m, st[3, r * TW + j])
+        rlast[r] = m
     for k in range(kmax, s0 - 1, -1):
         kl = np.float32(k - s0)
         ra = rows[k, 0] - y0  # the entry's rows (within the tile)
         rb = rows[k, 1] - y0
+        while ra <= rb and rlast[ra] < kl:
+            ra += 1
+        while rb >= ra and rlast[rb] < kl:
+            rb -= 1
+        if ra > rb:
+            p = gpos[k]
+            for j in range(6 + C):
+                eg[p, j] = F0
+            continue
         q0 = np.uint64(ra * TW)  # unsigned block bounds: no wraparound, the loops vectorise
         q1 = np.uint64((rb + 1) * TW)
         mx, my, ca, cb, cc, o = _entry(ep, k)
