@@ -160,6 +160,27 @@ def test_visible_adam_updates_only_visible_rows_with_per_row_bias_correction():
     assert torch.equal(p.detach()[1:], before[1:])
 
 
+def test_visible_adam_cpu_kernel_matches_the_torch_ops():
+    from budget3d.train import optim
+
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(300, 15, 3))  # float32 on the CPU: the numba kernel
+    b = torch.nn.Parameter(a.detach().double().clone())  # float64: the torch ops
+    oa, ob = VisibleAdam([a], lr=1e-2), VisibleAdam([b], lr=1e-2)
+    for i in range(12):
+        g = torch.randn_like(a)
+        vis = torch.rand(300) < 0.6
+        a.grad, b.grad = g.clone(), g.double()
+        oa.step(vis if i != 3 else None)
+        ob.step(vis if i != 3 else None)
+        sa, sb = oa.state[a], ob.state[b]
+        assert optim._cpu_ok(a, sa["exp_avg"], sa["exp_avg_sq"], sa["row_step"], vis)
+        assert not optim._cpu_ok(b, sb["exp_avg"], sb["exp_avg_sq"], sb["row_step"], vis)
+    assert torch.equal(sa["row_step"], sb["row_step"]) and sa["row_step"].min() >= 1
+    assert torch.allclose(a.detach().double(), b.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(sa["exp_avg_sq"].double(), sb["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
 def test_visible_adam_state_follows_gsplat_densification_ops():
     from gsplat.strategy.ops import duplicate, remove
 

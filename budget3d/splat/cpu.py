@@ -57,6 +57,13 @@ def _threads() -> int:
     return n
 
 
+def launch(kernel, *args):
+    """Run a parallel numba kernel the way this module runs its own: under _LOCK, on _threads()."""
+    with _LOCK:
+        _threads()
+        return kernel(*args)
+
+
 def _np32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to(torch.float32).numpy())
 
