@@ -347,10 +347,11 @@ def cull_entries(P, PR, order, ub_off, TX, nchunks, ent_tile, ent_row, ent_rank,
 
 
 @njit(**_opts)
-def depth_order(dkey, count):
-    """Indices of the Gaussians with count > 0, sorted by (dkey, index): a stable LSD radix sort (4
-    passes of 8 bits) of the uint32 depth keys."""
-    N = dkey.shape[0]
+def depth_order(dbits, count):
+    """Indices of the Gaussians with count > 0, sorted by (depth, index): a stable LSD radix sort (4
+    passes of 8 bits) of uint32 keys with the order of the float32 depths (``dbits``: their bits;
+    -0 counts as +0)."""
+    N = dbits.shape[0]
     M = 0
     for g in range(N):
         if count[g] > 0:
@@ -360,8 +361,11 @@ def depth_order(dkey, count):
     m = 0
     for g in range(N):
         if count[g] > 0:
+            d = dbits[g]
+            if d == np.uint32(0x80000000):
+                d = np.uint32(0)
             a[m] = g
-            ka[m] = dkey[g]
+            ka[m] = ~d if (d & np.uint32(0x80000000)) != 0 else d | np.uint32(0x80000000)
             m += 1
     bb = np.empty(M, dtype=np.int32)
     kb = np.empty(M, dtype=np.uint32)

@@ -68,13 +68,6 @@ def _np32(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to(torch.float32).numpy())
 
 
-def _depth_keys(depths: np.ndarray) -> np.ndarray:
-    """float32 depths -> uint32 keys with the same order (-0 == +0; ties broken later by index)."""
-    d = (depths.astype(np.float32) + np.float32(0.0)).view(np.uint32)
-    neg = (d & np.uint32(0x80000000)) != 0
-    return np.where(neg, ~d, d | np.uint32(0x80000000)).astype(np.uint32)
-
-
 class _Binning:
     __slots__ = ("rows", "goff", "tile_start", "torder", "gpos", "ep", "TX", "n_entries")
 
@@ -89,7 +82,7 @@ def _bin(m2d, con, op, feat, dep, rad, width, height, nthreads):
     count = np.empty(N, dtype=np.int64)
     TX = K.prepare(m2d, con, op, rad, width, height, rect, grows, count)
     TY = (height + K.TH - 1) // K.TH
-    order = K.depth_order(_depth_keys(dep), count)  # visible Gaussians by (depth, index)
+    order = K.depth_order(dep.view(np.uint32), count)  # visible Gaussians by (depth, index)
     ub_off = np.zeros(len(order) + 1, dtype=np.int64)
     np.cumsum(count[order], out=ub_off[1:])
     UB = int(ub_off[-1])
