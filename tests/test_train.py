@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import warnings
 
 import cv2
 import numpy as np
@@ -359,6 +360,27 @@ def test_loss_is_l1_plus_ssim_term():
     assert _loss(a, b, 0.0).item() == pytest.approx(l1)
     assert _loss(a, b, 0.2).item() == pytest.approx(0.8 * l1 + 0.2 * (1 - ssim(a, b)), rel=1e-5)
     assert _loss(a, a, 0.2).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("h,w", [(200, 200), (37, 53), (11, 11), (12, 300), (8, 40)])
+def test_cpu_ssim_matches_pytorch_msssim_value_and_gradient(h, w):
+    from pytorch_msssim import ssim as reference
+
+    from budget3d.train.ssim import ssim
+
+    g = torch.Generator().manual_seed(h * 1000 + w)
+    gt = torch.rand(h, w, 3, generator=g)
+    a = (0.7 * gt + 0.3 * torch.rand(h, w, 3, generator=g)).requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    ours = ssim(a, gt)
+    ours.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (8 rows: pytorch_msssim skips smoothing along them; so do we)
+        ref = reference(b.permute(2, 0, 1)[None], gt.permute(2, 0, 1)[None], data_range=1.0, size_average=True)
+    ref.backward()
+    assert ours.item() == pytest.approx(ref.item(), abs=2e-6)
+    assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5 * b.grad.abs().max().item())
+    assert (a.grad != 0).any()
 
 
 def test_progress_bar_shows_loss_psnr_and_count(tmp_path, scene, capsys):

@@ -937,8 +937,8 @@ def backward(ep, rows, tile_start, torder, nwork, gpos, width, height, TX, backg
             i = _next(ctr)
             if i >= n_tiles:
                 break
-            _backward_tile(torder[i], ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, t_final,
-                           last, g_img, g_alpha, eg)
+            _backward_tile(torder[i], ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp,
+                           t_final, last, g_img, g_alpha, eg)
     return 0
 
 

@@ -193,8 +193,8 @@ class _RasterizeCPU(torch.autograd.Function):
         t_final = np.empty(HW, dtype=np.float32)
         last = np.empty(HW, dtype=np.int64)
         ent_count = np.zeros(b.n_entries, dtype=np.int64)
-        K.forward(b.ep, b.rows, b.tile_start, b.torder, nthreads, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), img, alpha,
-                  t_final, last, ent_count)
+        K.forward(b.ep, b.rows, b.tile_start, b.torder, nthreads, b.gpos, width, height, b.TX, bg, has_bg,
+                  bool(exact_exp), img, alpha, t_final, last, ent_count)
         n_pixels = np.empty(N, dtype=np.int64)
         K.reduce_counts(b.goff, ent_count, n_pixels)
         ctx.saved = (N, C, bg, has_bg, b, t_final, last, width, height)
@@ -222,8 +222,8 @@ class _RasterizeCPU(torch.autograd.Function):
               else _np32(g_alpha.reshape(HW)))
         E = b.n_entries
         eg = np.empty((E, 6 + C), dtype=np.float32)
-        K.backward(b.ep, b.rows, b.tile_start, b.torder, nthreads, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), t_final, last,
-                   gi, ga, eg)
+        K.backward(b.ep, b.rows, b.tile_start, b.torder, nthreads, b.gpos, width, height, b.TX, bg, has_bg,
+                   bool(exact_exp), t_final, last, gi, ga, eg)
         g_mean = np.empty((N, 2), dtype=np.float32)
         g_conic = np.empty((N, 3), dtype=np.float32)
         g_opac = np.empty(N, dtype=np.float32)

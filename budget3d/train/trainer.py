@@ -408,10 +408,9 @@ def _loss(img: torch.Tensor, gt: torch.Tensor, ssim_lambda: float) -> torch.Tens
     l1 = (img - gt).abs().mean()
     if ssim_lambda <= 0:
         return l1
-    from pytorch_msssim import ssim
+    from budget3d.train.ssim import ssim  # (pytorch_msssim's, as numba kernels on the CPU)
 
-    s = ssim(img.permute(2, 0, 1)[None], gt.permute(2, 0, 1)[None], data_range=1.0, size_average=True)
-    return (1 - ssim_lambda) * l1 + ssim_lambda * (1 - s)
+    return (1 - ssim_lambda) * l1 + ssim_lambda * (1 - ssim(img, gt))
 
 
 def _regulariser(s: Session):
