@@ -214,7 +214,7 @@ class _RasterizeCPU(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g_img, g_alpha):
         N, C, bg, has_bg, b, t_final, last, width, height = ctx.saved
-        nthreads = _threads()
+        _threads()
         HW = width * height
         gi = (np.zeros((HW, C), dtype=np.float32) if g_img is None
               else _np32(g_img.reshape(HW, C)))
@@ -222,8 +222,8 @@ class _RasterizeCPU(torch.autograd.Function):
               else _np32(g_alpha.reshape(HW)))
         E = b.n_entries
         eg = np.empty((E, 6 + C), dtype=np.float32)
-        K.backward(b.ep, b.rows, b.tile_start, b.torder, nthreads, b.gpos, width, height, b.TX, bg, has_bg,
-                   bool(exact_exp), t_final, last, gi, ga, eg)
+        K.backward(b.ep, b.rows, b.tile_start, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), t_final, last,
+                   gi, ga, eg)
         g_mean = np.empty((N, 2), dtype=np.float32)
         g_conic = np.empty((N, 3), dtype=np.float32)
         g_opac = np.empty(N, dtype=np.float32)
