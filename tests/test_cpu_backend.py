@@ -387,27 +387,3 @@ def test_tile_culling_of_thin_rotated_ellipses(seed):
     y1 = (m[:, 1] + r[:, 1]).ceil().clamp(0, 112).sub(1).clamp_min(0).long() // 16
     box_tiles = int(((x1 - x0 + 1) * (y1 - y0 + 1))[vis].sum())
     assert st["entries"] < 0.8 * box_tiles, (st, box_tiles)
-
-
-def test_omp_pause_ends_torch_spinning_openmp_workers():
-    """After a parallel torch op its OpenMP workers spin (~10 ms of CPU on the 2-vCPU machines);
-    the cpu backend ends them before its multi-threaded kernels so they do not share a core."""
-    import time
-
-    from budget3d.splat import cpu
-
-    if torch.get_num_threads() < 2:
-        pytest.skip("one torch thread: no OpenMP workers to end")
-    if not cpu._find_omp_pause():
-        pytest.skip("no loaded OpenMP runtime has omp_pause_resource_all")
-    x = torch.rand(2_000_000)
-
-    def cpu_seconds_in_a_sleep_after_an_op():
-        y = x * 2.0  # noqa: F841  (a parallel op: wakes the workers)
-        cpu._omp_pause()
-        c0 = time.process_time()
-        time.sleep(0.05)
-        return time.process_time() - c0
-
-    assert min(cpu_seconds_in_a_sleep_after_an_op() for _ in range(3)) < 0.002
-    assert torch.equal(x * 2.0, x + x)  # torch's next parallel ops start new workers and work

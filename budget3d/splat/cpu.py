@@ -50,62 +50,17 @@ _LOCK = threading.Lock()
 num_threads = None
 
 
-def _threads(quiet_omp: bool = True) -> int:
-    """Set numba's thread count for the next launch and return it; with ``quiet_omp`` and more than
-    one thread, first end torch's spinning OpenMP workers (see _omp_pause)."""
+def _threads() -> int:
     n = torch.get_num_threads() if num_threads is None else int(num_threads)
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
-    if n > 1 and quiet_omp:
-        _omp_pause()
     return n
 
 
-# After each parallel torch op, torch's OpenMP worker threads (libgomp) spin for ~10 ms waiting for
-# the next one (measured: 9-12 ms of CPU per op on the 2-vCPU machines). Kernels launched in that
-# window share a core with the spinner: the raster kernels ran ~1.5x slower after a torch op, a
-# 2-thread project_sh_bwd no faster than 1 thread. ``omp_pause_resource_all`` (OpenMP 5.0) ends the
-# calling thread's idle OpenMP workers (~0.1 ms when there are some); torch's next parallel op starts
-# new ones (+30 us). Called before the multi-threaded render kernels; a no-op where no OpenMP runtime
-# with it is loaded. Render fwd+bwd, 2 threads, A/B: 50k/256^2 72-75 -> 52-58 ms, 10k 23-24 -> 13-14 ms.
-_pause_fns = None
-
-
-def _omp_pause():
-    global _pause_fns
-    if _pause_fns is None:
-        _pause_fns = _find_omp_pause()
-    for f in _pause_fns:
-        f(1)  # omp_pause_soft
-
-
-def _find_omp_pause():
-    import ctypes
-
-    if os.environ.get("NUMBA_THREADING_LAYER", "workqueue") == "omp" or not hasattr(os, "RTLD_NOLOAD"):
-        return []  # (numba's own OpenMP workers must not be paused)
-    try:
-        with open("/proc/self/maps") as fh:
-            paths = {ln.split()[-1] for ln in fh if "omp" in ln.rsplit("/", 1)[-1] and ".so" in ln}
-    except OSError:
-        return []
-    fns = []
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-            f = lib.omp_pause_resource_all
-        except (OSError, AttributeError):
-            continue
-        f.argtypes, f.restype = [ctypes.c_int], ctypes.c_int
-        fns.append(f)
-    return fns
-
-
 def launch(kernel, *args):
-    """Run a short parallel numba kernel under _LOCK on _threads() threads (torch's OpenMP workers
-    are left alone: ending them costs ~0.1 ms, more than a short kernel loses to them)."""
+    """Run a parallel numba kernel the way this module runs its own: under _LOCK, on _threads()."""
     with _LOCK:
-        _threads(quiet_omp=False)
+        _threads()
         return kernel(*args)
 
 
