@@ -112,13 +112,15 @@ def _adam_rows_cpu(p, g, m, v, t, vis, lr, beta1, beta2, eps):
     c1 = np.float32(1.0 - beta1)
     c2 = np.float32(1.0 - beta2)
     e = np.float32(eps)
+    lb1 = math.log(beta1) if beta1 > 0 else -math.inf
+    lb2 = math.log(beta2) if beta2 > 0 else -math.inf
     for i in numba.prange(N):
         if not vis[i]:
             continue
         ti = t[i] + np.float32(1.0)
         t[i] = ti
-        bc1 = 1.0 - beta1 ** np.float64(ti)
-        bc2s = np.float32(math.sqrt(1.0 - beta2 ** np.float64(ti)))
+        bc1 = 1.0 - math.exp(lb1 * np.float64(ti))  # (exp, not pow: pow cost ~40 ns per row)
+        bc2s = np.float32(math.sqrt(1.0 - math.exp(lb2 * np.float64(ti))))
         step = np.float32(lr / bc1)
         for j in range(D):
             gj = g[i, j]
