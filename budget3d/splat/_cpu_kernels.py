@@ -89,14 +89,15 @@ A09 = np.float32(0.9)
 
 @intrinsic
 def _next(typingctx, ctr):
-    """Atomically ctr[0] += 1; returns the old value (a shared work counter for the parallel loops)."""
+    """Atomically ctr[0] += 1; returns the old value (the forward's shared tile counter)."""
     if not (isinstance(ctr, types.Array) and ctr.dtype == types.int64):
         return None
     sig = types.int64(ctr)
 
     def codegen(context, builder, signature, args):
         ary = context.make_array(signature.args[0])(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [context.get_constant(types.intp, 0)])
+        zero = context.get_constant(types.intp, 0)
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [zero])
         return builder.atomic_rmw("add", ptr, context.get_constant(types.int64, 1), "monotonic")
 
     return sig, codegen
