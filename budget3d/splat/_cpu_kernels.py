@@ -692,16 +692,19 @@ def _pixel_centres(pc, x0, y0):
 
 
 @njit(inline="always", **_opts)
+def _tile_box(t, TX, width, height):
+    """Tile t's top-left pixel (x0, y0) and its width and height within the image."""
+    x0 = (t % TX) * TW
+    y0 = (t // TX) * TH
+    return x0, y0, min(TW, width - x0), min(TH, height - y0)
+
+
+@njit(inline="always", **_opts)
 def _forward_tile(t, ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, img, alpha_img,
                   t_final, last, ent_count):
     """One tile of forward (see there)."""
     C = img.shape[1]
-    tx = t % TX
-    ty = t // TX
-    x0 = tx * TW
-    y0 = ty * TH
-    tw = min(TW, width - x0)
-    th = min(TH, height - y0)
+    x0, y0, tw, th = _tile_box(t, TX, width, height)
     s0 = tile_start[t]
     # st[0] T, st[1] active (1/0), st[2] last composited entry (local index as float32; -1 none),
     # st[3] bound on the relative difference of T from the libm path's (fast exp only)
@@ -820,12 +823,7 @@ def _backward_tile(t, ep, rows, tile_start, gpos, width, height, TX, background,
     s1 = tile_start[t + 1]
     if s1 == s0:
         return 0
-    tx = t % TX
-    ty = t // TX
-    x0 = tx * TW
-    y0 = ty * TH
-    tw = min(TW, width - x0)
-    th = min(TH, height - y0)
+    x0, y0, tw, th = _tile_box(t, TX, width, height)
     # st[0] T (running back from T_final), st[1] Sg = sum over the composited entries behind of
     # w_j (f_j . dL/dout), st[2] T_final (bg . dL/dout) - dL/dalpha T_final, st[3] last entry
     st = np.zeros((4, TP), dtype=np.float32)

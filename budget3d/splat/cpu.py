@@ -105,8 +105,8 @@ def _bin(m2d, con, op, feat, dep, rad, width, height, nthreads):
         raise ValueError("cpu rasterizer: more than 2^24 Gaussians overlap one tile")
     b = _Binning()
     b.rows, b.goff, b.tile_start, b.gpos, b.ep, b.TX = erow, goff, tile_start, gpos, ep, TX
-    # the raster kernels' threads take tiles from a shared counter in this order: the most entries
-    # first, so the last tiles taken are short ones
+    # the forward's threads take tiles from a shared counter in this order: the most entries first,
+    # so the last tiles taken are short ones
     b.torder = np.argsort(-np.diff(tile_start), kind="stable")
     b.n_entries = int(goff[N])
     return b

@@ -24,6 +24,8 @@ import numba
 import numpy as np
 import torch
 
+from budget3d.splat._cpu_kernels import _opts
+
 
 class VisibleAdam(torch.optim.Optimizer):
     """Adam over one (N, ...) parameter whose rows are Gaussians; ``step(visible)`` updates only
@@ -102,7 +104,7 @@ def _adam_cpu(p, m, v, t, visible, lr, beta1, beta2, eps):
            float(beta2), float(eps))
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy", boundscheck=False)
+@numba.njit(parallel=True, **_opts)
 def _adam_rows_cpu(p, g, m, v, t, vis, lr, beta1, beta2, eps):
     """_adam_rows on the rows where vis, in place, one pass (float32 state, bias corrections in
     float64 as torch.optim.Adam computes them)."""

@@ -15,6 +15,8 @@ import numba
 import numpy as np
 import torch
 
+from budget3d.splat._cpu_kernels import _opts
+
 WIN = 11
 SIGMA = 1.5
 K1, K2 = 0.01, 0.03
@@ -67,10 +69,7 @@ class _SSIM(torch.autograd.Function):
         return torch.from_numpy(out), None, None
 
 
-_opts = dict(parallel=True, cache=True, nogil=True, error_model="numpy", boundscheck=False)
-
-
-@numba.njit(**_opts)
+@numba.njit(parallel=True, **_opts)
 def _ssim_fwd(x, y, w, c1, c2, d):
     """Sum of the SSIM map (float64); d[0..2] = its derivatives w.r.t. mu_x, E[x²] and E[xy].
     Rows are flat (W*C): a tap k is an offset of k*C, so the inner loops run over contiguous
@@ -125,7 +124,7 @@ def _ssim_fwd(x, y, w, c1, c2, d):
     return rows.sum()
 
 
-@numba.njit(**_opts)
+@numba.njit(parallel=True, **_opts)
 def _ssim_bwd(x, y, w, d, scale, out):
     """out = scale (G^T d0 + 2 x G^T d1 + y G^T d2), G the valid separable filter (flat rows as in
     _ssim_fwd)."""
