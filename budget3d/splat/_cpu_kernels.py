@@ -36,9 +36,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from budget3d.splat import _pool
 
 TW = 8  # tile width: a row of a tile is one AVX2 vector of float32
 TH = 32  # tile height
@@ -86,22 +88,6 @@ DX10 = np.float32(2e-5)
 DX100 = np.float32(2e-4)
 A05 = np.float32(0.5)
 A09 = np.float32(0.9)
-
-@intrinsic
-def _next(typingctx, ctr):
-    """Atomically ctr[0] += 1; returns the old value (the forward's shared tile counter)."""
-    if not (isinstance(ctr, types.Array) and ctr.dtype == types.int64):
-        return None
-    sig = types.int64(ctr)
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        zero = context.get_constant(types.intp, 0)
-        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [zero])
-        return builder.atomic_rmw("add", ptr, context.get_constant(types.int64, 1), "monotonic")
-
-    return sig, codegen
-
 
 _opts = dict(cache=True, nogil=True, fastmath=False, error_model="numpy", boundscheck=False)
 
@@ -187,15 +173,13 @@ def _fast_exp_neg(s):
 # binning
 
 
-@njit(parallel=True, **_opts)
-def prepare(means2d, conics, opac, radii, width, height, rect, rows, count):
+@njit(inline="always", **_opts)
+def _prepare(lo, hi, means2d, conics, opac, radii, width, height, rect, rows, count):
     """Per Gaussian: tile rectangle (tx0, tx1, ty0, ty1), pixel rows [r0, r1] and columns [c0, c1]
     the alpha >= 1/255 ellipse can reach (cut to the oracle's candidate box; rows[g] = (r0, r1, c0,
     c1)), and the number of tiles of the rectangle (an upper bound on its entries)."""
-    N = means2d.shape[0]
-    TX = (width + TW - 1) // TW
     thr = np.float64(AMIN)
-    for g in prange(N):
+    for g in range(lo, hi):
         count[g] = 0
         rect[g, 0] = 0
         rect[g, 1] = 0
@@ -259,7 +243,7 @@ def prepare(means2d, conics, opac, radii, width, height, rect, rows, count):
         rect[g, 2] = ty0
         rect[g, 3] = ty1
         count[g] = (tx1 - tx0) * (ty1 - ty0)
-    return TX
+    return 0
 
 
 @njit(inline="always", **_opts)
@@ -274,8 +258,8 @@ def _branch(u, b, c, det, L2c, sign):
     return (-b * u + sign * math.sqrt(max(L2c - det * u * u, 0.0))) / c
 
 
-@njit(parallel=True, **_opts)
-def cull_entries(P, PR, order, ub_off, TX, nchunks, ent_tile, ent_row, ent_rank, count, cnt):
+@njit(inline="always", **_opts)
+def _cull_entries(c0, c1, P, PR, order, ub_off, TX, nchunks, ent_tile, ent_row, ent_rank, count, cnt):
     """The tiles of each Gaussian's rectangle that its alpha >= 1/255 ellipse really reaches, and per
     such entry the tile's pixel rows [ra, rb] (absolute) on which the ellipse meets the tile's
     columns. Gaussians are visited in ``order`` (visible ones by depth; ``nchunks`` chunks in
@@ -292,7 +276,7 @@ def cull_entries(P, PR, order, ub_off, TX, nchunks, ent_tile, ent_row, ent_rank,
     test is conservative (never drops a pixel the oracle composites)."""
     M = order.shape[0]
     csize = (M + nchunks - 1) // nchunks
-    for ch in prange(nchunks):
+    for ch in range(c0, c1):
         for i in range(ch * csize, min(M, (ch + 1) * csize)):
             g = order[i]
             n = 0
@@ -393,13 +377,13 @@ def depth_order(dbits, count):
     return a
 
 
-@njit(parallel=True, **_opts)
-def sort_params(order, means2d, conics, opac, feats, rect, rows, P, PR):
+@njit(inline="always", **_opts)
+def _sort_params(lo, hi, order, means2d, conics, opac, feats, rect, rows, P, PR):
     """The visible Gaussians' parameters in depth order: P[i] = (mean x, y, conic a, b, c, opacity,
     channels zero-padded to 4) and PR[i] = (rect, rows) of prepare, of Gaussian order[i], so that the
     binning and bucket read them sequentially (in the Gaussians' order they were cache misses)."""
     C = feats.shape[1]
-    for i in prange(order.shape[0]):
+    for i in range(lo, hi):
         g = order[i]
         P[i, 0] = means2d[g, 0]
         P[i, 1] = means2d[g, 1]
@@ -417,22 +401,12 @@ def sort_params(order, means2d, conics, opac, feats, rect, rows, P, PR):
     return 0
 
 
-@njit(parallel=True, **_opts)
-def bucket(order, ub_off, count, goff, ent_tile, ent_row, ent_rank, cnt, P, ep):
-    """Entries grouped by tile, in depth order within each tile (chunk ch of ``order`` fills a
-    consecutive range of each tile after the chunks before it; cnt (nchunks, T) from cull_entries).
-    Returns tile_start (T+1,), erow (E, 2) each entry's absolute pixel rows,
-    gpos (E,): where entry k's per-entry results go in Gaussian-major order (Gaussian g's entries at
-    goff[g]..goff[g+1]-1), so the kernels scatter each entry's results once and the per-Gaussian
-    reductions read contiguous memory instead of gathering. Also fills ep (E, P.shape[1]): entry k's
-    Gaussian's row of P (mean x, y, conic a, b, c, opacity, channels), so that the raster kernels
-    read each entry's parameters sequentially instead of gathering them (random Gaussians per entry:
-    the cache misses had cost ~20% of the raster time).
-    Two passes: the first scatters only each entry's source index (one int32 per entry); the second
-    writes the outputs sequentially, reading the sources in increasing order within each tile."""
-    M = order.shape[0]
+@njit(**_opts)
+def bucket_plan(order, ub_off, goff, cnt):
+    """Bucket's serial part: tile_start (T+1,) from the per-chunk counts cnt (nchunks, T) of
+    cull_entries, turned in place into each chunk's first slot in each tile; and gb (M,): an entry j
+    of the i-th visible Gaussian goes to gpos gb[i] + j."""
     nchunks, n_tiles = cnt.shape
-    csize = (M + nchunks - 1) // nchunks
     tile_start = np.empty(n_tiles + 1, dtype=np.int64)
     run = 0
     for t in range(n_tiles):
@@ -442,9 +416,21 @@ def bucket(order, ub_off, count, goff, ent_tile, ent_row, ent_rank, cnt, P, ep):
             cnt[ch, t] = run
             run += v
     tile_start[n_tiles] = run
-    E = run
-    src = np.empty(E, dtype=np.int32)
-    for ch in prange(nchunks):
+    M = order.shape[0]
+    gb = np.empty(M, dtype=np.int64)
+    for i in range(M):
+        gb[i] = goff[order[i]] - ub_off[i]
+    return tile_start, gb
+
+
+@njit(inline="always", **_opts)
+def _bucket_src(c0, c1, order, ub_off, count, ent_tile, cnt, src):
+    """Chunk ch of ``order`` fills a consecutive range of each tile after the chunks before it:
+    src[slot] = the entry (index into cull_entries' arrays) at each slot."""
+    M = order.shape[0]
+    nchunks = cnt.shape[0]
+    csize = (M + nchunks - 1) // nchunks
+    for ch in range(c0, c1):
         for i in range(ch * csize, min(M, (ch + 1) * csize)):
             b = ub_off[i]
             for j in range(b, b + count[order[i]]):
@@ -452,24 +438,22 @@ def bucket(order, ub_off, count, goff, ent_tile, ent_row, ent_rank, cnt, P, ep):
                 k = cnt[ch, t]
                 cnt[ch, t] = k + 1
                 src[k] = j
-    gb = np.empty(M, dtype=np.int64)  # gpos of an entry j of the i-th Gaussian: gb[i] + j
-    for i in range(M):
-        gb[i] = goff[order[i]] - ub_off[i]
-    erow = np.empty((E, 2), dtype=np.int32)
-    gpos = np.empty(E, dtype=np.int32)
+    return 0
+
+
+@njit(inline="always", **_opts)
+def _bucket_fill(lo, hi, src, ent_row, ent_rank, gb, P, erow, gpos, ep):
+    """Slots [lo, hi) written sequentially, reading their sources in increasing order within each tile."""
     W = ep.shape[1]
-    nb = max(1, min(E // 4096 + 1, 64))
-    bs = (E + nb - 1) // nb
-    for bi in prange(nb):
-        for k in range(bi * bs, min(E, (bi + 1) * bs)):
-            j = src[k]
-            i = ent_rank[j]
-            erow[k, 0] = ent_row[j, 0]
-            erow[k, 1] = ent_row[j, 1]
-            gpos[k] = gb[i] + j
-            for c in range(W):
-                ep[k, c] = P[i, c]
-    return tile_start, erow, gpos
+    for k in range(lo, hi):
+        j = src[k]
+        i = ent_rank[j]
+        erow[k, 0] = ent_row[j, 0]
+        erow[k, 1] = ent_row[j, 1]
+        gpos[k] = gb[i] + j
+        for c in range(W):
+            ep[k, c] = P[i, c]
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -790,23 +774,21 @@ def _forward_tile(t, ep, rows, tile_start, gpos, width, height, TX, background, 
     return 0
 
 
-@njit(parallel=True, **_opts)
-def forward(ep, rows, tile_start, torder, nwork, gpos, width, height, TX, background, has_bg, exact_exp, img,
-            alpha_img, t_final, last, ent_count):
+@njit(inline="always", **_opts)
+def _forward(d, ep, rows, tile_start, torder, gpos, width, height, TX, background, has_bg, exact_exp, img,
+             alpha_img, t_final, last, ent_count):
     """Front-to-back compositing per tile (ep: each entry's parameters, see bucket; rows (E, 2):
     its absolute pixel rows). Writes
     img (H*W, C), alpha_img (H*W), t_final (H*W),
     last (H*W; the last composited entry of each pixel, -1 if none), ent_count (E; pixels each entry
     was composited into, at gpos[entry]; must come zeroed)."""
     n_tiles = tile_start.shape[0] - 1
-    ctr = np.zeros(1, dtype=np.int64)  # tiles are taken from this counter (see torder)
-    for _w in prange(nwork):
-        while True:
-            i = _next(ctr)
-            if i >= n_tiles:
-                break
-            _forward_tile(torder[i], ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, img,
-                          alpha_img, t_final, last, ent_count)
+    while True:
+        i = _pool.next_work(d)  # tiles are taken from a shared counter (see torder)
+        if i >= n_tiles:
+            break
+        _forward_tile(torder[i], ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, img,
+                      alpha_img, t_final, last, ent_count)
     return 0
 
 
@@ -915,24 +897,22 @@ def _backward_tile(t, ep, rows, tile_start, gpos, width, height, TX, background,
     return 0
 
 
-@njit(parallel=True, **_opts)
-def backward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, t_final, last, g_img,
-             g_alpha, eg):
+@njit(inline="always", **_opts)
+def _backward(lo, hi, ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, t_final, last,
+              g_img, g_alpha, eg):
     """Back-to-front per tile (ep from bucket, at least 4 channels wide); writes each entry's
     gradients to eg[gpos[entry]] (E, 6 + C): mean x, y, conic a, b, c, opacity, then the C channels."""
-    n_tiles = tile_start.shape[0] - 1
-    for t in prange(n_tiles):  # (static halves: in forward's counter loop this body ran ~10% slower)
+    for t in range(lo, hi):  # (static halves: in forward's counter loop this body ran ~10% slower)
         _backward_tile(t, ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, t_final,
                        last, g_img, g_alpha, eg)
     return 0
 
 
-@njit(parallel=True, **_opts)
-def reduce_grads(goff, eg, g_mean, g_conic, g_opac, g_feat):
+@njit(inline="always", **_opts)
+def _reduce_grads(lo, hi, goff, eg, g_mean, g_conic, g_opac, g_feat):
     """Sum each Gaussian's entries (contiguous rows goff[g]..goff[g+1]-1 of eg; float64 accumulation)."""
-    N = goff.shape[0] - 1
     C = g_feat.shape[1]
-    for g in prange(N):
+    for g in range(lo, hi):
         m0 = 0.0
         m1 = 0.0
         q0 = 0.0
@@ -959,10 +939,9 @@ def reduce_grads(goff, eg, g_mean, g_conic, g_opac, g_feat):
     return 0
 
 
-@njit(parallel=True, **_opts)
-def reduce_counts(goff, ent_count, n_pixels):
-    N = goff.shape[0] - 1
-    for g in prange(N):
+@njit(inline="always", **_opts)
+def _reduce_counts(lo, hi, goff, ent_count, n_pixels):
+    for g in range(lo, hi):
         s = 0
         for i in range(goff[g], goff[g + 1]):
             s += ent_count[i]
@@ -1060,14 +1039,13 @@ def _sh_basis(x, y, z, deg, B):
             B[14] = SH_C36 * x * (xx - F3 * yy)
 
 
-@njit(parallel=True, **_opts)
-def project_sh_fwd(means, quats, scales, opac, sh0, shN, Rv, tv, fx, fy, cx, cy, xlo, xhi, ylo, yhi, width,
-                   height, near, far, deg, campos, m2d, con, dep, rad, rgb):
+@njit(inline="always", **_opts)
+def _project_sh_fwd(c0, c1, means, quats, scales, opac, sh0, shN, Rv, tv, fx, fy, cx, cy, xlo, xhi, ylo, yhi, width,
+                    height, near, far, deg, campos, m2d, con, dep, rad, rgb):
     """EWA projection (as project.project) and SH colour (as project.sh_to_rgb) per Gaussian."""
     N = means.shape[0]
     nb = (deg + 1) * (deg + 1) - 1
-    nch = (N + PCH - 1) // PCH
-    for chk in prange(nch):
+    for chk in range(c0, c1):
         R = np.empty((3, 3), dtype=np.float32)
         B = np.empty(15, dtype=np.float32)
         for g in range(chk * PCH, min(N, (chk + 1) * PCH)):
@@ -1153,17 +1131,16 @@ def project_sh_fwd(means, quats, scales, opac, sh0, shN, Rv, tv, fx, fy, cx, cy,
     return 0
 
 
-@njit(parallel=True, **_opts)
-def project_sh_bwd(means, quats, scales, opac, sh0, shN, Rv, tv, fx, fy, cx, cy, xlo, xhi, ylo, yhi, width,
-                   height, near, far, deg, campos, g_m2d, g_con, g_dep, g_rgb, d_means, d_quats, d_scales, d_sh0,
-                   d_shN):
+@njit(**_opts)  # (not inlined: the worker's call has > 30 arguments, which CPython passes as *args)
+def _project_sh_bwd(c0, c1, means, quats, scales, opac, sh0, shN, Rv, tv, fx, fy, cx, cy, xlo, xhi, ylo, yhi, width,
+                    height, near, far, deg, campos, g_m2d, g_con, g_dep, g_rgb, d_means, d_quats, d_scales, d_sh0,
+                    d_shN):
     """The hand-written backward of project_sh_fwd (same recomputation; gradients of means, quats,
     linear scales, sh0, shN; opacities only gate visibility and get none here)."""
     N = means.shape[0]
     K = shN.shape[1]
     nb = (deg + 1) * (deg + 1) - 1
-    nch = (N + PCH - 1) // PCH
-    for chk in prange(nch):
+    for chk in range(c0, c1):
         R = np.empty((3, 3), dtype=np.float32)
         B = np.empty(15, dtype=np.float32)
         JR = np.empty((2, 3), dtype=np.float32)
@@ -1396,3 +1373,184 @@ def project_sh_bwd(means, quats, scales, opac, sh0, shN, Rv, tv, fx, fy, cx, cy,
             d_means[g, 1] = dmy
             d_means[g, 2] = dmz
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# parallel launches: each kernel is a cfunc worker run on torch's OpenMP team (see _pool); the
+# Python functions below keep the kernels' signatures plus a thread count.
+
+_copts = dict(error_model="numpy", boundscheck=False, fastmath=False)
+P_ = _pool
+
+
+@_pool.kernel(**_copts)
+def _prepare_w(data):
+    d = P_.words(data)
+    m2d = P_.f32_2(d, 0)
+    lo, hi = P_.span(P_.tid(d), P_.nth(d), m2d.shape[0])
+    _prepare(lo, hi, m2d, P_.f32_2(d, 1), P_.f32_1(d, 2), P_.i32_2(d, 3), P_.i64(d, 4), P_.i64(d, 5),
+             P_.i32_2(d, 6), P_.i32_2(d, 7), P_.i64_1(d, 8))
+
+
+def prepare(means2d, conics, opac, radii, width, height, rect, rows, count, nthreads):
+    """See _prepare (all Gaussians); returns the number of tile columns."""
+    _pool.run(_prepare_w, nthreads, means2d, conics, opac, radii, width, height, rect, rows, count)
+    return (width + TW - 1) // TW
+
+
+@_pool.kernel(**_copts)
+def _sort_params_w(data):
+    d = P_.words(data)
+    order = P_.i32_1(d, 0)
+    lo, hi = P_.span(P_.tid(d), P_.nth(d), order.shape[0])
+    _sort_params(lo, hi, order, P_.f32_2(d, 1), P_.f32_2(d, 2), P_.f32_1(d, 3), P_.f32_2(d, 4), P_.i32_2(d, 5),
+                 P_.i32_2(d, 6), P_.f32_2(d, 7), P_.i32_2(d, 8))
+
+
+def sort_params(order, means2d, conics, opac, feats, rect, rows, P, PR, nthreads):
+    """See _sort_params (all of ``order``)."""
+    _pool.run(_sort_params_w, nthreads, order, means2d, conics, opac, feats, rect, rows, P, PR)
+
+
+@_pool.kernel(**_copts)
+def _cull_entries_w(data):
+    d = P_.words(data)
+    nchunks = P_.i64(d, 5)
+    c0, c1 = P_.span(P_.tid(d), P_.nth(d), nchunks)
+    _cull_entries(c0, c1, P_.f32_2(d, 0), P_.i32_2(d, 1), P_.i32_1(d, 2), P_.i64_1(d, 3), P_.i64(d, 4), nchunks,
+                  P_.i32_1(d, 6), P_.i32_2(d, 7), P_.i32_1(d, 8), P_.i64_1(d, 9), P_.i64_2(d, 10))
+
+
+def cull_entries(P, PR, order, ub_off, TX, nchunks, ent_tile, ent_row, ent_rank, count, cnt, nthreads):
+    """See _cull_entries (all ``nchunks`` chunks)."""
+    _pool.run(_cull_entries_w, nthreads, P, PR, order, ub_off, TX, nchunks, ent_tile, ent_row, ent_rank, count, cnt)
+
+
+@_pool.kernel(**_copts)
+def _bucket_src_w(data):
+    d = P_.words(data)
+    cnt = P_.i64_2(d, 4)
+    c0, c1 = P_.span(P_.tid(d), P_.nth(d), cnt.shape[0])
+    _bucket_src(c0, c1, P_.i32_1(d, 0), P_.i64_1(d, 1), P_.i64_1(d, 2), P_.i32_1(d, 3), cnt, P_.i32_1(d, 5))
+
+
+@_pool.kernel(**_copts)
+def _bucket_fill_w(data):
+    d = P_.words(data)
+    src = P_.i32_1(d, 0)
+    lo, hi = P_.span(P_.tid(d), P_.nth(d), src.shape[0])
+    _bucket_fill(lo, hi, src, P_.i32_2(d, 1), P_.i32_1(d, 2), P_.i64_1(d, 3), P_.f32_2(d, 4), P_.i32_2(d, 5),
+                 P_.i32_1(d, 6), P_.f32_2(d, 7))
+
+
+def bucket(order, ub_off, count, goff, ent_tile, ent_row, ent_rank, cnt, P, ep, nthreads):
+    """Entries grouped by tile, in depth order within each tile (chunk ch of ``order`` fills a
+    consecutive range of each tile after the chunks before it; cnt (nchunks, T) from cull_entries).
+    Returns tile_start (T+1,), erow (E, 2) each entry's absolute pixel rows,
+    gpos (E,): where entry k's per-entry results go in Gaussian-major order (Gaussian g's entries at
+    goff[g]..goff[g+1]-1), so the kernels scatter each entry's results once and the per-Gaussian
+    reductions read contiguous memory instead of gathering. Also fills ep (E, P.shape[1]): entry k's
+    Gaussian's row of P (mean x, y, conic a, b, c, opacity, channels), so that the raster kernels
+    read each entry's parameters sequentially instead of gathering them (random Gaussians per entry:
+    the cache misses had cost ~20% of the raster time).
+    Two passes: the first scatters only each entry's source index (one int32 per entry); the second
+    writes the outputs sequentially, reading the sources in increasing order within each tile."""
+    tile_start, gb = bucket_plan(order, ub_off, goff, cnt)
+    E = int(tile_start[-1])
+    src = np.empty(E, dtype=np.int32)
+    _pool.run(_bucket_src_w, nthreads, order, ub_off, count, ent_tile, cnt, src)
+    erow = np.empty((E, 2), dtype=np.int32)
+    gpos = np.empty(E, dtype=np.int32)
+    _pool.run(_bucket_fill_w, nthreads, src, ent_row, ent_rank, gb, P, erow, gpos, ep)
+    return tile_start, erow, gpos
+
+
+@_pool.kernel(**_copts)
+def _forward_w(data):
+    d = P_.words(data)
+    _forward(d, P_.f32_2(d, 0), P_.i32_2(d, 1), P_.i64_1(d, 2), P_.i64_1(d, 3), P_.i32_1(d, 4), P_.i64(d, 5),
+             P_.i64(d, 6), P_.i64(d, 7), P_.f32_1(d, 8), P_.i64(d, 9) != 0, P_.i64(d, 10) != 0, P_.f32_2(d, 11),
+             P_.f32_1(d, 12), P_.f32_1(d, 13), P_.i64_1(d, 14), P_.i64_1(d, 15))
+
+
+def forward(ep, rows, tile_start, torder, gpos, width, height, TX, background, has_bg, exact_exp, img, alpha_img,
+            t_final, last, ent_count, nthreads):
+    """See _forward (tiles taken in ``torder``)."""
+    _pool.run(_forward_w, nthreads, ep, rows, tile_start, torder, gpos, width, height, TX, background, has_bg,
+              exact_exp, img, alpha_img, t_final, last, ent_count)
+
+
+@_pool.kernel(**_copts)
+def _backward_w(data):
+    d = P_.words(data)
+    tile_start = P_.i64_1(d, 2)
+    lo, hi = P_.span(P_.tid(d), P_.nth(d), tile_start.shape[0] - 1)
+    _backward(lo, hi, P_.f32_2(d, 0), P_.i32_2(d, 1), tile_start, P_.i32_1(d, 3), P_.i64(d, 4), P_.i64(d, 5),
+              P_.i64(d, 6), P_.f32_1(d, 7), P_.i64(d, 8) != 0, P_.i64(d, 9) != 0, P_.f32_1(d, 10), P_.i64_1(d, 11),
+              P_.f32_2(d, 12), P_.f32_1(d, 13), P_.f32_2(d, 14))
+
+
+def backward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp, t_final, last, g_img,
+             g_alpha, eg, nthreads):
+    """See _backward (all tiles)."""
+    _pool.run(_backward_w, nthreads, ep, rows, tile_start, gpos, width, height, TX, background, has_bg, exact_exp,
+              t_final, last, g_img, g_alpha, eg)
+
+
+@_pool.kernel(**_copts)
+def _reduce_grads_w(data):
+    d = P_.words(data)
+    goff = P_.i64_1(d, 0)
+    lo, hi = P_.span(P_.tid(d), P_.nth(d), goff.shape[0] - 1)
+    _reduce_grads(lo, hi, goff, P_.f32_2(d, 1), P_.f32_2(d, 2), P_.f32_2(d, 3), P_.f32_1(d, 4), P_.f32_2(d, 5))
+
+
+def reduce_grads(goff, eg, g_mean, g_conic, g_opac, g_feat, nthreads):
+    _pool.run(_reduce_grads_w, nthreads, goff, eg, g_mean, g_conic, g_opac, g_feat)
+
+
+@_pool.kernel(**_copts)
+def _reduce_counts_w(data):
+    d = P_.words(data)
+    goff = P_.i64_1(d, 0)
+    lo, hi = P_.span(P_.tid(d), P_.nth(d), goff.shape[0] - 1)
+    _reduce_counts(lo, hi, goff, P_.i64_1(d, 1), P_.i64_1(d, 2))
+
+
+def reduce_counts(goff, ent_count, n_pixels, nthreads):
+    _pool.run(_reduce_counts_w, nthreads, goff, ent_count, n_pixels)
+
+
+@_pool.kernel(**_copts)
+def _project_sh_fwd_w(data):
+    d = P_.words(data)
+    means = P_.f32_2(d, 0)
+    c0, c1 = P_.span(P_.tid(d), P_.nth(d), (means.shape[0] + PCH - 1) // PCH)
+    _project_sh_fwd(c0, c1, means, P_.f32_2(d, 1), P_.f32_2(d, 2), P_.f32_1(d, 3), P_.f32_2(d, 4), P_.f32_3(d, 5),
+                    P_.f32_2(d, 6), P_.f32_1(d, 7), P_.f32(d, 8), P_.f32(d, 9), P_.f32(d, 10), P_.f32(d, 11),
+                    P_.f32(d, 12), P_.f32(d, 13), P_.f32(d, 14), P_.f32(d, 15), P_.i64(d, 16), P_.i64(d, 17),
+                    P_.f32(d, 18), P_.f32(d, 19), P_.i64(d, 20), P_.f32_1(d, 21), P_.f32_2(d, 22), P_.f32_2(d, 23),
+                    P_.f32_1(d, 24), P_.i32_2(d, 25), P_.f32_2(d, 26))
+
+
+def project_sh_fwd(*args):
+    """See _project_sh_fwd (all Gaussians); the last argument is the thread count."""
+    _pool.run(_project_sh_fwd_w, args[-1], *args[:-1])
+
+
+@_pool.kernel(**_copts)
+def _project_sh_bwd_w(data):
+    d = P_.words(data)
+    means = P_.f32_2(d, 0)
+    c0, c1 = P_.span(P_.tid(d), P_.nth(d), (means.shape[0] + PCH - 1) // PCH)
+    _project_sh_bwd(c0, c1, means, P_.f32_2(d, 1), P_.f32_2(d, 2), P_.f32_1(d, 3), P_.f32_2(d, 4), P_.f32_3(d, 5),
+                    P_.f32_2(d, 6), P_.f32_1(d, 7), P_.f32(d, 8), P_.f32(d, 9), P_.f32(d, 10), P_.f32(d, 11),
+                    P_.f32(d, 12), P_.f32(d, 13), P_.f32(d, 14), P_.f32(d, 15), P_.i64(d, 16), P_.i64(d, 17),
+                    P_.f32(d, 18), P_.f32(d, 19), P_.i64(d, 20), P_.f32_1(d, 21), P_.f32_2(d, 22), P_.f32_2(d, 23),
+                    P_.f32_1(d, 24), P_.f32_2(d, 25), P_.f32_2(d, 26), P_.f32_2(d, 27), P_.f32_2(d, 28),
+                    P_.f32_2(d, 29), P_.f32_3(d, 30))
+
+
+def project_sh_bwd(*args):
+    """See _project_sh_bwd (all Gaussians); the last argument is the thread count."""
+    _pool.run(_project_sh_bwd_w, args[-1], *args[:-1])

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from budget3d.splat import _cpu_kernels as K
+from budget3d.splat import _pool
 
 exact_exp = False  # True: libm exp everywhere (see the module docstring); same decisions, slower
 
@@ -58,10 +59,9 @@ def _threads() -> int:
 
 
 def launch(kernel, *args):
-    """Run a parallel numba kernel the way this module runs its own: under _LOCK, on _threads()."""
+    """Run a worker (``_pool.kernel``) the way this module runs its own: under _LOCK, on _threads()."""
     with _LOCK:
-        _threads()
-        return kernel(*args)
+        return _pool.run(kernel, _threads(), *args)
 
 
 def _np32(t: torch.Tensor) -> np.ndarray:
@@ -80,7 +80,7 @@ def _bin(m2d, con, op, feat, dep, rad, width, height, nthreads):
     rect = np.empty((N, 4), dtype=np.int32)
     grows = np.empty((N, 4), dtype=np.int32)
     count = np.empty(N, dtype=np.int64)
-    TX = K.prepare(m2d, con, op, rad, width, height, rect, grows, count)
+    TX = K.prepare(m2d, con, op, rad, width, height, rect, grows, count, nthreads)
     TY = (height + K.TH - 1) // K.TH
     order = K.depth_order(dep.view(np.uint32), count)  # visible Gaussians by (depth, index)
     ub_off = np.zeros(len(order) + 1, dtype=np.int64)
@@ -90,17 +90,18 @@ def _bin(m2d, con, op, feat, dep, rad, width, height, nthreads):
         raise ValueError("cpu rasterizer: more than 2^31 (Gaussian, tile) entries")
     P = np.empty((len(order), 6 + max(feat.shape[1], 4)), dtype=np.float32)
     PR = np.empty((len(order), 8), dtype=np.int32)
-    K.sort_params(order, m2d, con, op, feat, rect, grows, P, PR)
+    K.sort_params(order, m2d, con, op, feat, rect, grows, P, PR, nthreads)
     ent_tile = np.empty(UB, dtype=np.int32)
     ent_row = np.empty((UB, 2), dtype=np.int32)
     ent_rank = np.empty(UB, dtype=np.int32)
     nchunks = max(1, min(4 * nthreads, len(order) // 256 + 1))
     cnt = np.zeros((nchunks, TX * TY), dtype=np.int64)
-    K.cull_entries(P, PR, order, ub_off, TX, nchunks, ent_tile, ent_row, ent_rank, count, cnt)
+    K.cull_entries(P, PR, order, ub_off, TX, nchunks, ent_tile, ent_row, ent_rank, count, cnt, nthreads)
     goff = np.zeros(N + 1, dtype=np.int64)
     np.cumsum(count, out=goff[1:])
     ep = np.empty((int(goff[N]), P.shape[1]), dtype=np.float32)
-    tile_start, erow, gpos = K.bucket(order, ub_off, count, goff, ent_tile, ent_row, ent_rank, cnt, P, ep)
+    tile_start, erow, gpos = K.bucket(order, ub_off, count, goff, ent_tile, ent_row, ent_rank, cnt, P, ep,
+                                       nthreads)
     if len(tile_start) > 1 and int(np.diff(tile_start).max()) >= 2**24:
         raise ValueError("cpu rasterizer: more than 2^24 Gaussians overlap one tile")
     b = _Binning()
@@ -148,10 +149,10 @@ class _RasterizeCPU(torch.autograd.Function):
         t_final = np.empty(HW, dtype=np.float32)
         last = np.empty(HW, dtype=np.int64)
         ent_count = np.zeros(b.n_entries, dtype=np.int64)
-        K.forward(b.ep, b.rows, b.tile_start, b.torder, nthreads, b.gpos, width, height, b.TX, bg, has_bg,
-                  bool(exact_exp), img, alpha, t_final, last, ent_count)
+        K.forward(b.ep, b.rows, b.tile_start, b.torder, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), img,
+                  alpha, t_final, last, ent_count, nthreads)
         n_pixels = np.empty(N, dtype=np.int64)
-        K.reduce_counts(b.goff, ent_count, n_pixels)
+        K.reduce_counts(b.goff, ent_count, n_pixels, nthreads)
         ctx.saved = (N, C, bg, has_bg, b, t_final, last, width, height)
         ctx.dtypes = (means2d.dtype, conics.dtype, opacities.dtype, features.dtype)
         dt = features.dtype
@@ -169,7 +170,7 @@ class _RasterizeCPU(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, g_img, g_alpha):
         N, C, bg, has_bg, b, t_final, last, width, height = ctx.saved
-        _threads()
+        nthreads = _threads()
         HW = width * height
         gi = (np.zeros((HW, C), dtype=np.float32) if g_img is None
               else _np32(g_img.reshape(HW, C)))
@@ -178,12 +179,12 @@ class _RasterizeCPU(torch.autograd.Function):
         E = b.n_entries
         eg = np.empty((E, 6 + C), dtype=np.float32)
         K.backward(b.ep, b.rows, b.tile_start, b.gpos, width, height, b.TX, bg, has_bg, bool(exact_exp), t_final, last,
-                   gi, ga, eg)
+                   gi, ga, eg, nthreads)
         g_mean = np.empty((N, 2), dtype=np.float32)
         g_conic = np.empty((N, 3), dtype=np.float32)
         g_opac = np.empty(N, dtype=np.float32)
         g_feat = np.empty((N, C), dtype=np.float32)
-        K.reduce_grads(b.goff, eg, g_mean, g_conic, g_opac, g_feat)
+        K.reduce_grads(b.goff, eg, g_mean, g_conic, g_opac, g_feat, nthreads)
         dm, dc, do, df = ctx.dtypes
         return (torch.from_numpy(g_mean).to(dm), torch.from_numpy(g_conic).to(dc),
                 torch.from_numpy(g_opac).to(do), torch.from_numpy(g_feat).to(df),
@@ -234,7 +235,7 @@ class _ProjectSHCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, quats, scales, opacities, sh0, shN, viewmat, Kmat, width, height, near, far, deg):
         with _LOCK:
-            _threads()
+            nthreads = _threads()
             N = means.shape[0]
             m, q, s, o = _np32(means), _np32(quats), _np32(scales), _np32(opacities).reshape(N)
             s0 = _np32(sh0).reshape(N, 3)
@@ -247,7 +248,7 @@ class _ProjectSHCPU(torch.autograd.Function):
             dep = np.empty(N, dtype=np.float32)
             rad = np.empty((N, 2), dtype=np.int32)
             rgb = np.empty((N, 3), dtype=np.float32)
-            K.project_sh_fwd(*args, m2d, con, dep, rad, rgb)
+            K.project_sh_fwd(*args, m2d, con, dep, rad, rgb, nthreads)
         ctx.args = args
         ctx.dtypes = (means.dtype, quats.dtype, scales.dtype, sh0.dtype, shN.dtype)
         dt = means.dtype
@@ -272,8 +273,7 @@ class _ProjectSHCPU(torch.autograd.Function):
         d_sh0 = np.empty((N, 3), dtype=np.float32)
         d_shN = np.empty(sN.shape, dtype=np.float32)
         with _LOCK:
-            _threads()
-            K.project_sh_bwd(*args, gm, gc, gd, gr, d_means, d_quats, d_scales, d_sh0, d_shN)
+            K.project_sh_bwd(*args, gm, gc, gd, gr, d_means, d_quats, d_scales, d_sh0, d_shN, _threads())
         dm, dq, ds, d0, dn = ctx.dtypes
         deg = args[-2]
         g_shN = torch.from_numpy(d_shN).to(dn) if deg > 0 else None

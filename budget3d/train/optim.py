@@ -24,7 +24,8 @@ import numba
 import numpy as np
 import torch
 
-from budget3d.splat._cpu_kernels import _opts
+from budget3d.splat import _pool as P_
+from budget3d.splat._cpu_kernels import _copts, _opts
 
 
 class VisibleAdam(torch.optim.Optimizer):
@@ -100,12 +101,12 @@ def _adam_cpu(p, m, v, t, visible, lr, beta1, beta2, eps):
 
     vis = (np.ones(N, dtype=np.bool_) if visible is None
            else np.ascontiguousarray(visible.detach().to(torch.bool).numpy()))
-    launch(_adam_rows_cpu, flat(p), flat(p.grad), flat(m), flat(v), t.numpy(), vis, float(lr), float(beta1),
+    launch(_adam_rows_w, flat(p), flat(p.grad), flat(m), flat(v), t.numpy(), vis, float(lr), float(beta1),
            float(beta2), float(eps))
 
 
-@numba.njit(parallel=True, **_opts)
-def _adam_rows_cpu(p, g, m, v, t, vis, lr, beta1, beta2, eps):
+@numba.njit(inline="always", **_opts)
+def _adam_rows_cpu(lo, hi, p, g, m, v, t, vis, lr, beta1, beta2, eps):
     """_adam_rows on the rows where vis, in place, one pass (float32 state, bias corrections in
     float64 as torch.optim.Adam computes them)."""
     N, D = p.shape
@@ -116,7 +117,7 @@ def _adam_rows_cpu(p, g, m, v, t, vis, lr, beta1, beta2, eps):
     e = np.float32(eps)
     lb1 = math.log(beta1) if beta1 > 0 else -math.inf
     lb2 = math.log(beta2) if beta2 > 0 else -math.inf
-    for i in numba.prange(N):
+    for i in range(lo, hi):
         if not vis[i]:
             continue
         ti = t[i] + np.float32(1.0)
@@ -132,6 +133,15 @@ def _adam_rows_cpu(p, g, m, v, t, vis, lr, beta1, beta2, eps):
             v[i, j] = vj
             p[i, j] = p[i, j] - step * mj / (math.sqrt(vj) / bc2s + e)
     return 0
+
+
+@P_.kernel(**_copts)
+def _adam_rows_w(data):
+    d = P_.words(data)
+    p = P_.f32_2(d, 0)
+    lo, hi = P_.span(P_.tid(d), P_.nth(d), p.shape[0])
+    _adam_rows_cpu(lo, hi, p, P_.f32_2(d, 1), P_.f32_2(d, 2), P_.f32_2(d, 3), P_.f32_1(d, 4), P_.b1(d, 5),
+                   P_.f64(d, 6), P_.f64(d, 7), P_.f64(d, 8), P_.f64(d, 9))
 
 
 def exp_decay(step: int, total: int, lr_init: float, lr_final: float) -> float:

@@ -15,7 +15,8 @@ import numba
 import numpy as np
 import torch
 
-from budget3d.splat._cpu_kernels import _opts
+from budget3d.splat import _pool as P_
+from budget3d.splat._cpu_kernels import _copts, _opts
 
 WIN = 11
 SIGMA = 1.5
@@ -53,11 +54,14 @@ class _SSIM(torch.autograd.Function):
         x = np.ascontiguousarray(img.detach().numpy())
         y = np.ascontiguousarray(gt.detach().numpy())
         H, W, C = x.shape
-        d = np.empty((3, H - WIN + 1, W - WIN + 1, C), dtype=np.float32)
-        total = launch(_ssim_fwd, x, y, _W, np.float32((K1 * data_range) ** 2),
-                       np.float32((K2 * data_range) ** 2), d)
+        Ho, n = H - WIN + 1, (W - WIN + 1) * C
+        h = np.zeros((5, H, n), dtype=np.float32)
+        launch(_ssim_h_w, x, y, _W, h)
+        d = np.empty((3, Ho, n), dtype=np.float32)
+        rows = np.empty(Ho, dtype=np.float64)
+        launch(_ssim_v_w, _W, (K1 * data_range) ** 2, (K2 * data_range) ** 2, h, d, rows)
         ctx.save = (x, y, d)
-        return torch.tensor(total / d[0].size, dtype=img.dtype)
+        return torch.tensor(rows.sum() / d[0].size, dtype=img.dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -65,22 +69,20 @@ class _SSIM(torch.autograd.Function):
 
         x, y, d = ctx.save
         out = np.empty_like(x)
-        launch(_ssim_bwd, x, y, _W, d, np.float32(float(g) / d[0].size), out)
+        launch(_ssim_bwd_w, x, y, _W, d, float(np.float32(float(g) / d[0].size)), out)
         return torch.from_numpy(out), None, None
 
 
-@numba.njit(parallel=True, **_opts)
-def _ssim_fwd(x, y, w, c1, c2, d):
-    """Sum of the SSIM map (float64); d[0..2] = its derivatives w.r.t. mu_x, E[x²] and E[xy].
-    Rows are flat (W*C): a tap k is an offset of k*C, so the inner loops run over contiguous
-    floats (they vectorise)."""
+@numba.njit(inline="always", **_opts)
+def _ssim_h(lo, hi, x, y, w, h):
+    """Rows [lo, hi) of h: the five statistics (x, y, x², y², xy) filtered along W. Rows are flat
+    (W*C): a tap k is an offset of k*C, so the inner loops run over contiguous floats (they
+    vectorise)."""
     H, W, C = x.shape
-    Ho, Wo = H - WIN + 1, W - WIN + 1
-    n = Wo * C
+    n = h.shape[2]
     xf = x.reshape(H, W * C)
     yf = y.reshape(H, W * C)
-    h = np.zeros((5, H, n), dtype=np.float32)  # the five statistics filtered along W
-    for r in numba.prange(H):
+    for r in range(lo, hi):
         for k in range(WIN):
             wk = w[k]
             o = k * C
@@ -92,10 +94,16 @@ def _ssim_fwd(x, y, w, c1, c2, d):
                 h[2, r, q] += wk * (a * a)
                 h[3, r, q] += wk * (b * b)
                 h[4, r, q] += wk * (a * b)
-    df = d.reshape(3, Ho, n)
-    rows = np.zeros(Ho, dtype=np.float64)
+    return 0
+
+
+@numba.njit(inline="always", **_opts)
+def _ssim_v(lo, hi, w, c1, c2, h, df, rows):
+    """Output rows [lo, hi): h filtered along H; rows[i] = the row's sum of the SSIM map (float32
+    sum, as before), df[0..2] = its derivatives w.r.t. mu_x, E[x²] and E[xy]."""
+    n = h.shape[2]
     two = np.float32(2.0)
-    for i in numba.prange(Ho):
+    for i in range(lo, hi):
         v = np.zeros((5, n), dtype=np.float32)
         for k in range(WIN):
             wk = w[k]
@@ -121,22 +129,20 @@ def _ssim_fwd(x, y, w, c1, c2, d):
             df[1, i, q] = A * dB_s11
             df[2, i, q] = A * dB_s12
         rows[i] = acc
-    return rows.sum()
+    return 0
 
 
-@numba.njit(parallel=True, **_opts)
-def _ssim_bwd(x, y, w, d, scale, out):
-    """out = scale (G^T d0 + 2 x G^T d1 + y G^T d2), G the valid separable filter (flat rows as in
-    _ssim_fwd)."""
+@numba.njit(inline="always", **_opts)
+def _ssim_bwd(lo, hi, x, y, w, df, scale, out):
+    """Image rows [lo, hi) of out = scale (G^T d0 + 2 x G^T d1 + y G^T d2), G the valid separable
+    filter (flat rows as in _ssim_h; df (3, Ho, Wo*C))."""
     H, W, C = x.shape
-    Ho, Wo = d.shape[1], d.shape[2]
-    n = Wo * C
-    df = d.reshape(3, Ho, n)
+    Ho, n = df.shape[1], df.shape[2]
     xf = x.reshape(H, W * C)
     yf = y.reshape(H, W * C)
     of = out.reshape(H, W * C)
     two = np.float32(2.0)
-    for r in numba.prange(H):
+    for r in range(lo, hi):
         t = np.zeros((3, n), dtype=np.float32)  # this row of the transpose along H
         for k in range(max(0, r - Ho + 1), min(WIN, r + 1)):
             wk = w[k]
@@ -153,3 +159,27 @@ def _ssim_bwd(x, y, w, d, scale, out):
         for q in range(W * C):
             of[r, q] = scale * (u[0, q] + two * xf[r, q] * u[1, q] + yf[r, q] * u[2, q])
     return 0
+
+
+@P_.kernel(**_copts)
+def _ssim_h_w(data):
+    d = P_.words(data)
+    x = P_.f32_3(d, 0)
+    lo, hi = P_.span(P_.tid(d), P_.nth(d), x.shape[0])
+    _ssim_h(lo, hi, x, P_.f32_3(d, 1), P_.f32_1(d, 2), P_.f32_3(d, 3))
+
+
+@P_.kernel(**_copts)
+def _ssim_v_w(data):
+    d = P_.words(data)
+    rows = P_.f64_1(d, 5)
+    lo, hi = P_.span(P_.tid(d), P_.nth(d), rows.shape[0])
+    _ssim_v(lo, hi, P_.f32_1(d, 0), P_.f32(d, 1), P_.f32(d, 2), P_.f32_3(d, 3), P_.f32_3(d, 4), rows)
+
+
+@P_.kernel(**_copts)
+def _ssim_bwd_w(data):
+    d = P_.words(data)
+    x = P_.f32_3(d, 0)
+    lo, hi = P_.span(P_.tid(d), P_.nth(d), x.shape[0])
+    _ssim_bwd(lo, hi, x, P_.f32_3(d, 1), P_.f32_1(d, 2), P_.f32_3(d, 3), P_.f32(d, 4), P_.f32_3(d, 5))

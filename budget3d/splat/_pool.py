@@ -1,0 +1,248 @@
+"""Parallel kernels on torch's own OpenMP threads.
+
+torch's CPU ops run on an OpenMP (libgomp) team whose workers spin for milliseconds after every
+parallel op. numba's threads (any of its layers: its OpenMP layer loads a second libgomp) then
+share the cores with those spinners, and on the 2-vCPU machines the kernels ran 10-40% slower after
+a torch op. So the kernels are numba ``cfunc`` workers started with libgomp's ``GOMP_parallel``
+from torch's own library: the team that runs torch's ops runs ours, one pool, no contention.
+Without that library (a torch built with another threading runtime) the workers run on Python
+threads (ctypes releases the GIL), still without a second compiled copy.
+
+A worker is a ``void(void*)`` function; its argument points at an int64 buffer: HDR header words
+(the buffer's length, a thread-id counter, the thread count, a work counter) then 4 words per
+argument (arrays: data pointer and up to 3 dims, C-contiguous; ints; floats as float64 bits). The
+worker reads its arguments with the typed getters below (``f32_2(d, k)``: argument k as a 2-D float32
+array, ...) and its thread id once with ``tid(d)``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numba import carray, cfunc, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+HDR = 4
+
+
+@intrinsic
+def _ptr(typingctx, x):
+    """int64 -> void* (an address from the argument buffer)."""
+    sig = types.voidptr(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+    return sig, codegen
+
+
+@intrinsic
+def _as_f64(typingctx, x):
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float64))
+
+    return sig, codegen
+
+
+@intrinsic
+def atomic_next(typingctx, arr, idx):
+    """Atomically arr[idx] += 1 (int64 array); returns the old value."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and isinstance(idx, types.Integer)):
+        return None
+    sig = types.int64(arr, idx)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], signature.args[1], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [i])
+        return builder.atomic_rmw("add", ptr, context.get_constant(types.int64, 1), "monotonic")
+
+    return sig, codegen
+
+
+_i = dict(inline="always", cache=True, nogil=True, boundscheck=False)
+
+
+@njit(**_i)
+def words(data):
+    n = carray(data, (1,), np.int64)[0]
+    return carray(data, (n,), np.int64)
+
+
+@njit(**_i)
+def tid(d):
+    """This thread's id in [0, nth(d)) (call once per thread)."""
+    return atomic_next(d, 1)
+
+
+@njit(**_i)
+def nth(d):
+    return d[2]
+
+
+@njit(**_i)
+def next_work(d):
+    """The next item of a shared work counter (0, 1, 2, ... across the threads)."""
+    return atomic_next(d, 3)
+
+
+@njit(**_i)
+def span(t, n, N):
+    """Thread t of n's contiguous share [lo, hi) of range(N) (numba's static prange split)."""
+    size = (N + n - 1) // n
+    lo = min(N, t * size)
+    return lo, min(N, lo + size)
+
+
+@njit(**_i)
+def i64(d, k):
+    return d[HDR + 4 * k]
+
+
+@njit(**_i)
+def f64(d, k):
+    return _as_f64(d[HDR + 4 * k])
+
+
+@njit(**_i)
+def f32(d, k):
+    return np.float32(_as_f64(d[HDR + 4 * k]))
+
+
+@njit(**_i)
+def f32_1(d, k):
+    j = HDR + 4 * k
+    return carray(_ptr(d[j]), (d[j + 1],), np.float32)
+
+
+@njit(**_i)
+def f32_2(d, k):
+    j = HDR + 4 * k
+    return carray(_ptr(d[j]), (d[j + 1], d[j + 2]), np.float32)
+
+
+@njit(**_i)
+def f32_3(d, k):
+    j = HDR + 4 * k
+    return carray(_ptr(d[j]), (d[j + 1], d[j + 2], d[j + 3]), np.float32)
+
+
+@njit(**_i)
+def f64_1(d, k):
+    j = HDR + 4 * k
+    return carray(_ptr(d[j]), (d[j + 1],), np.float64)
+
+
+@njit(**_i)
+def i32_1(d, k):
+    j = HDR + 4 * k
+    return carray(_ptr(d[j]), (d[j + 1],), np.int32)
+
+
+@njit(**_i)
+def i32_2(d, k):
+    j = HDR + 4 * k
+    return carray(_ptr(d[j]), (d[j + 1], d[j + 2]), np.int32)
+
+
+@njit(**_i)
+def i64_1(d, k):
+    j = HDR + 4 * k
+    return carray(_ptr(d[j]), (d[j + 1],), np.int64)
+
+
+@njit(**_i)
+def i64_2(d, k):
+    j = HDR + 4 * k
+    return carray(_ptr(d[j]), (d[j + 1], d[j + 2]), np.int64)
+
+
+@njit(**_i)
+def b1(d, k):
+    j = HDR + 4 * k
+    return carray(_ptr(d[j]), (d[j + 1],), np.bool_)
+
+
+class Kernel:
+    """A worker compiled on first use (numba cfunc, cached on disk like the njit kernels)."""
+
+    def __init__(self, fn, opts):
+        self.fn, self.opts, self._c = fn, opts, None
+
+    @property
+    def compiled(self):
+        if self._c is None:
+            self._c = cfunc(types.void(types.voidptr), cache=True, **self.opts)(self.fn)
+        return self._c
+
+
+def kernel(**opts):
+    """Decorator: a worker ``fn(data)`` (see the module docstring) run by ``run``."""
+    return lambda fn: Kernel(fn, opts)
+
+
+def _find_gomp():
+    """GOMP_parallel of the libgomp that torch loaded (None if there is none)."""
+    import torch
+
+    libs = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))
+    for path in libs:
+        try:
+            f = ctypes.CDLL(path).GOMP_parallel
+        except (OSError, AttributeError):
+            continue
+        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        f.restype = None
+        return f
+    return None
+
+
+_GOMP = _find_gomp()
+_POOL: ThreadPoolExecutor | None = None
+
+
+def pack(args) -> np.ndarray:
+    d = np.zeros(HDR + 4 * len(args), dtype=np.int64)
+    d[0] = len(d)
+    for k, a in enumerate(args):
+        j = HDR + 4 * k
+        if isinstance(a, np.ndarray):
+            if a.ndim > 3 or not a.flags.c_contiguous:
+                raise ValueError(f"kernel argument {k}: needs a C-contiguous array of at most 3 dims, got {a.shape}")
+            d[j] = a.ctypes.data
+            d[j + 1:j + 1 + a.ndim] = a.shape
+        elif isinstance(a, (bool, int, np.integer, np.bool_)):
+            d[j] = int(a)
+        else:
+            d[j] = np.float64(a).view(np.int64)
+    return d
+
+
+def run(kern: Kernel, nthreads: int, *args):
+    """Run ``kern`` on ``nthreads`` threads (torch's OpenMP team; Python threads without it) over
+    ``args`` (kept alive by the caller for the call's duration)."""
+    global _POOL
+    c = kern.compiled
+    d = pack(args)
+    n = max(1, int(nthreads))
+    d[2] = n
+    ptr = d.ctypes.data
+    if n == 1:
+        c.ctypes(ptr)
+    elif _GOMP is not None:
+        _GOMP(c.address, ptr, n, 0)
+    else:
+        if _POOL is None or _POOL._max_workers < n - 1:
+            _POOL = ThreadPoolExecutor(max_workers=n - 1)
+        futs = [_POOL.submit(c.ctypes, ptr) for _ in range(n - 1)]
+        c.ctypes(ptr)
+        for f in futs:
+            f.result()
+    return d
