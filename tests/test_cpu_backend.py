@@ -154,6 +154,23 @@ def test_one_thread_and_background_none():
         assert torch.equal(c1[1][k], c2[1][k]), k
 
 
+
+def test_python_thread_launcher_gives_the_same_render(monkeypatch):
+    """Without torch's libgomp the kernels run on Python threads (_pool.run's fallback): same
+    results, bitwise, also on more threads than cores."""
+    from budget3d.splat import _pool, cpu
+
+    p = random_params(1500, 11)
+    cam = camera(64, 48)
+    ref = _run(p, cam, "cpu")
+    assert _pool._GOMP is not None or not torch.backends.openmp.is_available()
+    monkeypatch.setattr(_pool, "_GOMP", None)
+    monkeypatch.setattr(cpu, "num_threads", 3)
+    got = _run(p, cam, "cpu")
+    assert torch.equal(ref[0].image, got[0].image) and torch.equal(ref[0].n_pixels, got[0].n_pixels)
+    for k in ref[1]:
+        assert torch.equal(ref[1][k], got[1][k]), k
+
 def test_background_is_added_with_final_transmittance():
     p = random_params(800, 10)
     cam = camera(40, 40)

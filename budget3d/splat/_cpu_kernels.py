@@ -9,8 +9,8 @@ Narrow tiles waste fewer lanes than 16x16 ones (random 50k scene: 10.5M evaluate
 and bucketed into tiles in that order, so each tile's entries come out in the compositing order of
 rasterize_torch without per-tile sorts. The forward walks each tile's entries front to back and,
 per entry, only its pixel rows, with branch-free loops over that block of rows (they vectorise).
-The forward's threads take tiles from a shared atomic counter (``_next``), the tiles with most
-entries first, instead of numba's static halves, so a thread whose core is shared for a while (on the
+The forward's threads take tiles from a shared atomic counter (``_pool.next_work``), the tiles with
+most entries first, instead of static halves, so a thread whose core is shared for a while (on the
 2-vCPU machines) or whose tiles are heavier does not hold up the kernel. (The backward keeps static
 halves: its body ran ~10% slower in the counter loop on 1 thread, and a second copy of it for 1
 thread doubled the first-call compile time.)
@@ -27,8 +27,9 @@ hand-written backward, following project.project / project.sh_to_rgb.
 
 All arithmetic that decides which pairs are composited is float32 and written in the same order
 as rasterize_torch, so the same pairs are kept (up to 1-ulp differences of ``exp``).
-Kernels take no thread count and read none: they are cached (cache=True); the caller sets
-numba's thread count.
+Parallel kernels are cfunc workers run on torch's OpenMP team by ``_pool.run`` (the Python
+functions at the end keep the kernels' signatures plus a thread count); they read no thread count
+at compile time, so they are cached (cache=True).
 """
 
 from __future__ import annotations

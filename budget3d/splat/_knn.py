@@ -8,8 +8,17 @@ float64, so they are exact up to rounding (brute force through ``torch.cdist`` u
 
 from __future__ import annotations
 
+import os
+
+import numba
 import numpy as np
 from numba import njit, prange
+
+# numba's "workqueue" threading layer for the query's prange: on the shared 2-vCPU machines the
+# OpenMP layer (a second OpenMP runtime next to torch's) collapsed to ~10x slower than one thread.
+# Set NUMBA_THREADING_LAYER to choose another layer.
+if os.environ.get("NUMBA_THREADING_LAYER") is None and numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "workqueue"
 
 LEAF = 16
 

@@ -5,11 +5,11 @@ sigma < 0 or alpha < 1/255 skipped, alpha = min(0.99, o exp(-sigma)), front to b
 ties by index, the Gaussian that would bring T to <= 1e-4 ends the pixel, background added with
 weight T_final. Differentiable w.r.t. means2d, conics, opacities and features (not background).
 
-Work is float32. Threads: numba's thread count is set to ``min(torch.get_num_threads(),
-numba.config.NUMBA_NUM_THREADS)`` before each launch, so ``torch.set_num_threads(1)`` simulates a
-one-core device (``num_threads`` below overrides the torch count for the kernels only). Results do
-not depend on the thread count (bitwise). Kernels are cached on disk (numba ``cache=True``); the first process compiles them
-(see ``warmup``).
+Work is float32. Threads: the kernels run on torch's own OpenMP team (see _pool) with
+``torch.get_num_threads()`` threads, so ``torch.set_num_threads(1)`` simulates a one-core device
+(``num_threads`` below overrides the torch count for the kernels only). Results do not depend on
+the thread count (bitwise). Kernels are cached on disk (numba ``cache=True``); the first process
+compiles them (see ``warmup``).
 
 ``exp``: by default the kernels use a branch-free polynomial exp that vectorises (within ~1 ulp of
 libm's ``expf``) plus an exact fix-up: every lane whose o*exp(-sigma) lies within a few ulp of the
@@ -22,11 +22,9 @@ n_pixels) is exactly what the libm path gives; values differ by float noise only
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
-import numba
 import numpy as np
 import torch
 
@@ -35,13 +33,8 @@ from budget3d.splat import _pool
 
 exact_exp = False  # True: libm exp everywhere (see the module docstring); same decisions, slower
 
-# numba's "workqueue" threading layer: on the shared 2-vCPU machines the OpenMP layer (a second
-# OpenMP runtime next to torch's) collapsed to ~10x slower than one thread; workqueue scaled. It
-# does not support concurrent launches from several Python threads, so every launch below holds
-# _LOCK (renders from a viewer thread and a training thread take turns). Set NUMBA_THREADING_LAYER
-# to choose another layer.
-if os.environ.get("NUMBA_THREADING_LAYER") is None and numba.config.THREADING_LAYER == "default":
-    numba.config.THREADING_LAYER = "workqueue"
+# every launch holds _LOCK: renders from a viewer thread and a training thread take turns instead
+# of oversubscribing the cores
 _LOCK = threading.Lock()
 
 
@@ -52,10 +45,7 @@ num_threads = None
 
 
 def _threads() -> int:
-    n = torch.get_num_threads() if num_threads is None else int(num_threads)
-    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    return n
+    return max(1, torch.get_num_threads() if num_threads is None else int(num_threads))
 
 
 def launch(kernel, *args):
