@@ -171,6 +171,37 @@ def test_python_thread_launcher_gives_the_same_render(monkeypatch):
     for k in ref[1]:
         assert torch.equal(ref[1][k], got[1][k]), k
 
+
+def test_a_smaller_openmp_team_than_asked_still_renders_everything(tmp_path):
+    """Under OMP_THREAD_LIMIT=1 torch's team has one thread however many are asked: the parts the
+    missing threads would have taken are claimed by the one there (same image, bitwise)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch, numpy as np
+sys.path.insert(0, {tests!r})
+from test_render import camera, random_params
+from budget3d.splat import cpu, render
+cpu.num_threads = 4
+p = random_params(800, 12)
+out = render(p, camera(48, 40), backend="cpu")
+np.save(sys.argv[1], out.image.numpy())
+"""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = code.format(tests=tests)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]))
+    imgs = []
+    for limit in ("1", None):
+        e = dict(env)
+        if limit:
+            e["OMP_THREAD_LIMIT"] = limit
+        f = tmp_path / f"img{limit}.npy"
+        subprocess.run([sys.executable, "-c", code, str(f)], env=e, check=True, timeout=600)
+        imgs.append(np.load(f))
+    assert np.array_equal(imgs[0], imgs[1]) and imgs[0].max() > 0
+
 def test_background_is_added_with_final_transmittance():
     p = random_params(800, 10)
     cam = camera(40, 40)

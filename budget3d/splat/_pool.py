@@ -9,10 +9,10 @@ Without that library (a torch built with another threading runtime) the workers 
 threads (ctypes releases the GIL), still without a second compiled copy.
 
 A worker is a ``void(void*)`` function; its argument points at an int64 buffer: HDR header words
-(the buffer's length, a thread-id counter, the thread count, a work counter) then 4 words per
+(the buffer's length, a part counter, the thread count, a work counter) then 4 words per
 argument (arrays: data pointer and up to 3 dims, C-contiguous; ints; floats as float64 bits). The
 worker reads its arguments with the typed getters below (``f32_2(d, k)``: argument k as a 2-D float32
-array, ...) and its thread id once with ``tid(d)``.
+array, ...) and claims parts of its range with ``part(d)`` (or items with ``next_work(d)``).
 """
 
 from __future__ import annotations
@@ -77,8 +77,10 @@ def words(data):
 
 
 @njit(**_i)
-def tid(d):
-    """This thread's id in [0, nth(d)) (call once per thread)."""
+def part(d):
+    """The next unclaimed part in 0, 1, 2, ...; a worker takes parts until this is >= nth(d) (one
+    each when the team has nth(d) threads; a smaller team, e.g. under OMP_THREAD_LIMIT, still does
+    all of them)."""
     return atomic_next(d, 1)
 
 
