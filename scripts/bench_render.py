@@ -44,11 +44,12 @@ GARDEN = REPO.parent / "shared" / "data" / "garden_points" / "test_garden.npz"
 # Cost model behind the "limit" column (an estimate, stated so it can be argued with): every
 # contributing (Gaussian, pixel) pair needs about 25 float ops forward (offset, sigma, exp, alpha,
 # blend of 4 channels) and about 60 backward (exp again, T recovery, dL/dalpha, chain rule to 6
-# parameters, 4 feature gradients); with AVX-512 (16 float32 lanes) and 2 vector pipes that is
-# (25 + 60) / 32 ~ 2.7 cycles per pair at perfect utilisation. The kernels also evaluate pairs that
-# do not contribute (whole 16-pixel tile rows, alpha < 1/255), so a realistic limit is that figure
-# times lanes evaluated / contributing pairs; both are reported.
-LIMIT_CYCLES_PER_PAIR = 85 / 32
+# parameters, 4 feature gradients); the kernels use AVX2 (8 float32 lanes; the 2-vCPU AMD EPYC
+# machines have no AVX-512), and with 2 vector pipes that is (25 + 60) / 16 ~ 5.3 cycles per pair at
+# perfect utilisation. The kernels also evaluate pairs that do not contribute (whole 8-pixel tile
+# rows, alpha < 1/255), so a realistic limit is that figure times lanes evaluated / contributing
+# pairs; both are reported.
+LIMIT_CYCLES_PER_PAIR = 85 / 16
 
 
 def cpu_ghz() -> tuple[float, str]:
