@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -210,21 +211,30 @@ _GOMP = _find_gomp()
 _POOL: ThreadPoolExecutor | None = None
 
 
+@njit(cache=True)
+def _addr(a):
+    return a.ctypes.data  # (0.3 us through numba's dispatcher; ndarray.ctypes.data takes 1.5 us)
+
+
+_ZW = (0, 0, 0, 0)
+_F64 = struct.Struct("<d")
+_I64 = struct.Struct("<q")
+
+
 def pack(args) -> np.ndarray:
-    d = np.zeros(HDR + 4 * len(args), dtype=np.int64)
-    d[0] = len(d)
+    words = [HDR + 4 * len(args), 0, 0, 0]
     for k, a in enumerate(args):
-        j = HDR + 4 * k
-        if isinstance(a, np.ndarray):
+        if type(a) is np.ndarray:
             if a.ndim > 3 or not a.flags.c_contiguous:
                 raise ValueError(f"kernel argument {k}: needs a C-contiguous array of at most 3 dims, got {a.shape}")
-            d[j] = a.ctypes.data
-            d[j + 1:j + 1 + a.ndim] = a.shape
+            words.append(_addr(a))
+            words += a.shape
+            words += _ZW[a.ndim + 1:]
         elif isinstance(a, (bool, int, np.integer, np.bool_)):
-            d[j] = int(a)
+            words += (int(a), 0, 0, 0)
         else:
-            d[j] = np.float64(a).view(np.int64)
-    return d
+            words += (_I64.unpack(_F64.pack(float(a)))[0], 0, 0, 0)
+    return np.array(words, dtype=np.int64)
 
 
 def run(kern: Kernel, nthreads: int, *args):
