@@ -172,6 +172,35 @@ def test_python_thread_launcher_gives_the_same_render(monkeypatch):
         assert torch.equal(ref[1][k], got[1][k]), k
 
 
+
+def test_renders_from_two_python_threads_at_once_match_the_main_thread():
+    """A viewer thread and a training thread may render at the same time: each launch starts its own
+    OpenMP team from its thread (libgomp keeps a pool per calling thread), launches take turns."""
+    import threading
+
+    p = random_params(1500, 13)
+    cam = camera(64, 48)
+    ref = _run(p, cam, "cpu")
+    got, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                got.append(_run(p, cam, "cpu"))
+        except Exception as e:  # noqa: BLE001 (re-raised below)
+            errors.append(e)
+
+    ts = [threading.Thread(target=work) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=300)
+    assert not errors and len(got) == 6
+    for o, g in got:
+        assert torch.equal(o.image, ref[0].image)
+        for k in ref[1]:
+            assert torch.equal(g[k], ref[1][k]), k
+
 def test_a_smaller_openmp_team_than_asked_still_renders_everything(tmp_path):
     """Under OMP_THREAD_LIMIT=1 torch's team has one thread however many are asked: the parts the
     missing threads would have taken are claimed by the one there (same image, bitwise)."""
