@@ -201,6 +201,39 @@ def test_renders_from_two_python_threads_at_once_match_the_main_thread():
         for k in ref[1]:
             assert torch.equal(g[k], ref[1][k]), k
 
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_renders_after_the_parent_did():
+    """libgomp hangs in a forked child once the parent used its team; the child's launches go to
+    Python threads (a child still running after 120 s is killed and the test fails)."""
+    import os
+    import signal
+    import time
+
+    p = random_params(500, 14)
+    cam = camera(32, 32)
+    ref = render(p, cam, backend="cpu").image
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if it rendered the same image
+        code = 1
+        try:
+            from budget3d.splat import cpu
+
+            cpu.num_threads = 2
+            code = 0 if torch.equal(render(p, cam, backend="cpu").image, ref) else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 120
+    done, status = os.waitpid(pid, os.WNOHANG)
+    while done == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        done, status = os.waitpid(pid, os.WNOHANG)
+    if done == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung rendering")
+    assert os.waitstatus_to_exitcode(status) == 0
+
 def test_a_smaller_openmp_team_than_asked_still_renders_everything(tmp_path):
     """Under OMP_THREAD_LIMIT=1 torch's team has one thread however many are asked: the parts the
     missing threads would have taken are claimed by the one there (same image, bitwise)."""

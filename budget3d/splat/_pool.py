@@ -211,6 +211,16 @@ _GOMP = _find_gomp()
 _POOL: ThreadPoolExecutor | None = None
 
 
+def _after_fork_in_child():
+    """libgomp is not fork-safe: a forked child that starts a team the parent had used hangs (torch's
+    own ops too). The child's kernels run on fresh Python threads instead."""
+    global _GOMP, _POOL
+    _GOMP, _POOL = None, None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @njit(cache=True)
 def _addr(a):
     return a.ctypes.data  # (0.3 us through numba's dispatcher; ndarray.ctypes.data takes 1.5 us)
