@@ -205,7 +205,8 @@ def test_renders_from_two_python_threads_at_once_match_the_main_thread():
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
 def test_a_forked_child_renders_after_the_parent_did():
     """libgomp hangs in a forked child once the parent used its team; the child's launches go to
-    Python threads (a child still running after 120 s is killed and the test fails)."""
+    Python threads (a child still running after 120 s is killed and the test fails). The child sets
+    torch to 1 thread, as forked workers must (torch's own ops can hang there too)."""
     import os
     import signal
     import time
@@ -219,6 +220,7 @@ def test_a_forked_child_renders_after_the_parent_did():
         try:
             from budget3d.splat import cpu
 
+            torch.set_num_threads(1)  # (torch's own ops can hang in a forked child otherwise)
             cpu.num_threads = 2
             code = 0 if torch.equal(render(p, cam, backend="cpu").image, ref) else 1
         finally:
