@@ -190,10 +190,17 @@ def rasterize_cpu(means2d, conics, opacities, features, depths, radii, width, he
 
 
 def warmup() -> float:
-    """Compile (or load from numba's cache) every kernel; returns the seconds it took."""
+    """Compile (or load from numba's cache) the rasterizer's and the projection's kernels; returns
+    the seconds it took."""
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     n = 8
+    means = (torch.rand(n, 3, generator=g) + torch.tensor([0.0, 0.0, 3.0])).requires_grad_()
+    sh0 = torch.rand(n, 1, 3, requires_grad=True)
+    outs = project_sh_cpu(means, torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(n, 1), torch.full((n, 3), 0.05),
+                          torch.full((n,), 0.5), sh0, torch.zeros(n, 3, 3), torch.eye(4),
+                          torch.tensor([[20.0, 0.0, 10.0], [0.0, 20.0, 10.0], [0.0, 0.0, 1.0]]), 20, 20, sh_degree=1)
+    (outs[0].sum() + outs[4].sum()).backward()
     m = (torch.rand(n, 2, generator=g) * 20).requires_grad_()
     con = torch.tensor([[0.5, 0.0, 0.5]]).repeat(n, 1).requires_grad_()
     op = torch.full((n,), 0.5, requires_grad=True)
