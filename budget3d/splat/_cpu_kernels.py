@@ -1388,11 +1388,7 @@ P_ = _pool
 def _prepare_w(data):
     d = P_.words(data)
     m2d = P_.f32_2(d, 0)
-    while True:  # parts claimed from a counter: a team smaller than asked still does all
-        part = P_.part(d)
-        if part >= P_.nth(d):
-            break
-        lo, hi = P_.span(part, P_.nth(d), m2d.shape[0])
+    for lo, hi in P_.spans(d, m2d.shape[0]):
         _prepare(lo, hi, m2d, P_.f32_2(d, 1), P_.f32_1(d, 2), P_.i32_2(d, 3), P_.i64(d, 4), P_.i64(d, 5),
                  P_.i32_2(d, 6), P_.i32_2(d, 7), P_.i64_1(d, 8))
 
@@ -1407,11 +1403,7 @@ def prepare(means2d, conics, opac, radii, width, height, rect, rows, count, nthr
 def _sort_params_w(data):
     d = P_.words(data)
     order = P_.i32_1(d, 0)
-    while True:  # parts claimed from a counter: a team smaller than asked still does all
-        part = P_.part(d)
-        if part >= P_.nth(d):
-            break
-        lo, hi = P_.span(part, P_.nth(d), order.shape[0])
+    for lo, hi in P_.spans(d, order.shape[0]):
         _sort_params(lo, hi, order, P_.f32_2(d, 1), P_.f32_2(d, 2), P_.f32_1(d, 3), P_.f32_2(d, 4), P_.i32_2(d, 5),
                      P_.i32_2(d, 6), P_.f32_2(d, 7), P_.i32_2(d, 8))
 
@@ -1425,11 +1417,7 @@ def sort_params(order, means2d, conics, opac, feats, rect, rows, P, PR, nthreads
 def _cull_entries_w(data):
     d = P_.words(data)
     nchunks = P_.i64(d, 5)
-    while True:  # parts claimed from a counter: a team smaller than asked still does all
-        part = P_.part(d)
-        if part >= P_.nth(d):
-            break
-        c0, c1 = P_.span(part, P_.nth(d), nchunks)
+    for c0, c1 in P_.spans(d, nchunks):
         _cull_entries(c0, c1, P_.f32_2(d, 0), P_.i32_2(d, 1), P_.i32_1(d, 2), P_.i64_1(d, 3), P_.i64(d, 4), nchunks,
                       P_.i32_1(d, 6), P_.i32_2(d, 7), P_.i32_1(d, 8), P_.i64_1(d, 9), P_.i64_2(d, 10))
 
@@ -1443,11 +1431,7 @@ def cull_entries(P, PR, order, ub_off, TX, nchunks, ent_tile, ent_row, ent_rank,
 def _bucket_src_w(data):
     d = P_.words(data)
     cnt = P_.i64_2(d, 4)
-    while True:  # parts claimed from a counter: a team smaller than asked still does all
-        part = P_.part(d)
-        if part >= P_.nth(d):
-            break
-        c0, c1 = P_.span(part, P_.nth(d), cnt.shape[0])
+    for c0, c1 in P_.spans(d, cnt.shape[0]):
         _bucket_src(c0, c1, P_.i32_1(d, 0), P_.i64_1(d, 1), P_.i64_1(d, 2), P_.i32_1(d, 3), cnt, P_.i32_1(d, 5))
 
 
@@ -1455,11 +1439,7 @@ def _bucket_src_w(data):
 def _bucket_fill_w(data):
     d = P_.words(data)
     src = P_.i32_1(d, 0)
-    while True:  # parts claimed from a counter: a team smaller than asked still does all
-        part = P_.part(d)
-        if part >= P_.nth(d):
-            break
-        lo, hi = P_.span(part, P_.nth(d), src.shape[0])
+    for lo, hi in P_.spans(d, src.shape[0]):
         _bucket_fill(lo, hi, src, P_.i32_2(d, 1), P_.i32_1(d, 2), P_.i64_1(d, 3), P_.f32_2(d, 4), P_.i32_2(d, 5),
                      P_.i32_1(d, 6), P_.f32_2(d, 7))
 
@@ -1505,11 +1485,7 @@ def forward(ep, rows, tile_start, torder, gpos, width, height, TX, background, h
 def _backward_w(data):
     d = P_.words(data)
     tile_start = P_.i64_1(d, 2)
-    while True:  # parts claimed from a counter: a team smaller than asked still does all
-        part = P_.part(d)
-        if part >= P_.nth(d):
-            break
-        lo, hi = P_.span(part, P_.nth(d), tile_start.shape[0] - 1)
+    for lo, hi in P_.spans(d, tile_start.shape[0] - 1):
         _backward(lo, hi, P_.f32_2(d, 0), P_.i32_2(d, 1), tile_start, P_.i32_1(d, 3), P_.i64(d, 4), P_.i64(d, 5),
                   P_.i64(d, 6), P_.f32_1(d, 7), P_.i64(d, 8) != 0, P_.i64(d, 9) != 0, P_.f32_1(d, 10), P_.i64_1(d, 11),
                   P_.f32_2(d, 12), P_.f32_1(d, 13), P_.f32_2(d, 14))
@@ -1526,11 +1502,7 @@ def backward(ep, rows, tile_start, gpos, width, height, TX, background, has_bg, 
 def _reduce_grads_w(data):
     d = P_.words(data)
     goff = P_.i64_1(d, 0)
-    while True:  # parts claimed from a counter: a team smaller than asked still does all
-        part = P_.part(d)
-        if part >= P_.nth(d):
-            break
-        lo, hi = P_.span(part, P_.nth(d), goff.shape[0] - 1)
+    for lo, hi in P_.spans(d, goff.shape[0] - 1):
         _reduce_grads(lo, hi, goff, P_.f32_2(d, 1), P_.f32_2(d, 2), P_.f32_2(d, 3), P_.f32_1(d, 4), P_.f32_2(d, 5))
 
 
@@ -1542,11 +1514,7 @@ def reduce_grads(goff, eg, g_mean, g_conic, g_opac, g_feat, nthreads):
 def _reduce_counts_w(data):
     d = P_.words(data)
     goff = P_.i64_1(d, 0)
-    while True:  # parts claimed from a counter: a team smaller than asked still does all
-        part = P_.part(d)
-        if part >= P_.nth(d):
-            break
-        lo, hi = P_.span(part, P_.nth(d), goff.shape[0] - 1)
+    for lo, hi in P_.spans(d, goff.shape[0] - 1):
         _reduce_counts(lo, hi, goff, P_.i64_1(d, 1), P_.i64_1(d, 2))
 
 
@@ -1558,11 +1526,7 @@ def reduce_counts(goff, ent_count, n_pixels, nthreads):
 def _project_sh_fwd_w(data):
     d = P_.words(data)
     means = P_.f32_2(d, 0)
-    while True:  # parts claimed from a counter: a team smaller than asked still does all
-        part = P_.part(d)
-        if part >= P_.nth(d):
-            break
-        c0, c1 = P_.span(part, P_.nth(d), (means.shape[0] + PCH - 1) // PCH)
+    for c0, c1 in P_.spans(d, (means.shape[0] + PCH - 1) // PCH):
         _project_sh_fwd(c0, c1, means, P_.f32_2(d, 1), P_.f32_2(d, 2), P_.f32_1(d, 3), P_.f32_2(d, 4), P_.f32_3(d, 5),
                         P_.f32_2(d, 6), P_.f32_1(d, 7), P_.f32(d, 8), P_.f32(d, 9), P_.f32(d, 10), P_.f32(d, 11),
                         P_.f32(d, 12), P_.f32(d, 13), P_.f32(d, 14), P_.f32(d, 15), P_.i64(d, 16), P_.i64(d, 17),
@@ -1579,11 +1543,7 @@ def project_sh_fwd(*args):
 def _project_sh_bwd_w(data):
     d = P_.words(data)
     means = P_.f32_2(d, 0)
-    while True:  # parts claimed from a counter: a team smaller than asked still does all
-        part = P_.part(d)
-        if part >= P_.nth(d):
-            break
-        c0, c1 = P_.span(part, P_.nth(d), (means.shape[0] + PCH - 1) // PCH)
+    for c0, c1 in P_.spans(d, (means.shape[0] + PCH - 1) // PCH):
         _project_sh_bwd(c0, c1, means, P_.f32_2(d, 1), P_.f32_2(d, 2), P_.f32_1(d, 3), P_.f32_2(d, 4), P_.f32_3(d, 5),
                         P_.f32_2(d, 6), P_.f32_1(d, 7), P_.f32(d, 8), P_.f32(d, 9), P_.f32(d, 10), P_.f32(d, 11),
                         P_.f32(d, 12), P_.f32(d, 13), P_.f32(d, 14), P_.f32(d, 15), P_.i64(d, 16), P_.i64(d, 17),

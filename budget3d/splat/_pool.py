@@ -12,7 +12,7 @@ A worker is a ``void(void*)`` function; its argument points at an int64 buffer: 
 (the buffer's length, a part counter, the thread count, a work counter) then 4 words per
 argument (arrays: data pointer and up to 3 dims, C-contiguous; ints; floats as float64 bits). The
 worker reads its arguments with the typed getters below (``f32_2(d, k)``: argument k as a 2-D float32
-array, ...) and claims parts of its range with ``part(d)`` (or items with ``next_work(d)``).
+array, ...) and takes its shares of a range with ``for lo, hi in spans(d, N)`` (or items with ``next_work(d)``).
 """
 
 from __future__ import annotations
@@ -79,9 +79,7 @@ def words(data):
 
 @njit(**_i)
 def part(d):
-    """The next unclaimed part in 0, 1, 2, ...; a worker takes parts until this is >= nth(d) (one
-    each when the team has nth(d) threads; a smaller team, e.g. under OMP_THREAD_LIMIT, still does
-    all of them)."""
+    """The next unclaimed part in 0, 1, 2, ... (see spans)."""
     return atomic_next(d, 1)
 
 
@@ -94,6 +92,18 @@ def nth(d):
 def next_work(d):
     """The next item of a shared work counter (0, 1, 2, ... across the threads)."""
     return atomic_next(d, 3)
+
+
+@njit(nogil=True, boundscheck=False)  # (not cached: numba cannot load a generator from its cache)
+def spans(d, N):
+    """The worker's shares [lo, hi) of range(N): ``for lo, hi in spans(d, N)``. range(N) is cut in
+    nth(d) contiguous parts (numba's static prange split); parts are claimed from a counter, so a
+    smaller team than asked (e.g. under OMP_THREAD_LIMIT) still does all of them."""
+    while True:
+        p = part(d)
+        if p >= nth(d):
+            return
+        yield span(p, nth(d), N)
 
 
 @njit(**_i)

@@ -139,11 +139,7 @@ def _adam_rows_cpu(lo, hi, p, g, m, v, t, vis, lr, beta1, beta2, eps):
 def _adam_rows_w(data):
     d = P_.words(data)
     p = P_.f32_2(d, 0)
-    while True:  # parts claimed from a counter: a team smaller than asked still does all
-        part = P_.part(d)
-        if part >= P_.nth(d):
-            break
-        lo, hi = P_.span(part, P_.nth(d), p.shape[0])
+    for lo, hi in P_.spans(d, p.shape[0]):
         _adam_rows_cpu(lo, hi, p, P_.f32_2(d, 1), P_.f32_2(d, 2), P_.f32_2(d, 3), P_.f32_1(d, 4), P_.b1(d, 5),
                        P_.f64(d, 6), P_.f64(d, 7), P_.f64(d, 8), P_.f64(d, 9))
 

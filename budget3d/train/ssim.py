@@ -165,11 +165,7 @@ def _ssim_bwd(lo, hi, x, y, w, df, scale, out):
 def _ssim_h_w(data):
     d = P_.words(data)
     x = P_.f32_3(d, 0)
-    while True:  # parts claimed from a counter: a team smaller than asked still does all
-        part = P_.part(d)
-        if part >= P_.nth(d):
-            break
-        lo, hi = P_.span(part, P_.nth(d), x.shape[0])
+    for lo, hi in P_.spans(d, x.shape[0]):
         _ssim_h(lo, hi, x, P_.f32_3(d, 1), P_.f32_1(d, 2), P_.f32_3(d, 3))
 
 
@@ -177,11 +173,7 @@ def _ssim_h_w(data):
 def _ssim_v_w(data):
     d = P_.words(data)
     rows = P_.f64_1(d, 5)
-    while True:  # parts claimed from a counter: a team smaller than asked still does all
-        part = P_.part(d)
-        if part >= P_.nth(d):
-            break
-        lo, hi = P_.span(part, P_.nth(d), rows.shape[0])
+    for lo, hi in P_.spans(d, rows.shape[0]):
         _ssim_v(lo, hi, P_.f32_1(d, 0), P_.f32(d, 1), P_.f32(d, 2), P_.f32_3(d, 3), P_.f32_3(d, 4), rows)
 
 
@@ -189,9 +181,5 @@ def _ssim_v_w(data):
 def _ssim_bwd_w(data):
     d = P_.words(data)
     x = P_.f32_3(d, 0)
-    while True:  # parts claimed from a counter: a team smaller than asked still does all
-        part = P_.part(d)
-        if part >= P_.nth(d):
-            break
-        lo, hi = P_.span(part, P_.nth(d), x.shape[0])
+    for lo, hi in P_.spans(d, x.shape[0]):
         _ssim_bwd(lo, hi, x, P_.f32_3(d, 1), P_.f32_1(d, 2), P_.f32_3(d, 3), P_.f32(d, 4), P_.f32_3(d, 5))
