@@ -7,8 +7,8 @@ Cases: random scenes like tests/test_render.py (projected sigma 0.3-3 px, opacit
 For each case: forward and forward+backward milliseconds (median of --repeats after a warm-up),
 the speedup over "torch", contributing pairs (sum of n_pixels) per second, cycles per contributing
 pair, and peak memory; the cpu backend at each --threads count (torch.set_num_threads, which the
-cpu backend follows). Also the numba compile time of a fresh process (empty cache) and the load
-time of a second process (cached).
+cpu backend follows). Also the numba compile time of a fresh process (empty cache; on all cores,
+as the trainer and warmup compile, and in one process) and the load time of a second process.
 
     python scripts/bench_render.py [--quick] [--threads 1,2] [--json out.json] [--no-compile] [--exact-exp]
 """
@@ -235,20 +235,23 @@ def work_counts(case):
 
 
 def compile_times():
-    """Seconds to compile every kernel in a fresh process with an empty numba cache, and to load
-    them from that cache in a second process."""
-    code = ("import time; t = time.perf_counter(); from budget3d.splat import cpu; cpu.warmup(); "
-            "print(time.perf_counter() - t)")
-    with tempfile.TemporaryDirectory() as d:
-        env = dict(os.environ, NUMBA_CACHE_DIR=d, PYTHONPATH=str(REPO))
-        out = []
-        for _ in range(2):
-            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
-            if r.returncode != 0:
-                return {"error": r.stderr[-2000:]}
-            out.append(float(r.stdout.strip().splitlines()[-1]))
-    return {"first_compile_s": out[0], "cached_load_s": out[1],
-            "note": "import + compile (or cache load) + one tiny forward/backward, each in a new process"}
+    """Seconds to compile every kernel in a fresh process with an empty numba cache (on all cores, as
+    warmup does, and on one), and to load them from that cache in another process."""
+    code = ("import sys, time; t = time.perf_counter(); from budget3d.splat import cpu; "
+            "cpu.warmup(jobs=int(sys.argv[1]) or None); print(time.perf_counter() - t)")
+    out = {}
+    for key, jobs in (("first_compile_s", 0), ("first_compile_1proc_s", 1)):
+        with tempfile.TemporaryDirectory() as d:
+            env = dict(os.environ, NUMBA_CACHE_DIR=d, PYTHONPATH=str(REPO))
+            for k in (key, "cached_load_s"):
+                r = subprocess.run([sys.executable, "-c", code, str(jobs)], env=env, capture_output=True, text=True,
+                                   cwd=REPO)
+                if r.returncode != 0:
+                    return {"error": r.stderr[-2000:]}
+                out[k] = float(r.stdout.strip().splitlines()[-1])
+    out["note"] = ("import + compile (or cache load) + one tiny forward/backward, each in a new process; "
+                   "first_compile_s on all cores (helper processes, see _pool.compile_all)")
+    return out
 
 
 def main():
@@ -277,7 +280,8 @@ def main():
         if "error" in comp:
             print("compile timing failed:", comp["error"])
         else:
-            print(f"numba compile, fresh process: {comp['first_compile_s']:.1f} s; cached load, second process: "
+            print(f"numba compile, fresh process: {comp['first_compile_s']:.1f} s on all cores "
+                  f"({comp['first_compile_1proc_s']:.1f} s in one process); cached load, second process: "
                   f"{comp['cached_load_s']:.2f} s")
 
     cases = [random_case(2000, 64, 64), random_case(10000, 256, 256)]

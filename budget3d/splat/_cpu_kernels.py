@@ -1555,3 +1555,8 @@ def _project_sh_bwd_w(data):
 def project_sh_bwd(*args):
     """See _project_sh_bwd (all Gaussians); the last argument is the thread count."""
     _pool.run(_project_sh_bwd_w, args[-1], *args[:-1])
+
+
+# all the workers, heaviest first (compile time): see _pool.compile_all
+KERNELS = [_backward_w, _forward_w, _project_sh_bwd_w, _project_sh_fwd_w, _cull_entries_w, _prepare_w, _reduce_grads_w,
+           _bucket_fill_w, _bucket_src_w, _sort_params_w, _reduce_counts_w]

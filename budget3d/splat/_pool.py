@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import importlib
 import os
 import struct
+import subprocess
+import sys
+import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -199,6 +204,62 @@ class Kernel:
 def kernel(**opts):
     """Decorator: a worker ``fn(data)`` (see the module docstring) run by ``run``."""
     return lambda fn: Kernel(fn, opts)
+
+
+def compile_all(kernels, jobs=None, on_cold=None) -> int:
+    """Compile (or load from numba's cache) ``kernels``, listed heaviest first, on up to ``jobs``
+    processes (default: the usable cores, at most 4). numba compiles one function at a time per
+    process (~40 s for all the kernels on one core of the 2-vCPU machines), so when the cache is cold
+    helper processes take kernels too: each process claims the next unclaimed kernel of the list (a
+    file created with O_EXCL) and compiles it into numba's cache; this process then loads the
+    helpers' kernels from the cache (or compiles them itself if a helper failed). The last kernel is
+    the probe: loaded in a few ms when the cache is warm, and then no helper starts. ``on_cold()`` is
+    called once before compiling starts. Returns the number of kernels the helpers compiled."""
+    todo = [k for k in kernels if k._c is None]
+    if not todo:
+        return 0
+    _addr(np.zeros(1))  # numba's one-time set-up (~0.3 s), so the probe below times the kernel alone
+    t = time.perf_counter()
+    todo[-1].compiled
+    if time.perf_counter() - t < 0.15 or len(todo) == 1:  # a warm cache
+        for k in todo:
+            k.compiled
+        return 0
+    if on_cold is not None:
+        on_cold()
+    todo = todo[:-1]
+    jobs = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) \
+        if jobs is None else jobs
+    with tempfile.TemporaryDirectory(prefix="budget3d-compile-") as d:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+                   OMP_NUM_THREADS="1")
+        names = [f"{k.fn.__module__}:{k.fn.__name__}" for k in todo]
+        code = "import sys; from budget3d.splat import _pool; _pool._compile_claimed(sys.argv[1], sys.argv[2:])"
+        helpers = [subprocess.Popen([sys.executable, "-c", code, d, *names], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL) for _ in range(max(0, min(jobs, len(todo)) - 1))]
+        _compile_claimed(d, todo)
+        for h in helpers:
+            h.wait()
+        n = sum(os.path.exists(os.path.join(d, f"{i}.done")) and k._c is None for i, k in enumerate(todo))
+        for k in todo:
+            k.compiled
+    return n
+
+
+def _compile_claimed(d, kernels):
+    """Compile each kernel of the list (Kernel objects or "module:name") that no other process has
+    claimed in folder d; marks it done there."""
+    for i, k in enumerate(kernels):
+        try:
+            os.close(os.open(os.path.join(d, f"{i}.claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        if isinstance(k, str):
+            mod, name = k.split(":")
+            k = getattr(importlib.import_module(mod), name)
+        k.compiled
+        open(os.path.join(d, f"{i}.done"), "w").close()
 
 
 def _find_gomp():

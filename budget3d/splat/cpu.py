@@ -189,14 +189,16 @@ def rasterize_cpu(means2d, conics, opacities, features, depths, radii, width, he
     return img, alpha, n_pixels
 
 
-def warmup() -> float:
-    """Compile (or load from numba's cache) the rasterizer's and the projection's kernels; returns
-    the seconds it took."""
+def warmup(kernels=(), jobs=None, on_cold=None) -> float:
+    """Compile (or load from numba's cache) the rasterizer's and the projection's kernels, and
+    ``kernels`` (more ``_pool`` workers), on up to ``jobs`` processes when the cache is cold (see
+    _pool.compile_all; ``on_cold()`` is called first then); returns the seconds it took."""
     t0 = time.perf_counter()
+    _pool.compile_all(K.KERNELS[:-1] + list(kernels) + K.KERNELS[-1:], jobs=jobs, on_cold=on_cold)
     g = torch.Generator().manual_seed(0)
     n = 8
     means = (torch.rand(n, 3, generator=g) + torch.tensor([0.0, 0.0, 3.0])).requires_grad_()
-    sh0 = torch.rand(n, 1, 3, requires_grad=True)
+    sh0 = torch.rand(n, 1, 3, generator=g).requires_grad_()
     outs = project_sh_cpu(means, torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(n, 1), torch.full((n, 3), 0.05),
                           torch.full((n,), 0.5), sh0, torch.zeros(n, 3, 3), torch.eye(4),
                           torch.tensor([[20.0, 0.0, 10.0], [0.0, 20.0, 10.0], [0.0, 0.0, 1.0]]), 20, 20, sh_degree=1)
@@ -204,9 +206,9 @@ def warmup() -> float:
     m = (torch.rand(n, 2, generator=g) * 20).requires_grad_()
     con = torch.tensor([[0.5, 0.0, 0.5]]).repeat(n, 1).requires_grad_()
     op = torch.full((n,), 0.5, requires_grad=True)
-    f = torch.rand(n, 4, requires_grad=True)
-    img, alpha, _ = rasterize_cpu(m, con, op, f, torch.rand(n) + 1, torch.full((n, 2), 4, dtype=torch.int32),
-                                  20, 20, torch.zeros(4))
+    f = torch.rand(n, 4, generator=g).requires_grad_()
+    dep = torch.rand(n, generator=g) + 1
+    img, alpha, _ = rasterize_cpu(m, con, op, f, dep, torch.full((n, 2), 4, dtype=torch.int32), 20, 20, torch.zeros(4))
     (img.sum() + alpha.sum()).backward()
     return time.perf_counter() - t0
 

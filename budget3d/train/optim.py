@@ -144,6 +144,9 @@ def _adam_rows_w(data):
                        P_.f64(d, 6), P_.f64(d, 7), P_.f64(d, 8), P_.f64(d, 9))
 
 
+KERNELS = [_adam_rows_w]  # (for _pool.compile_all)
+
+
 def exp_decay(step: int, total: int, lr_init: float, lr_final: float) -> float:
     """3DGS's log-linear decay from ``lr_init`` at step 0 to ``lr_final`` at ``total``."""
     if total <= 0 or lr_init <= 0:

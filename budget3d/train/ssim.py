@@ -183,3 +183,6 @@ def _ssim_bwd_w(data):
     x = P_.f32_3(d, 0)
     for lo, hi in P_.spans(d, x.shape[0]):
         _ssim_bwd(lo, hi, x, P_.f32_3(d, 1), P_.f32_1(d, 2), P_.f32_3(d, 3), P_.f32(d, 4), P_.f32_3(d, 5))
+
+
+KERNELS = [_ssim_bwd_w, _ssim_h_w, _ssim_v_w]  # (for _pool.compile_all)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -176,6 +177,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
     """
     s = setup(cfg, resume=resume, scene=scene)
     s.progress, cfg = progress, s.cfg
+    if s.backend == "cpu":
+        _compile_cpu_kernels(s)
     bar = _progress_bar(s, progress)
     with _StopOnCtrlC() as ctrl_c:
         t0 = time.perf_counter()
@@ -220,6 +223,27 @@ def _pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is available to torch here; use --device cpu (or auto)")
     return torch.device(name)
+
+
+def _compile_cpu_kernels(s: Session, training: bool = True) -> None:
+    """Compile the CPU kernels before the work (on all cores; only on a machine's first run, numba
+    caches them), so that the progress bars and the training time measure the work."""
+    from budget3d.splat import cpu
+    from budget3d.train import optim, ssim
+
+    kernels = (ssim.KERNELS if training and s.cfg.ssim_lambda > 0 else []) + \
+        (optim.KERNELS if training and s.cfg.visible_adam else [])
+    cold = []
+
+    def say():
+        cold.append(True)
+        if s.progress:
+            print("compiling the CPU kernels (first run on this machine, ~30 s; cached afterwards) ...",
+                  file=sys.stderr, flush=True)
+
+    sec = cpu.warmup(kernels, on_cold=say)
+    if cold and s.progress:
+        print(f"compiled in {sec:.0f} s", file=sys.stderr, flush=True)
 
 
 def _pick_backend(name: str, device: torch.device) -> str:
@@ -600,6 +624,8 @@ def evaluate_run(run_dir, *, device: str = "auto", backend: str = "auto", progre
     s = Session(cfg=cfg, run_dir=run_dir, scene=scene, device=dev, backend=_pick_backend(backend, dev),
                 params=params, optimizers={}, strategy=None, state={}, budget=None, extent=1.0,
                 sh_now=cfg.sh_degree, progress=progress)
+    if s.backend == "cpu":
+        _compile_cpu_kernels(s, training=False)
     metrics = {}
     if (run_dir / "metrics.json").is_file():
         try:
