@@ -159,6 +159,12 @@ def f64_1(d, k):
 
 
 @njit(**_i)
+def f64_2(d, k):
+    j = HDR + 4 * k
+    return carray(_ptr(d[j]), (d[j + 1], d[j + 2]), np.float64)
+
+
+@njit(**_i)
 def i32_1(d, k):
     j = HDR + 4 * k
     return carray(_ptr(d[j]), (d[j + 1],), np.int32)

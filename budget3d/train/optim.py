@@ -37,6 +37,11 @@ class VisibleAdam(torch.optim.Optimizer):
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
+        self._tmax = None  # an upper bound on the rows' step counts (for the bias-correction table)
+
+    def load_state_dict(self, state_dict):  # noqa: D102
+        super().load_state_dict(state_dict)
+        self._tmax = None
 
     @torch.no_grad()
     def step(self, visible: Optional[torch.Tensor] = None, closure=None):  # noqa: D102
@@ -44,6 +49,10 @@ class VisibleAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._tmax is None:
+            self._tmax = max([int(st["row_step"].max()) for st in self.state.values()
+                              if "row_step" in st and st["row_step"].numel()] or [0])
+        self._tmax += 1
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -56,7 +65,8 @@ class VisibleAdam(torch.optim.Optimizer):
                     state["row_step"] = torch.zeros(p.shape[0], device=p.device, dtype=torch.float32)
                 m, v, t = state["exp_avg"], state["exp_avg_sq"], state["row_step"]
                 if _cpu_ok(p, m, v, t, visible):
-                    _adam_cpu(p, m, v, t, visible, group["lr"], beta1, beta2, group["eps"])
+                    _adam_cpu(p, m, v, t, visible, group["lr"], beta1, beta2, group["eps"],
+                              _bias_table(beta1, beta2, self._tmax + 1))
                     continue
                 if visible is None or bool(visible.all()):
                     _adam_rows(p, p.grad, m, v, t, group["lr"], beta1, beta2, group["eps"])
@@ -91,7 +101,34 @@ def _cpu_ok(p, m, v, t, visible) -> bool:
             and (visible is None or (visible.device.type == "cpu" and visible.shape == (p.shape[0],))))
 
 
-def _adam_cpu(p, m, v, t, visible, lr, beta1, beta2, eps):
+_TABLES: dict = {}
+
+
+@numba.njit(cache=True)
+def _bias_corrections(beta1, beta2, n):
+    """Row k: Adam's bias corrections after k steps, 1 - beta1^k and sqrt(1 - beta2^k), computed as
+    _adam_rows_cpu computes them (float64)."""
+    tab = np.empty((n, 2))
+    lb1 = math.log(beta1) if beta1 > 0 else -math.inf
+    lb2 = math.log(beta2) if beta2 > 0 else -math.inf
+    for k in range(n):
+        tab[k, 0] = 1.0 - math.exp(lb1 * np.float64(k))
+        tab[k, 1] = math.sqrt(1.0 - math.exp(lb2 * np.float64(k)))
+    return tab
+
+
+def _bias_table(beta1, beta2, n):
+    """The bias corrections of steps 0 .. >= n-1 (a table per betas, grown by doubling): the kernel
+    reads them instead of computing two exps and a sqrt per row (~50 ns a row, most of a small
+    parameter's step)."""
+    tab = _TABLES.get((beta1, beta2))
+    if tab is None or tab.shape[0] < n:
+        tab = _TABLES[(beta1, beta2)] = _bias_corrections(float(beta1), float(beta2),
+                                                          max(n, 1024, 0 if tab is None else 2 * tab.shape[0]))
+    return tab
+
+
+def _adam_cpu(p, m, v, t, visible, lr, beta1, beta2, eps, tab=None):
     from budget3d.splat.cpu import launch
 
     N = p.shape[0]
@@ -101,14 +138,16 @@ def _adam_cpu(p, m, v, t, visible, lr, beta1, beta2, eps):
 
     vis = (np.ones(N, dtype=np.bool_) if visible is None
            else np.ascontiguousarray(visible.detach().to(torch.bool).numpy()))
+    tab = np.zeros((0, 2)) if tab is None else tab
     launch(_adam_rows_w, flat(p), flat(p.grad), flat(m), flat(v), t.numpy(), vis, float(lr), float(beta1),
-           float(beta2), float(eps))
+           float(beta2), float(eps), tab)
 
 
 @numba.njit(inline="always", **_opts)
-def _adam_rows_cpu(lo, hi, p, g, m, v, t, vis, lr, beta1, beta2, eps):
+def _adam_rows_cpu(lo, hi, p, g, m, v, t, vis, lr, beta1, beta2, eps, tab):
     """_adam_rows on the rows where vis, in place, one pass (float32 state, bias corrections in
-    float64 as torch.optim.Adam computes them)."""
+    float64 as torch.optim.Adam computes them; read from ``tab`` (see _bias_table) where it has the
+    row's step count)."""
     N, D = p.shape
     b1 = np.float32(beta1)
     b2 = np.float32(beta2)
@@ -122,8 +161,13 @@ def _adam_rows_cpu(lo, hi, p, g, m, v, t, vis, lr, beta1, beta2, eps):
             continue
         ti = t[i] + np.float32(1.0)
         t[i] = ti
-        bc1 = 1.0 - math.exp(lb1 * np.float64(ti))  # (exp, not pow: pow cost ~40 ns per row)
-        bc2s = np.float32(math.sqrt(1.0 - math.exp(lb2 * np.float64(ti))))
+        k = np.int64(ti)
+        if k < tab.shape[0]:
+            bc1 = tab[k, 0]
+            bc2s = np.float32(tab[k, 1])
+        else:
+            bc1 = 1.0 - math.exp(lb1 * np.float64(ti))  # (exp, not pow: pow cost ~40 ns per row)
+            bc2s = np.float32(math.sqrt(1.0 - math.exp(lb2 * np.float64(ti))))
         step = np.float32(lr / bc1)
         for j in range(D):
             gj = g[i, j]
@@ -141,7 +185,7 @@ def _adam_rows_w(data):
     p = P_.f32_2(d, 0)
     for lo, hi in P_.spans(d, p.shape[0]):
         _adam_rows_cpu(lo, hi, p, P_.f32_2(d, 1), P_.f32_2(d, 2), P_.f32_2(d, 3), P_.f32_1(d, 4), P_.b1(d, 5),
-                       P_.f64(d, 6), P_.f64(d, 7), P_.f64(d, 8), P_.f64(d, 9))
+                       P_.f64(d, 6), P_.f64(d, 7), P_.f64(d, 8), P_.f64(d, 9), P_.f64_2(d, 10))
 
 
 KERNELS = [_adam_rows_w]  # (for _pool.compile_all)
