@@ -236,20 +236,24 @@ def compile_all(kernels, jobs=None, on_cold=None) -> int:
     todo = todo[:-1]
     jobs = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) \
         if jobs is None else jobs
-    with tempfile.TemporaryDirectory(prefix="budget3d-compile-") as d:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-                   OMP_NUM_THREADS="1")
-        names = [f"{k.fn.__module__}:{k.fn.__name__}" for k in todo]
-        code = "import sys; from budget3d.splat import _pool; _pool._compile_claimed(sys.argv[1], sys.argv[2:])"
-        helpers = [subprocess.Popen([sys.executable, "-c", code, d, *names], env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL) for _ in range(max(0, min(jobs, len(todo)) - 1))]
-        _compile_claimed(d, todo)
-        for h in helpers:
-            h.wait()
-        n = sum(os.path.exists(os.path.join(d, f"{i}.done")) and k._c is None for i, k in enumerate(todo))
-        for k in todo:
-            k.compiled
+    n = 0
+    try:
+        with tempfile.TemporaryDirectory(prefix="budget3d-compile-") as d:
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+                       OMP_NUM_THREADS="1")
+            names = [f"{k.fn.__module__}:{k.fn.__name__}" for k in todo]
+            code = "import sys; from budget3d.splat import _pool; _pool._compile_claimed(sys.argv[1], sys.argv[2:])"
+            helpers = [subprocess.Popen([sys.executable, "-c", code, d, *names], env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL) for _ in range(max(0, min(jobs, len(todo)) - 1))]
+            _compile_claimed(d, todo)
+            for h in helpers:
+                h.wait()
+            n = sum(os.path.exists(os.path.join(d, f"{i}.done")) and k._c is None for i, k in enumerate(todo))
+    except OSError:  # no temporary folder or no subprocess here: compile in this process
+        pass
+    for k in todo:
+        k.compiled
     return n
 
 
