@@ -7,9 +7,14 @@ Ctrl-C exits 130 after saying how to resume.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import inspect
 import json
+import re
 import sys
 import time
+import typing
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -39,22 +44,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="also decode every image (slower): stops at the first unreadable or wrongly sized one")
 
     t = sub.add_parser("train", help="train Gaussians to an exact budget; writes a run folder")
-    t.add_argument("--data", help="scene folder (not needed with --resume)")
-    t.add_argument("--budget", help='Gaussian budget: a count ("200000", "200k"), "15x" the initial points, '
-                                    'or a .ply size ("30MB"); not needed for --strategy default')
     t.add_argument("--out", required=True, help="run folder to write (or to continue with --resume)")
-    t.add_argument("--iters", type=int, help="training steps (default 3000)")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
-    t.add_argument("--backend", choices=["auto", "torch", "cpu", "cuda"], help="renderer backend (default auto)")
-    t.add_argument("--downscale", type=int, help="image downscale factor (default 1)")
-    t.add_argument("--sh-degree", type=int, dest="sh_degree", help="spherical-harmonics degree 0..3 (default 3)")
-    t.add_argument("--strategy", choices=["taming", "default", "mcmc"],
-                   help="densification: taming (exact budget, default), default (classic 3DGS, no budget), "
-                        "mcmc (gsplat MCMC capped at the budget, CUDA only)")
-    t.add_argument("--seed", type=int, help="random seed (default 0)")
-    t.add_argument("--random-background", action="store_true", default=None, dest="random_background",
-                   help="train on random background colours")
-    t.add_argument("--checkpoint-every", type=int, dest="checkpoint_every", help="steps between checkpoints (default 1000)")
+    _add_config_flags(t)
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any field above by name, e.g. --set densify_start=300 (repeatable; wins over the flags)")
+    t.add_argument("--config", metavar="FILE",
+                   help="start from the settings in a JSON object, e.g. a run's config.json (flags and --set win)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -97,30 +92,182 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-TRAIN_FLAGS = ("data", "budget", "iters", "device", "backend", "downscale", "sh_degree", "strategy", "seed",
-               "random_background", "checkpoint_every")
+# ----------------------------------------------------------------------------- train settings
+
+# Every TrainConfig field is a flag, generated when the parser is built so that new fields get one too.
+# These predate the generated ones and keep their help, choices and action.
+TRAIN_FLAGS = {
+    "data": dict(metavar="PATH", help="scene folder (not needed with --resume)"),
+    "budget": dict(metavar="BUDGET", shown="none",
+                   help='Gaussian budget: a count ("200000", "200k"), "15x" the initial points, or a .ply size '
+                        '("30MB"); not needed for --strategy default'),
+    "iters": dict(help="training steps"),
+    "device": dict(choices=["auto", "cpu", "cuda"]),
+    "backend": dict(choices=["auto", "torch", "cpu", "cuda"], help="renderer backend"),
+    "downscale": dict(help="image downscale factor"),
+    "sh_degree": dict(help="spherical-harmonics degree 0..3"),
+    "strategy": dict(choices=["taming", "default", "mcmc"],
+                     help="densification: taming (exact budget), default (classic 3DGS, no budget), "
+                          "mcmc (gsplat MCMC capped at the budget, CUDA only)"),
+    "seed": dict(help="random seed"),
+    "random_background": dict(action="store_true", help="train on random background colours"),
+    "checkpoint_every": dict(help="steps between checkpoints"),
+}
+NOT_SETTABLE = ("out", "resolved")  # --out names the run folder; resolved is the trainer's own mark
+CLI_NAMES = ("command", "set", "config", "resume", "quiet")  # a field of one of these names gets only --set
 RESUME_OVERRIDES = ("device", "backend")  # runtime choices that do not change the result's recipe
+_TRUE, _FALSE, _NONE = ("true", "1", "yes"), ("false", "0", "no"), ("auto", "none", "null")
+
+
+def _converter(tp):
+    """str -> value of a field annotated ``tp`` (bool, int, float, str, Optional of those; else JSON).
+    Optional fields take auto/none for None. A bad value is an ArgumentTypeError (a one-line error)."""
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else tp
+    kind, metavar = {bool: ("true or false", "BOOL"), int: ("a whole number", "N"), float: ("a number", "X"),
+                     str: ("text", "TEXT")}.get(base, ("a JSON value", "JSON"))
+
+    def convert(text):
+        t = str(text).strip()
+        try:
+            if optional and t.lower() in _NONE:
+                return None
+            if base is bool:
+                if t.lower() in _TRUE + _FALSE:
+                    return t.lower() in _TRUE
+                raise ValueError(t)
+            return base(t) if base in (int, float, str) else json.loads(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}{' or auto' if optional else ''}, got {text!r}") from None
+
+    convert.metavar = metavar + ("|auto" if optional else "")
+    return convert
+
+
+def _config_fields() -> dict:
+    """{name: (converter, default)} of every settable TrainConfig field, read now (fields may be added)."""
+    from budget3d.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in NOT_SETTABLE or f.name.startswith("_"):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out[f.name] = (_converter(hints.get(f.name, str)), default)
+    return out
+
+
+def _field_notes() -> dict:
+    """The trailing ``# comment`` of each TrainConfig field: the help of its flag."""
+    from budget3d.train import TrainConfig
+
+    try:
+        src = inspect.getsource(TrainConfig)
+    except (OSError, TypeError):
+        return {}
+    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#(.*)$", src, re.M)}
+
+
+def _show(value) -> str:
+    return "auto" if value is None else json.dumps(value) if isinstance(value, bool) else str(value)
+
+
+def _add_config_flags(t: argparse.ArgumentParser) -> None:
+    notes = _field_notes()
+    for name, (convert, default) in _config_fields().items():
+        if name in CLI_NAMES:
+            continue
+        kw = {"type": convert, "metavar": convert.metavar, "help": notes.get(name, ""), **TRAIN_FLAGS.get(name, {})}
+        if "action" in kw or "choices" in kw:
+            kw.pop("metavar")
+            kw.pop("type") if "action" in kw else None
+        shown = kw.pop("shown", _show(default))
+        kw["help"] = (f"{kw['help']} (default: {shown})" if default != "" else kw["help"]).strip().replace("%", "%%")
+        flag = "--" + name.replace("_", "-")
+        # SUPPRESS: a flag not given leaves no attribute, so an explicit "auto" (None) still wins over --config
+        t.add_argument(*dict.fromkeys([flag, flag.lower()]), dest=name, default=argparse.SUPPRESS, **kw)
+
+
+def _field_name(key: str, fields: dict, where: str) -> str:
+    name = key.strip().replace("-", "_")
+    name = {k.lower(): k for k in fields}.get(name.lower(), name)  # shn_lr: shN_lr
+    if name == "out":
+        raise UserError(f"{where}{key!r}: give the run folder with --out")
+    if name not in fields:
+        close = difflib.get_close_matches(name, list(fields), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "see: budget3d train --help"
+        raise UserError(f"{where}unknown training setting {key!r}; {hint}")
+    return name
+
+
+def _convert(fields: dict, name: str, text: str, where: str):
+    try:
+        return fields[name][0](text)
+    except argparse.ArgumentTypeError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def _parse_sets(items: list, fields: dict) -> dict:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set densify_start=300")
+        name = _field_name(key, fields, "--set: ")
+        out[name] = _convert(fields, name, value, f"--set {item}")
+    return out
+
+
+def _read_config(path: str, fields: dict) -> dict:
+    """The settings in a JSON object file; a run's config.json works as is (its out and resolved are ignored)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the --config file ({e.strerror or e}); check the path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: the --config file is not valid JSON ({e}); fix the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the --config file must hold a JSON object of settings, e.g. a run's config.json")
+    out = {}
+    for key, value in data.items():
+        if key.replace("-", "_") in NOT_SETTABLE:
+            continue
+        name = _field_name(key, fields, f"{path}: ")
+        out[name] = _convert(fields, name, value if isinstance(value, str) else json.dumps(value), f"{path}: {key}")
+    return out
 
 
 def cmd_train(args) -> int:
-    from budget3d.train import TrainConfig, train
+    from budget3d.train import train
 
-    given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    if args.resume:
-        fixed = sorted(k for k in given if k not in RESUME_OVERRIDES)
-        if fixed:
-            flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
-            raise UserError(f"--resume continues {args.out} with its saved config; drop {flags} "
-                            "(or start a new run in another --out folder)")
-        cfg = TrainConfig(out=args.out, device=given.get("device", "auto"), backend=given.get("backend", "auto"))
-    else:
-        if not given.get("data"):
-            raise UserError("train needs --data PATH (a scene folder), or --resume to continue a run")
-        _refuse_overwrite(Path(args.out))
-        cfg = TrainConfig(out=args.out, **given)
+    cfg = train_config(args)
     metrics = train(cfg, resume=args.resume, progress=not args.quiet)
     _print_summary(metrics, Path(args.out))
     return 0
+
+
+def train_config(args):
+    """The run's TrainConfig: dataclass defaults < --config < flags < --set (with --resume: device, backend)."""
+    from budget3d.train import TrainConfig
+
+    fields = _config_fields()
+    flags = {k: getattr(args, k) for k in fields if k not in CLI_NAMES and hasattr(args, k)}
+    sets = _parse_sets(args.set, fields)
+    if args.resume:
+        fixed = ["--" + k.replace("_", "-") for k in sorted(flags) if k not in RESUME_OVERRIDES]
+        fixed += [f"--set {k}" for k in sorted(sets) if k not in RESUME_OVERRIDES] + ["--config"] * bool(args.config)
+        if fixed:
+            raise UserError(f"--resume continues {args.out} with its saved config; drop {', '.join(fixed)} "
+                            "(or start a new run in another --out folder)")
+        given = {**flags, **sets}
+        return TrainConfig(out=args.out, device=given.get("device", "auto"), backend=given.get("backend", "auto"))
+    given = {**(_read_config(args.config, fields) if args.config else {}), **flags, **sets}
+    if not given.get("data"):
+        raise UserError("train needs --data PATH (a scene folder), or --resume to continue a run")
+    _refuse_overwrite(Path(args.out))
+    return TrainConfig(**given, out=args.out)
 
 
 def cmd_eval(args) -> int:

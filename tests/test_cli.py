@@ -270,3 +270,134 @@ def test_ctrl_c_during_cli_train_saves_and_resumes(capsys, tmp_path, data, monke
     code, _, err = run_cli(capsys, "train", "--out", run, "--resume", "--backend", "torch", "--quiet")
     assert code == 0, err
     assert json.loads((run / "metrics.json").read_text())["num_gaussians"] == 70
+
+
+# ----------------------------------------------------------------------------- every TrainConfig field on the CLI
+
+
+def _settings():
+    """{name: (field, default)} of the TrainConfig fields the CLI sets (all but out and the private resolved)."""
+    import dataclasses
+
+    from budget3d.train import TrainConfig
+
+    return {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in ("out", "resolved")}
+
+
+def _other_value(f, data):
+    """A valid value unlike the default for every field, so that each one is seen to arrive."""
+    fixed = dict(data=str(data), budget="61", iters=4, device="cpu", backend="torch", strategy="default",
+                 sh_degree=1, downscale=2, checkpoint_every=2, log_every=3, shN_every=2, sh_up_every=2,
+                 densify_start=1, densify_stop=3, densify_every=1, opacity_reset_every=0, eval_max_views=1,
+                 score="grad")  # text fields take one of a few words
+    if f.name in fixed:
+        return fixed[f.name]
+    if isinstance(f.default, bool):
+        return not f.default
+    if isinstance(f.default, float):
+        return f.default * 0.5 if f.default else 0.25
+    if isinstance(f.default, int):
+        return f.default + 1
+    return f"{f.default}x"  # a new text field: give it a valid value in ``fixed``
+
+
+def _flag_text(v):
+    return json.dumps(v) if isinstance(v, bool) else str(v)
+
+
+def test_every_config_field_is_a_flag_and_reaches_config_json(capsys, tmp_path, data):
+    from budget3d.cli import TRAIN_FLAGS
+
+    want = {name: _other_value(f, data) for name, f in _settings().items()}
+    assert all(want[name] != f.default for name, f in _settings().items())
+    argv = ["train", "--out", tmp_path / "run", "--quiet"]
+    for name, v in want.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if TRAIN_FLAGS.get(name, {}).get("action") == "store_true" else [flag, _flag_text(v)]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert {k: saved[k] for k in want} == want
+    # a previous run's config.json is a valid --config (its out and resolved are ignored)
+    from budget3d.cli import _parser, train_config
+
+    cfg = train_config(_parser().parse_args(["train", "--out", str(tmp_path / "again"),
+                                             "--config", str(tmp_path / "run" / "config.json")]))
+    assert {k: getattr(cfg, k) for k in want} == want and cfg.out == str(tmp_path / "again")
+
+
+def test_train_help_lists_every_field_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name, f in _settings().items():
+        assert "--" + name.replace("_", "-") in out, name
+    for text in ("--means-lr X (default: 0.00016)", "--densify-start N|auto", "(default: auto)",
+                 "--visible-adam BOOL", "(default: true)", "--opacity-reset-every", "--set KEY=VALUE", "--config"):
+        assert text in out, text
+
+
+def _cfg(*argv):
+    from budget3d.cli import _parser, train_config
+
+    return train_config(_parser().parse_args(["train", *map(str, argv)]))
+
+
+def test_config_flags_set_precedence_and_value_forms(tmp_path, data):
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps({"data": str(data), "iters": 7, "means_lr": 1e-3, "ssim-lambda": 0.5,
+                                "visible_adam": False, "densify_start": 5, "out": "ignored", "resolved": True}))
+    out = tmp_path / "r"
+    cfg = _cfg("--out", out, "--config", conf)
+    assert (cfg.iters, cfg.means_lr, cfg.ssim_lambda, cfg.visible_adam, cfg.densify_start) == (7, 1e-3, 0.5, False, 5)
+    assert cfg.out == str(out) and cfg.resolved is False and cfg.seed == 0  # untouched fields keep their defaults
+    # defaults < --config < flags < --set
+    cfg = _cfg("--out", out, "--config", conf, "--iters", 8, "--means-lr", 1e-4, "--set", "iters=9",
+               "--set", "ssim-lambda=0.1", "--densify-start", "auto", "--shn-lr", "0.5")
+    assert (cfg.iters, cfg.means_lr, cfg.ssim_lambda, cfg.densify_start, cfg.shN_lr) == (9, 1e-4, 0.1, None, 0.5)
+    for text, value in (("true", True), ("1", True), ("yes", True), ("FALSE", False), ("0", False), ("no", False)):
+        assert _cfg("--out", out, "--data", data, "--save-renders", text).save_renders is value
+        assert _cfg("--out", out, "--data", data, "--set", f"save_renders={text}").save_renders is value
+    cfg = _cfg("--out", out, "--data", data, "--set", "budget=none", "--set", "sh_up_every=NONE", "--budget", "9")
+    assert (cfg.budget, cfg.sh_up_every) == (None, None)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--iters", "abc"], ["--iters", "whole number", "abc"]),
+    (["--means-lr", "fast"], ["--means-lr", "number", "fast"]),
+    (["--visible-adam", "maybe"], ["--visible-adam", "true or false", "maybe"]),
+    (["--densify-start", "soon"], ["--densify-start", "auto", "soon"]),
+    (["--set", "iters=abc"], ["--set iters=abc", "whole number"]),
+    (["--set", "densify_strat=3"], ["densify_strat", "densify_start"]),
+    (["--set", "iters"], ["KEY=VALUE"]),
+    (["--set", "out=x"], ["--out"]),
+    (["--config", "missing.json"], ["missing.json"]),
+])
+def test_bad_settings_are_one_line(capsys, tmp_path, data, argv, words):
+    argv = [a.replace("missing.json", str(tmp_path / "missing.json")) for a in argv]
+    code, _, err = run_cli(capsys, "train", "--data", data, "--out", tmp_path / "r", *argv)
+    assert_one_line_error(code, err, *words)
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_config_files_are_one_line(capsys, tmp_path, data):
+    for text, words in (('{"iters": 5,', ["not valid JSON"]), ("[1, 2]", ["JSON object"]),
+                        ('{"iters": 5, "mean_lr": 1}', ["mean_lr", "means_lr"]), ('{"iters": 2.5}', ["iters", "2.5"]),
+                        ('{"visible_adam": "maybe"}', ["visible_adam", "maybe"])):
+        conf = tmp_path / "c.json"
+        conf.write_text(text)
+        code, _, err = run_cli(capsys, "train", "--data", data, "--out", tmp_path / "r", "--config", conf)
+        assert_one_line_error(code, err, str(conf), *words)
+
+
+def test_resume_refuses_every_recipe_setting(capsys, tmp_path):
+    run = tmp_path / "run"  # the refusal comes before the run folder is read
+    for argv, words in ((["--densify-start", "3"], ["--densify-start"]), (["--set", "means_lr=1"], ["--set means_lr"]),
+                        (["--config", tmp_path / "c.json"], ["--config"]),
+                        (["--visible-adam", "no", "--set", "seed=2", "--device", "cpu"], ["--visible-adam", "--set seed"])):
+        code, _, err = run_cli(capsys, "train", "--out", run, "--resume", *argv)
+        assert_one_line_error(code, err, "--resume", *words)
+        assert "--device" not in err
+    # device and backend are runtime choices: allowed (here the missing run folder is the error)
+    code, _, err = run_cli(capsys, "train", "--out", run, "--resume", "--set", "device=cpu", "--backend", "torch")
+    assert_one_line_error(code, err, "no such run folder")
