@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import cv2
 import pytest
 
 from budget3d.cli import main
@@ -82,6 +83,14 @@ def _bad_scene(kind, root):
         make_nerfstudio(root, n=3)
         (root / "images" / "frame_00001.png").write_bytes(b"this is not a png")
         return [root, "--check"], [str(root / "images" / "frame_00001.png"), "corrupt", "replace the file"]
+    if kind == "truncated jpeg":  # OpenCV would decode it half grey, with only a warning
+        make_nerfstudio(root, n=3)
+        meta = json.loads((root / "transforms.json").read_text())
+        meta["frames"][1]["file_path"] = "images/frame_00001.jpg"
+        (root / "transforms.json").write_text(json.dumps(meta))
+        jpg = cv2.imencode(".jpg", noise_image(40, 30))[1].tobytes()
+        (root / "images" / "frame_00001.jpg").write_bytes(jpg[: len(jpg) * 6 // 10])
+        return [root, "--check"], [str(root / "images" / "frame_00001.jpg"), "truncated", "replace the file"]
     if kind == "inconsistent size":
         _colmap(root)
         write_png(root / "images" / "img_002.png", noise_image(41, 30))
@@ -96,8 +105,8 @@ def _bad_scene(kind, root):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["no such folder", "unknown layout", "corrupt image", "inconsistent size",
-                                  "unsupported camera model", "empty scene"])
+@pytest.mark.parametrize("kind", ["no such folder", "unknown layout", "corrupt image", "truncated jpeg",
+                                  "inconsistent size", "unsupported camera model", "empty scene"])
 def test_bad_scenes_are_one_line_errors(capsys, tmp_path, kind):
     argv, words = _bad_scene(kind, tmp_path / "scene")
     assert_one_line_error(*run_cli(capsys, "inspect", *argv)[::2], *words)

@@ -18,6 +18,7 @@ import pytest
 
 from budget3d.errors import UserError
 from budget3d.scene import Camera, Scene, View, describe, load_scene
+from budget3d.scene.common import decode_image
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "scenes" / "toy"
@@ -568,6 +569,36 @@ def test_bad_input_corrupt_image_names_file(tmp_path):
     scene = load_scene(root, test_every=0)
     with pytest.raises(UserError, match=r"frame_00001\.png.*corrupt"):
         [v.image() for v in scene.train]
+
+
+def _with_exif_thumbnail(jpg: bytes, thumb: bytes) -> bytes:
+    """``jpg`` with an APP1 segment holding ``thumb`` (its own end-of-image marker) after the SOI."""
+    app1 = b"Exif\x00\x00" + thumb
+    return jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpg[2:]
+
+
+def test_truncated_jpeg_and_png_name_the_file(tmp_path):
+    img = noise_image(40, 30)
+    jpg = cv2.imencode(".jpg", img)[1].tobytes()
+    png = cv2.imencode(".png", img)[1].tobytes()
+    thumb = cv2.imencode(".jpg", noise_image(8, 6))[1].tobytes()
+    whole = {"a.jpg": jpg, "padded.jpg": jpg + b"\x00" * 300 + b"\n", "trailer.jpg": jpg + b"maker data" * 50,
+             "thumb.jpg": _with_exif_thumbnail(jpg, thumb), "a.png": png, "padded.png": png + b"\x00" * 64}
+    cut = {"cut.jpg": jpg[: len(jpg) * 6 // 10], "cut_thumb.jpg": _with_exif_thumbnail(jpg, thumb)[: len(jpg) * 6 // 10],
+           "no_eoi.jpg": jpg[:-2], "cut.png": png[: len(png) * 6 // 10], "no_iend.png": png[:-12]}
+    for name, data in {**whole, **cut}.items():
+        (tmp_path / name).write_bytes(data)
+    for name in whole:
+        out = decode_image(tmp_path / name)
+        assert out.shape == (30, 40, 3), name
+        if name.endswith(".png"):
+            np.testing.assert_array_equal(out, img[:, :, ::-1])  # encoded as BGR, decoded as RGB
+    for name in cut:
+        with pytest.raises(UserError) as e:
+            decode_image(tmp_path / name)
+        msg = str(e.value)
+        assert str(tmp_path / name) in msg and "truncated" in msg and "replace the file" in msg and "\n" not in msg
+        assert ("end-of-image" if name.endswith(".jpg") else "IEND") in msg
 
 
 def test_bad_input_inconsistent_image_size_names_file(tmp_path):

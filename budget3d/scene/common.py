@@ -112,11 +112,24 @@ def _jpeg_size(f) -> Optional[tuple[int, int]]:
 
 
 def decode_image(path: Path) -> np.ndarray:
-    """The raw image as uint8 (H, W, C) with C in {3 RGB, 4 RGBA}; UserError naming the file if unreadable."""
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    """The raw image as uint8 (H, W, C) with C in {3 RGB, 4 RGBA}; UserError naming the file if unreadable.
+
+    The file is read once and decoded from memory, so that its end can be checked for free first.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: image does not exist; replace the file or remove its frame from the scene") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read image ({e.strerror or e}); check the file is readable") from None
+    why = _truncation(data)
+    if why:
+        raise UserError(f"{path}: image is truncated or corrupt ({why}); replace the file "
+                        "(copy it again from the source) or remove its frame from the scene")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if img is None or img.size == 0:
-        what = "does not exist" if not Path(path).exists() else "is corrupt, unreadable or not an image"
-        raise UserError(f"{path}: image {what}; replace the file or remove its frame from the scene")
+        raise UserError(f"{path}: image is corrupt, unreadable or not an image; replace the file or remove its "
+                        "frame from the scene")
     if img.dtype == np.uint16:
         img = np.rint(img / 257.0).astype(np.uint8)
     elif img.dtype != np.uint8:  # float (EXR/TIFF): assume 0..1
@@ -132,6 +145,37 @@ def decode_image(path: Path) -> np.ndarray:
     if c == 3:
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return cv2.cvtColor(img[:, :, :4], cv2.COLOR_BGRA2RGBA)
+
+
+def _truncation(data: bytes) -> Optional[str]:
+    """Why a JPEG or PNG is cut short, or None. OpenCV decodes a truncated JPEG into a half-grey
+    image with only a warning on stderr, so the end marker is checked here instead."""
+    if data[:2] == b"\xff\xd8":
+        # End-of-image after the first scan: trailing padding or maker data may follow it, and
+        # inside the scan data an 0xFF byte is always escaped, so no false match there.
+        if data.rfind(b"\xff\xd9", _jpeg_scan_start(data)) < 0:
+            return "JPEG has no end-of-image marker"
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        i = 8
+        while i + 8 <= len(data) and data[i + 4 : i + 8] != b"IEND":  # walk the chunks: length, type, data, CRC
+            i += 12 + int.from_bytes(data[i : i + 4], "big")
+        if i + 8 > len(data):
+            return "PNG has no IEND chunk"
+    return None
+
+
+def _jpeg_scan_start(data: bytes) -> int:
+    """Offset of the first start-of-scan marker (past any EXIF thumbnail and its own end marker)."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        m = data[i + 1]
+        if m == 0xDA:
+            return i
+        if m == 0xFF or m == 0x01 or 0xD0 <= m <= 0xD8:  # fill byte, or a marker without a length
+            i += 1 if m == 0xFF else 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return min(i, len(data))
 
 
 def composite(img: np.ndarray, background: Sequence[float]) -> np.ndarray:
