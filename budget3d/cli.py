@@ -1,7 +1,7 @@
 """The one command line: ``budget3d inspect | train | eval | demo``.
 
 A user mistake (``UserError``) prints ``budget3d: error: <message>`` on one line and exits 2;
-Ctrl-C exits 130 after saying how to resume.
+Ctrl-C exits 130 after saying how to resume; output into a closed pipe (``| head``) exits 1, quietly.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import os
 import re
 import sys
 import time
@@ -339,12 +340,18 @@ COMMANDS = {"inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval, "demo"
 
 def main(argv: Optional[list] = None) -> int:
     try:
-        parser = _parser()
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
-            return 2
-        return COMMANDS[args.command](args)
+        try:
+            parser = _parser()
+            args = parser.parse_args(argv)
+            if args.command is None:
+                parser.print_help()
+                return 2
+            return COMMANDS[args.command](args)
+        finally:
+            sys.stdout.flush()  # a reader gone early ("| head") shows here, not in the flush at exit
+    except BrokenPipeError:  # Python's recipe (signal docs, "Note on SIGPIPE"): quiet, exit 1
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        return 1
     except UserError as e:
         msg = " ".join(str(e).split())  # one line, always
         print(f"budget3d: error: {msg}", file=sys.stderr)

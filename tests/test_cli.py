@@ -121,6 +121,17 @@ def test_bad_scene_through_the_installed_entry_point(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("budget3d: error:") and all(w in lines[0] for w in words)
 
 
+def test_inspect_into_a_closed_pipe_exits_quietly(data):
+    """``budget3d inspect PATH | head``: the reader may be gone before anything is written (here it
+    closes at once, so the write is sure to fail): no BrokenPipeError traceback, exit 1 as Python's docs do."""
+    p = subprocess.Popen([sys.executable, "-m", "budget3d", "inspect", str(data)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 1, err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+
+
 @pytest.mark.parametrize("budget", ["lots", "-5", "0", "12QB"])
 def test_bad_budget_is_one_line(capsys, tmp_path, data, budget):
     code, _, err = run_cli(capsys, "train", "--data", data, f"--budget={budget}", "--out", tmp_path / "r",
