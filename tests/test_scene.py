@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from budget3d.errors import UserError
-from budget3d.scene import Camera, Scene, View, describe, load_scene
+from budget3d.scene import Camera, Scene, View, describe, detect_format, load_scene
 from budget3d.scene.common import decode_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +164,11 @@ def write_colmap_bin(d: Path, cameras, images, pts, rgb):
             f.write(struct.pack("<idddddddi", im["id"], *im["q"], *im["t"], im["cam"]))
             f.write(im["name"].encode() + b"\x00")
             f.write(struct.pack("<Q", 2) + struct.pack("<ddq", 1.5, 2.5, -1) + struct.pack("<ddq", 3.0, 4.0, 0))
+    write_points3d_bin(d, pts, rgb)
+
+
+def write_points3d_bin(d: Path, pts, rgb):
+    d.mkdir(parents=True, exist_ok=True)
     with open(d / "points3D.bin", "wb") as f:
         f.write(struct.pack("<Q", len(pts)))
         for i, (p, c) in enumerate(zip(pts, rgb)):
@@ -181,6 +186,11 @@ def write_colmap_txt(d: Path, cameras, images, pts, rgb):
         lines.append(f"{im['id']} " + " ".join(repr(float(x)) for x in [*im["q"], *im["t"]]) + f" {im['cam']} {im['name']}")
         lines.append("" if k % 2 else "1.5 2.5 -1 3.0 4.0 0")  # POINTS2D line, sometimes empty
     (d / "images.txt").write_text("\n".join(lines) + "\n")
+    write_points3d_txt(d, pts, rgb)
+
+
+def write_points3d_txt(d: Path, pts, rgb):
+    d.mkdir(parents=True, exist_ok=True)
     lines = ["# 3D point list"]
     lines += [f"{i} {float(p[0])!r} {float(p[1])!r} {float(p[2])!r} {c[0]} {c[1]} {c[2]} 0.5 1 0 2 1" for i, (p, c) in enumerate(zip(pts, rgb))]
     (d / "points3D.txt").write_text("\n".join(lines) + "\n")
@@ -482,18 +492,24 @@ def test_colmap_missing_images_skipped(tmp_path):
 # ----------------------------------------------------------------------------- LLFF
 
 
-def test_llff_poses_bounds(tmp_path):
-    root = tmp_path / "l"
-    H, W, F = 24, 32, 28.0
+def make_llff(root: Path, n=9, W=32, H=24, F=28.0, name="IMG_{:04d}.png") -> list:
+    """poses_bounds.npy and images/; returns the OpenCV camera-to-world matrices."""
     rows, c2ws = [], []
-    for i in range(9):
+    for i in range(n):
         c2w = look_at_cv((0.3 * i - 1.2, -4.0, 0.2 * (i % 3)), target=(0, 0, 0))
         c2ws.append(c2w)
         right, down, fwd, t = c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3]
         m = np.stack([down, right, -fwd, t, [H, W, F]], axis=1)  # LLFF: [down, right, back]
         rows.append(np.concatenate([m.reshape(-1), [1.0 + 0.1 * i, 10.0 + i]]))
-        write_png(root / "images" / f"IMG_{i:04d}.JPG".replace(".JPG", ".png"), noise_image(W, H, seed=i))
+        write_png(root / "images" / name.format(i), noise_image(W, H, seed=i))
     np.save(root / "poses_bounds.npy", np.array(rows))
+    return c2ws
+
+
+def test_llff_poses_bounds(tmp_path):
+    root = tmp_path / "l"
+    H, W, F = 24, 32, 28.0
+    c2ws = make_llff(root, W=W, H=H, F=F)
     scene = load_scene(root)
     assert scene.format == "llff" and scene.points is None
     assert scene.near_far == pytest.approx((1.0, 18.0))
@@ -512,6 +528,33 @@ def test_llff_poses_bounds(tmp_path):
     s2 = load_scene(root, downscale=2)
     assert s2.train[0].camera.fx == pytest.approx(14.0) and s2.train[0].image().shape == (12, 16, 3)
     assert describe(s2)["near_far"] == [1.0, 18.0]
+
+
+@pytest.mark.parametrize("writer", [write_points3d_bin, write_points3d_txt])
+def test_llff_reads_colmap_points_without_the_rest_of_the_model(tmp_path, writer):
+    root = tmp_path / "l"
+    make_llff(root)
+    _, _, pts, rgb = colmap_model(n_points=37, seed=3)
+    writer(root / "sparse" / "0", pts, rgb)  # imgs2poses.py leaves the model; here only its points
+    assert detect_format(root)[0] == "llff"
+    scene = load_scene(root)
+    assert scene.format == "llff" and scene.points.shape == (37, 3) and scene.colors.dtype == np.uint8
+    np.testing.assert_array_equal(scene.points, pts.astype(np.float32))  # same world frame: untouched
+    np.testing.assert_array_equal(scene.colors, rgb)
+    info = describe(scene)
+    assert info["n_points"] == 37 and info["points_file"].endswith(f"points3D.{writer.__name__[-3:]}")
+
+
+def test_llff_beside_a_full_colmap_model(tmp_path):
+    root = tmp_path / "l"
+    make_llff(root, W=40, H=30, name="img_{:03d}.png")  # the images the COLMAP model names
+    cameras, images, pts, rgb = colmap_model(n_images=9)
+    write_colmap_bin(root / "sparse" / "0", cameras, images, pts, rgb)
+    assert load_scene(root).format == "colmap"  # a full model wins, as before
+    scene = load_scene(root / "poses_bounds.npy")
+    assert scene.format == "llff" and len(scene.train + scene.test) == 9
+    np.testing.assert_array_equal(scene.points, pts.astype(np.float32))
+    np.testing.assert_array_equal(scene.colors, rgb)
 
 
 # ----------------------------------------------------------------------------- bad input

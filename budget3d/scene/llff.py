@@ -4,6 +4,8 @@
       poses_bounds.npy   (N, 17): a 3x5 matrix [R | t | hwf] per image, then near, far
       images/            N images, matched to the rows in sorted file-name order
       images_N/          optional downscaled copies, used for downscale=N
+      sparse/0/points3D.bin|txt   optional: the COLMAP points the poses came from (the same world
+                         frame, so used as they are), even without COLMAP's cameras and images
 
 The rotation's columns are the camera's [down, right, back] axes in world coordinates (LLFF's
 convention); we reorder them to OpenCV's [right, down, forward]. ``hwf`` is the full-resolution
@@ -20,6 +22,7 @@ import numpy as np
 
 from budget3d.errors import UserError
 from budget3d.scene.camera import Camera, Scene
+from budget3d.scene.colmap import read_points3d_bin, read_points3d_txt
 from budget3d.scene.common import image_size, make_view, split_indices
 
 LLFF_EXTS = (".png", ".jpg", ".jpeg")
@@ -27,6 +30,15 @@ LLFF_EXTS = (".png", ".jpg", ".jpeg")
 
 def _list_images(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in LLFF_EXTS and not p.name.startswith("."))
+
+
+def _find_points(root: Path):
+    """The COLMAP points3D file that imgs2poses.py leaves beside poses_bounds.npy, or None."""
+    for d in (root / "sparse" / "0", root / "sparse"):
+        for name in ("points3D.bin", "points3D.txt"):
+            if (d / name).is_file():
+                return d / name
+    return None
 
 
 def load_llff(root: Path, *, downscale=1, background=(1.0, 1.0, 1.0), test_every=8, cache=True) -> Scene:
@@ -85,12 +97,19 @@ def load_llff(root: Path, *, downscale=1, background=(1.0, 1.0, 1.0), test_every
         cam = Camera(float(focal), float(focal), w / 2.0, h / 2.0, w, h, np.linalg.inv(c2w))
         views.append(make_view(f.name, f, cam, downscale=downscale, background=background, cache=cache, prescaled=prescaled))
 
+    pts_file = _find_points(root)
+    xyz = rgb = None
+    if pts_file is not None:
+        xyz, rgb = (read_points3d_bin if pts_file.suffix == ".bin" else read_points3d_txt)(pts_file)
     tr, te = split_indices(len(views), test_every)
     return Scene(
         format="llff",
         path=str(root),
         train=[views[i] for i in tr],
         test=[views[i] for i in te],
+        points=xyz,
+        colors=rgb,
         background=tuple(background),
         near_far=(float(bounds[:, 0].min()), float(bounds[:, 1].max())),
+        meta={"points_file": str(pts_file)} if pts_file is not None else {},
     )
