@@ -183,7 +183,8 @@ def _add_config_flags(t: argparse.ArgumentParser) -> None:
         kw = {"type": convert, "metavar": convert.metavar, "help": notes.get(name, ""), **TRAIN_FLAGS.get(name, {})}
         if "action" in kw or "choices" in kw:
             kw.pop("metavar")
-            kw.pop("type") if "action" in kw else None
+        if "action" in kw:
+            kw.pop("type")
         shown = kw.pop("shown", _show(default))
         kw["help"] = (f"{kw['help']} (default: {shown})" if default != "" else kw["help"]).strip().replace("%", "%%")
         flag = "--" + name.replace("_", "-")
