@@ -446,3 +446,109 @@ def test_random_background_targets_follow_the_background(tmp_path):
         got = _target(s, i, torch.tensor(colour))
         assert np.abs(got.numpy() - want[i].image() / 255.0).max() < 3 / 255
     assert not np.allclose(want[0].image(), s.scene.train[0].image())  # the background did change
+
+
+# ----------------------------------------------------------------------------- real-capture robustness
+
+
+def forward_facing_scene(n_views=8, size=SIZE):
+    """An LLFF-like capture: cameras on a small grid looking down +z at a textured wall of
+    Gaussians 4..6 units away, with near/far bounds and no points (so random init)."""
+    g = torch.Generator().manual_seed(3)
+    n = 300
+    z = torch.rand(n, generator=g) * 2 + 4
+    truth = random_init(n, (0.0, 0.0, 5.0), 1.0, sh_degree=1, seed=3)
+    truth["means"] = torch.cat([(torch.rand(n, 2, generator=g) * 2 - 1) * z[:, None] * 0.6, z[:, None]], 1)
+    truth["scales"] = torch.log(torch.rand(n, 3, generator=g) * 0.2 + 0.2)
+    truth["opacities"] = torch.logit(torch.full((n,), 0.9))
+    truth["sh0"] = (torch.rand(n, 1, 3, generator=g) - 0.5) * 3.0
+    f = size * 1.0
+    views = []
+    for i in range(n_views):
+        w2c = np.eye(4)
+        w2c[:3, 3] = -np.array([0.3 * (i % 4) - 0.45, 0.3 * (i // 4) - 0.15, 0.0])
+        cam = Camera(f, f, size / 2, size / 2, size, size, w2c)
+        with torch.no_grad():
+            img = render(truth, cam, backend="torch", background=torch.ones(3)).image
+        arr = (img.clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+        views.append(View(f"v{i}", cam, lambda arr=arr: arr))
+    return Scene(format="llff", path="<ff>", train=views[1:], test=views[:1], near_far=(3.5, 6.5))
+
+
+def test_forward_facing_scene_gets_frustum_init_with_pixel_colours():
+    from budget3d.train.init import initial_points, is_forward_facing
+
+    ff = forward_facing_scene()
+    assert is_forward_facing(ff) and not is_forward_facing(tiny_scene())
+    pts, cols, what = initial_points(ff, 2000, bg_fraction=0.5, seed=0)
+    assert len(pts) == 2000 and "frustum" in what  # the frustums already reach the far bound
+    assert (pts[:, 2] > 0.9 * 3.5 * 0.8).all() and (pts[:, 2] < 6.5 + 1e-3).all()
+    # every point projects inside at least one training image, and its colour is a real pixel's
+    inside = np.zeros(len(pts), bool)
+    for v in ff.train:
+        c = v.camera
+        p = pts @ c.world_to_camera[:3, :3].T + c.world_to_camera[:3, 3]
+        u, w = c.fx * p[:, 0] / p[:, 2] + c.cx, c.fy * p[:, 1] / p[:, 2] + c.cy
+        inside |= (p[:, 2] > 0) & (u >= 0) & (u <= c.width) & (w >= 0) & (w <= c.height)
+    assert inside.all()
+    palette = {tuple(px) for v in ff.train for px in v.image().reshape(-1, 3)}
+    assert all(tuple(c) in palette for c in cols[:50])
+
+
+def test_photos_get_background_points_behind_the_foreground():
+    from budget3d.train.init import foreground_sphere, has_background_content, initial_points
+
+    ring = tiny_scene()
+    photo = Scene(format="colmap", path="<photo>", train=ring.train, test=ring.test, points=ring.points,
+                  colors=ring.colors)
+    assert not has_background_content(ring)  # Blender: flat background, no extra points
+    rng = np.random.default_rng(0)
+    noisy = [View(v.name, v.camera, lambda a=v.image(): np.clip(a.astype(int) - rng.integers(0, 60, a.shape), 0, 255)
+                  .astype(np.uint8)) for v in ring.train]
+    photo.train = noisy
+    assert has_background_content(photo)
+    pts, cols, what = initial_points(photo, 100, bg_fraction=0.5, seed=0)
+    n_sfm = len(ring.points)
+    assert len(pts) == n_sfm + round(0.5 * n_sfm) and "background" in what
+    c, r = foreground_sphere(photo, ring.points)
+    assert (np.linalg.norm(pts[n_sfm:] - c, axis=1) >= r * 0.999).all()  # behind the foreground
+
+
+def test_no_collapse_through_resets_and_pruning_on_a_forward_facing_scene(tmp_path):
+    """Random frustum init, an opacity reset every 100 steps and pruning: every densification
+    step ends exactly on the schedule's target, so the count never falls below it."""
+    ff = forward_facing_scene()
+    counts = []
+    cfg = tiny_config(tmp_path, budget="600", iters=450, backend="auto", init_points=300,
+                      densify_start=30, densify_stop=240, densify_every=30, opacity_reset_every=60)
+    m = train(cfg, scene=ff, progress=False, on_step=lambda s: counts.append(s.params["means"].shape[0]))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["strategy_state"]
+    assert [c for _, c in state["history"]] == state["schedule"]
+    steps = [s for s, _ in state["history"]]
+    for (step, target), nxt in zip(state["history"], steps[1:] + [cfg.iters]):
+        assert min(counts[step:nxt]) >= target  # counts[i] is the count after step i + 1
+    assert m["num_gaussians"] == 600 and m["last_step_added"] < 0.05 * 600
+    assert m["psnr"] > mean_colour_psnr(ff) + 1
+
+
+def test_a_strategy_that_empties_the_model_is_a_one_line_error(tmp_path, scene):
+    cfg = tiny_config(tmp_path, strategy="default", budget=None, iters=200, backend="auto", init_opacity=0.001,
+                      densify_start=10, densify_every=10)
+    with pytest.raises(UserError, match="pruned every Gaussian by step 21 .*--strategy taming"):
+        train(cfg, scene=scene, progress=False)
+
+
+def test_the_budget_is_reached_by_the_schedule_on_the_bundled_scene(tmp_path):
+    from budget3d.cli import bundled_scene
+
+    cfg = TrainConfig(data=str(bundled_scene()), out=str(tmp_path / "run"), budget="6000", iters=300, sh_degree=1,
+                      checkpoint_every=0, save_renders=False, eval_max_views=1)
+    m = train(cfg, progress=False)
+    assert m["num_gaussians"] == 6000 and m["densify_steps"] >= 10
+    assert 0 <= m["last_step_added"] < 0.05 * (6000 - 4000), m["last_step_added"]
+
+
+def test_default_capped_at_a_budget_ends_exactly_there(tmp_path, scene):
+    m = train(tiny_config(tmp_path, strategy="default", budget="70", iters=200, backend="auto"), scene=scene,
+              progress=False)
+    assert m["num_gaussians"] == 70 and m["strategy"] == "default"

@@ -60,12 +60,13 @@ class TamingConfig:
     w_blend: float = 1.0
     edge_mix: float = 0.5  # pixel importance: 0 = L1 error only, 1 = gt edges only
     norm_clip: float = 20.0  # cap on each median-normalised term, so one heavy tail cannot dominate
-    grow_grad2d: float = 0.0002  # only Gaussians whose mean NDC positional gradient reaches this grow
-    #                              (3DGS's test; Taming samples among them by score); the last
-    #                              densification step tops up from all Gaussians to stay exact; 0 = all
+    grow_grad2d: float = 0.0002  # Gaussians whose mean NDC positional gradient reaches this grow first
+    #                              (3DGS's test; Taming samples among them by score); when the schedule
+    #                              needs more, the others follow by score; 0 = all alike
     grow_scale3d: float = 0.01  # clone if max scale <= this x scene scale, else split
     prune_opa: float = 0.005  # opacity below which a Gaussian is a pruning candidate
     prune_frac: float = 1.0  # fraction of the candidates pruned per step (chosen prop. to 1/score)
+    recycle_frac: float = 0.0  # fraction of the lowest-score Gaussians removed and re-grown each step
     prune_scale3d: float = 0.1  # after the first opacity reset, also prune Gaussians larger than this
     #                             x scene scale (as 3DGS does); 0 = off
     reset_every: int = 3000  # opacity reset period while densifying; 0 = off
@@ -280,7 +281,7 @@ class TamingStrategy(Strategy):
         self._update_state(params, state, info)
         if step in self._step_index:
             i = self._step_index[step]
-            self._densify(params, optimizers, state, step, state["schedule"][i], exact=step == self.steps[-1])
+            self._densify(params, optimizers, state, step, state["schedule"][i])
         # Reset after densifying (as 3DGS does), only while pruning still follows.
         if self.cfg.reset_every > 0 and 0 < step < self.steps[-1] and step % self.cfg.reset_every == 0:
             reset_opa(params=params, optimizers=optimizers, state=state, value=self.cfg.prune_opa * 2.0)
@@ -290,7 +291,7 @@ class TamingStrategy(Strategy):
         when the count is already right). Returns the count."""
         self._ensure_state(params, state)
         if _count(params) != self.cfg.budget:
-            self._densify(params, optimizers, state, step, self.cfg.budget, prune_low_opacity=False, exact=True)
+            self._densify(params, optimizers, state, step, self.cfg.budget, prune_low_opacity=False)
         return _count(params)
 
     # -- internals -------------------------------------------------------------------------
@@ -335,26 +336,31 @@ class TamingStrategy(Strategy):
         return list(self.score_views(k))
 
     @torch.no_grad()
-    def _densify(self, params, optimizers, state, step, target: int, prune_low_opacity: bool = True,
-                 exact: bool = True):
-        """Prune, then grow or trim to ``target``: exactly when ``exact``, else growing only
-        Gaussians whose positional gradient qualifies (so the count may stay below the target)."""
+    def _densify(self, params, optimizers, state, step, target: int, prune_low_opacity: bool = True):
+        """One decision per densification step, ending at exactly ``target`` Gaussians:
+
+        1. prune low-opacity (after a reset also oversized) Gaussians, chosen by 1/score, but never
+           so many that fewer than half of min(count, target) survive (regrowing from a handful of
+           survivors is what emptied forward-facing scenes after an opacity reset);
+        2. recycle: ``recycle_frac`` of the survivors with the lowest scores go too, so their slots
+           are re-grown where the score is high (the budget moves to where it helps);
+        3. trim the lowest scores (shrinking budgets), or grow: Gaussians passing the gradient test
+           first, prop. to score, then, if the target needs more, the others prop. to score.
+        """
         cfg = self.cfg
         target = max(1, int(target))
-        shrinking = cfg.budget <= state["n_init"]
         n0 = _count(params)
+        floor = target if cfg.budget <= state["n_init"] else (min(n0, target) + 1) // 2
         bad = torch.sigmoid(params["opacities"].detach().reshape(n0, -1)[:, 0]) < cfg.prune_opa
         if cfg.prune_scale3d > 0 and cfg.reset_every and step > cfg.reset_every:
             bad |= torch.exp(params["scales"].detach()).amax(-1) > cfg.prune_scale3d * state["scene_scale"]
         cand = torch.nonzero(bad).flatten() if prune_low_opacity else bad.new_zeros(0, dtype=torch.long)
-        k = int(round(len(cand) * min(max(cfg.prune_frac, 0.0), 1.0)))
-        k = min(k, n0 - (target if shrinking else 1))
-        if k <= 0 and n0 == target:  # nothing to do: skip the score renders
+        k = min(int(round(len(cand) * min(max(cfg.prune_frac, 0.0), 1.0))), max(0, n0 - floor))
+        n_recycle = int(cfg.recycle_frac * min(n0 - k, target)) if prune_low_opacity else 0
+        if k <= 0 and n_recycle <= 0 and n0 == target:  # nothing to do: skip the score renders
             return self._record(params, state, step, target)
         score = compute_scores(params, state, cfg, self._views(), self.render_fn)
 
-        # 1. low-opacity Gaussians, chosen prop. to 1/score; never below 1, and never below the
-        #    target when the budget is below the start count (then we never grow).
         n_pruned = 0
         if k > 0:
             s = score[cand]
@@ -362,32 +368,21 @@ class TamingStrategy(Strategy):
             pick = cand[sample_without_replacement(1.0 / (s + eps), k, self.generator)]
             score = self._remove(params, optimizers, state, score, pick)
             n_pruned = k
-
-        # 2. exact count: trim the lowest scores, or grow prop. to score (in rounds if needed).
         n = _count(params)
-        n_trimmed, n_clone, n_split = 0, 0, 0
-        if n > target:
-            pick = torch.argsort(score, stable=True)[: n - target]
-            score = self._remove(params, optimizers, state, score, pick)
-            n_trimmed = n - target
-        n = _count(params)
-        if n < target and cfg.grow_grad2d > 0:
-            grad = state["grad2d"] / state["count"].clamp_min(1)
-            qual = grad >= cfg.grow_grad2d
-            m = min(target - n, int(qual.sum()))
-            if m > 0:  # qualifying Gaussians prop. to score (uniform among them if all scores are 0)
-                w = torch.where(qual, score + 1e-12 * float(score.max().clamp_min(1e-30)), torch.zeros_like(score))
-                score, c, s = self._grow(params, optimizers, state, score, sample_without_replacement(w, m, self.generator))
-                n_clone, n_split = n_clone + c, n_split + s
-        while (exact or cfg.grow_grad2d <= 0) and _count(params) < target:
+        n_trimmed = min(max(0, n - target) + n_recycle, n - 1)
+        if n_trimmed > 0:
+            score = self._remove(params, optimizers, state, score, torch.argsort(score, stable=True)[:n_trimmed])
+        n_clone = n_split = 0
+        while _count(params) < target:
             n = _count(params)
-            if n == 0:
-                raise RuntimeError("no Gaussians left to grow from")
             w = score if score.sum() > 0 else torch.ones_like(score)
+            if cfg.grow_grad2d > 0:  # the gradient test ranks first: qualifying rows weigh ~1e6 x more
+                qual = (state["grad2d"] / state["count"].clamp_min(1)) >= cfg.grow_grad2d
+                w = torch.where(qual, w + 1e-12 * float(w.max().clamp_min(1e-30)), w * 1e-6)
             pick = sample_without_replacement(w, min(target - n, n), self.generator)
             score, c, s = self._grow(params, optimizers, state, score, pick)
             n_clone, n_split = n_clone + c, n_split + s
-        assert _count(params) == target or not exact, (_count(params), target)
+        assert _count(params) == target, (_count(params), target)
         self._record(params, state, step, target, n_pruned, n_trimmed, n_clone, n_split)
 
     def _record(self, params, state, step, target, pruned=0, trimmed=0, cloned=0, split_=0):

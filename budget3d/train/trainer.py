@@ -33,6 +33,7 @@ from budget3d.train.metrics import evaluate, peak_memory_mb, plot_progress, psnr
 from budget3d.train.optim import VisibleAdam, exp_decay
 
 STRATEGIES = ("taming", "default", "mcmc")
+SCORES = ("full", "grad")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -50,9 +51,10 @@ class TrainConfig:
     sh_degree: int = 3
     strategy: str = "taming"  # taming | default | mcmc
     seed: int = 0
-    # initialisation (random init only when the scene has no point cloud)
-    init_points: int = 5000
+    # initialisation (budget3d/train/init.py): the scene's points, else random ones
+    init_points: int = 5000  # random points when the scene has none
     init_opacity: float = 0.1
+    init_bg_fraction: float = 0.5  # extra points behind the foreground, x the initial count (photos only)
     # learning rates (3DGS); means are scaled by the scene extent and decay exponentially
     means_lr: float = 1.6e-4
     means_lr_final: float = 1.6e-6
@@ -68,7 +70,10 @@ class TrainConfig:
     densify_start: Optional[int] = None  # 10% of iters
     densify_stop: Optional[int] = None  # 60% of iters
     densify_every: Optional[int] = None  # ~15 densification steps in the window
-    opacity_reset_every: Optional[int] = None  # 10% of iters (3DGS: 3000 of 30k); 0 = never
+    opacity_reset_every: Optional[int] = None  # 3DGS's 3000 in runs of 10k+ steps, else 0 = never
+    # Taming
+    score: str = "full"  # full | grad (ablation: positional gradient only)
+    recycle_frac: float = 0.0  # lowest-score fraction removed and re-grown at each densification step
     # fast paths
     visible_adam: bool = True  # Adam only on rows visible in the step (else torch.optim.Adam)
     shN_every: int = 4  # update higher-order SH every k steps; their gradient is skipped in between
@@ -116,8 +121,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         c.densify_stop = max(c.densify_start + 1, round(0.6 * n))
     if c.densify_every is None:
         c.densify_every = max(1, (c.densify_stop - c.densify_start) // 15)
-    if c.opacity_reset_every is None:
-        c.opacity_reset_every = max(1, round(0.1 * n))
+    if c.opacity_reset_every is None:  # a reset costs ~1000 steps to recover from (measured, README)
+        c.opacity_reset_every = 3000 if n >= 10_000 else 0
+    if c.score not in SCORES:
+        raise UserError(f"unknown score {c.score!r}; choose one of {', '.join(SCORES)}")
     c.resolved = True
     return c
 
@@ -144,6 +151,7 @@ class Session:
     gt_other: Optional[list] = None  # train images on another background (random_background only)
     other_bg: tuple = (0.0, 0.0, 0.0)
     progress: bool = True
+    init: str = ""  # where the first Gaussians came from, in words
 
     def render(self, params, camera, extra=None, background=None):
         from budget3d.splat import render
@@ -155,7 +163,7 @@ class Session:
         return torch.tensor(self.scene.background, dtype=torch.float32, device=self.device)
 
     def save(self) -> None:
-        extra = {"budget": self.budget, "train_seconds": self.train_seconds}
+        extra = {"budget": self.budget, "train_seconds": self.train_seconds, "init": self.init}
         save_checkpoint(self.run_dir / CHECKPOINT, params=self.params, optimizers=self.optimizers,
                         strategy_state=self.state, step=self.step, history=self.history,
                         config=self.cfg.to_json(), extra=extra)
@@ -198,6 +206,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
             _after_backward(s, info, out)
             _optimizer_step(s, out.visible)
             _strategy_post_backward(s, step, info)
+            if s.params["means"].shape[0] == 0:
+                bar.close()
+                raise UserError(
+                    f"strategy {cfg.strategy!r} pruned every Gaussian by step {step + 1} (none stayed above the pruning "
+                    "opacity, as after an opacity reset where nothing fits yet); train with --strategy taming (it never prunes below its schedule) "
+                    "or with --opacity-reset-every 0")
             s.step = step + 1
             s.train_seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -273,13 +287,26 @@ def _load_scene(cfg: TrainConfig, background=None):
     return load_scene(cfg.data, downscale=cfg.downscale, **kw)
 
 
-def _init_params(cfg: TrainConfig, scene) -> dict:
-    from budget3d.splat import init_from_points, random_init
+def _init_params(cfg: TrainConfig, scene) -> tuple[dict, str]:
+    from budget3d.splat import init_from_points
+    from budget3d.train.init import initial_points
 
-    if scene.points is not None and len(scene.points) > 0:
-        return init_from_points(scene.points, scene.colors, cfg.sh_degree, opacity=cfg.init_opacity)
-    center, half_size = scene.look_at()
-    return random_init(cfg.init_points, center, half_size, cfg.sh_degree, seed=cfg.seed)
+    pts, cols, what = initial_points(scene, cfg.init_points, cfg.init_bg_fraction, seed=cfg.seed)
+    return init_from_points(pts, cols, cfg.sh_degree, opacity=cfg.init_opacity), what
+
+
+def scene_scale(scene) -> float:
+    """The length that scales the position learning rate and the split / prune size tests: 3DGS's
+    camera extent, but at least half the cameras' viewing depth. Forward-facing captures have
+    cameras a small step apart looking several steps away; their camera extent alone froze the
+    means and had every Gaussian pruned as "too big" after the first opacity reset."""
+    from budget3d.train.init import _bounds, is_forward_facing
+
+    extent = scene.camera_extent()
+    if not is_forward_facing(scene):
+        return extent
+    near, far = _bounds(scene)
+    return max(extent, 0.5 * (near + far) / 2)
 
 
 def _make_optimizers(cfg: TrainConfig, params: dict, extent: float) -> dict:
@@ -295,8 +322,13 @@ def _make_strategy(s: Session):
     if cfg.strategy == "taming":
         from budget3d.budget import TamingConfig, TamingStrategy
 
+        weights = {}
+        if cfg.score == "grad":  # the ablation: sample by positional gradient alone, no score renders
+            weights = dict(w_opacity=0.0, w_volume=0.0, w_depth=0.0, w_screen=0.0, w_pixels=0.0, w_blend=0.0,
+                           n_score_views=0)
         tcfg = TamingConfig(budget=s.budget, start=cfg.densify_start, stop=cfg.densify_stop,
-                            interval=cfg.densify_every, reset_every=cfg.opacity_reset_every)
+                            interval=cfg.densify_every, reset_every=cfg.opacity_reset_every,
+                            recycle_frac=cfg.recycle_frac, **weights)
         return TamingStrategy(tcfg, score_views=lambda k: _score_views(s, k), render_fn=s.render)
     if cfg.strategy == "mcmc":
         if s.device.type != "cuda":
@@ -307,7 +339,7 @@ def _make_strategy(s: Session):
                             refine_stop_iter=cfg.densify_stop, refine_every=cfg.densify_every)
     reset = cfg.opacity_reset_every or 10 * cfg.iters + 1
     return _DefaultStrategy(refine_start_iter=cfg.densify_start, refine_stop_iter=cfg.densify_stop,
-                            refine_every=cfg.densify_every, reset_every=reset)
+                            refine_every=cfg.densify_every, reset_every=reset, cap=s.budget)
 
 
 def _init_strategy_state(s: Session) -> dict:
@@ -335,13 +367,14 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None) -> Session:
         init = ckpt["params"]
         budget = ckpt["extra"].get("budget")
     else:
-        init = _init_params(cfg, scene)
+        init, init_what = _init_params(cfg, scene)
         budget = _parse_budget(cfg, len(init["means"]))
     params = {k: torch.nn.Parameter(v.to(device).float().contiguous()) for k, v in init.items()}
-    extent = scene.camera_extent()
+    extent = scene_scale(scene)
     optimizers = _make_optimizers(cfg, params, extent)
     s = Session(cfg=cfg, run_dir=run_dir, scene=scene, device=device, backend=backend, params=params,
-                optimizers=optimizers, strategy=None, state={}, budget=budget, extent=extent)
+                optimizers=optimizers, strategy=None, state={}, budget=budget, extent=extent,
+                init=ckpt["extra"].get("init", "") if ckpt is not None else init_what)
     s.strategy = _make_strategy(s)
     s.strategy.check_sanity(s.params, s.optimizers)
     s.state = _init_strategy_state(s)
@@ -512,17 +545,47 @@ def _log(s: Session, bar, step: int, loss, img, gt) -> None:
 
 class _DefaultStrategy:
     """gsplat's DefaultStrategy, with its opacity reset made to fire: in gsplat 1.5.3 the test
-    ``step % self.reset_every == 0 & step > 0`` parses as a chained comparison that is never true."""
+    ``step % self.reset_every == 0 & step > 0`` parses as a chained comparison that is never true.
 
-    def __new__(cls, **kw):
+    With a ``cap`` (a budget given to ``--strategy default``) it is "Default made to end at the
+    count", the baseline of the quality-vs-budget sweep: each refinement grows only the
+    highest-gradient candidates that fit under the cap (its gradient threshold raised to fit),
+    and ``finalize`` trims the lowest-opacity Gaussians, or splits the largest ones, to the cap."""
+
+    def __new__(cls, cap=None, **kw):
         from gsplat import DefaultStrategy
-        from gsplat.strategy.ops import reset_opa
+        from gsplat.strategy.ops import remove, reset_opa, split
 
         class Default(DefaultStrategy):
             def step_post_backward(self, params, optimizers, state, step, info, packed=False):
                 super().step_post_backward(params, optimizers, state, step, info, packed=packed)
                 if 0 < step < self.refine_stop_iter and step % self.reset_every == 0:
                     reset_opa(params=params, optimizers=optimizers, state=state, value=self.prune_opa * 2.0)
+
+            def _grow_gs(self, params, optimizers, state, step):
+                if cap is not None and state["count"] is not None:
+                    grads = state["grad2d"] / state["count"].clamp_min(1)
+                    room = max(0, cap - len(params["means"]))
+                    if int((grads > self.grow_grad2d).sum()) > room:  # keep the `room` largest
+                        keep = torch.zeros_like(grads, dtype=torch.bool)
+                        keep[grads.topk(room).indices] = True
+                        state["grad2d"] = torch.where(keep, state["grad2d"], torch.zeros_like(grads))
+                return super()._grow_gs(params, optimizers, state, step)
+
+            @torch.no_grad()
+            def finalize(self, params, optimizers, state, step):
+                n = len(params["means"])
+                if cap is None or n == cap:
+                    return
+                if n > cap:
+                    mask = torch.zeros(n, dtype=torch.bool, device=params["means"].device)
+                    mask[params["opacities"].reshape(n).argsort()[: n - cap]] = True
+                    remove(params=params, optimizers=optimizers, state=state, mask=mask)
+                while len(params["means"]) < cap:
+                    n = len(params["means"])
+                    mask = torch.zeros(n, dtype=torch.bool, device=params["means"].device)
+                    mask[params["scales"].amax(-1).topk(min(cap - n, n)).indices] = True
+                    split(params=params, optimizers=optimizers, state=state, mask=mask)
 
         return Default(**kw)
 
@@ -585,9 +648,21 @@ def _train_metrics(s: Session) -> dict:
         "train_seconds": round(s.train_seconds, 2),
         "steps_per_second": round(s.cfg.iters / s.train_seconds, 2) if s.train_seconds > 0 else None,
         "final_train_psnr": last.get("psnr"),
+        "init": s.init,
+        **_last_growth(s),
         **peak_memory_mb(s.device),
         "scene": str(s.cfg.data),
     }
+
+
+def _last_growth(s: Session) -> dict:
+    """How many Gaussians the last densification step (with finalize's top-up) added: the
+    schedule, not a last-step top-up, should have reached the budget."""
+    hist = s.state.get("history") if isinstance(s.state, dict) else None
+    if not hist:
+        return {}
+    before = hist[-2][1] if len(hist) > 1 else s.state.get("n_init", hist[-1][1])
+    return {"densify_steps": len(hist), "last_step_added": int(hist[-1][1] - before)}
 
 
 def _evaluate(s: Session) -> dict:
