@@ -507,9 +507,10 @@ def test_photos_get_background_points_behind_the_foreground():
                   .astype(np.uint8)) for v in ring.train]
     photo.train = noisy
     assert has_background_content(photo)
-    pts, cols, what = initial_points(photo, 100, bg_fraction=0.5, seed=0)
+    pts, cols, what = initial_points(photo, 10, bg_fraction=0.5, seed=0)
     n_sfm = len(ring.points)
     assert len(pts) == n_sfm + round(0.5 * n_sfm) and "background" in what
+    assert len(initial_points(photo, 1000, bg_fraction=0.5, seed=0)[0]) == n_sfm + 500  # sparse SfM: as random
     c, r = foreground_sphere(photo, ring.points)
     assert (np.linalg.norm(pts[n_sfm:] - c, axis=1) >= r * 0.999).all()  # behind the foreground
 

@@ -118,8 +118,9 @@ def background_points(scene: Scene, n: int, points=None, seed: int = 0, depth_ra
 
 
 def initial_points(scene: Scene, n_random: int, bg_fraction: float, seed: int = 0):
-    """(points, colours, what) for the first Gaussians: see the module docstring. ``what`` says
-    in words where they came from (printed and kept in metrics)."""
+    """(points, colours, what) for the first Gaussians: see the module docstring. Photos get
+    ``bg_fraction`` x max(points, ``n_random``) background points. ``what`` says in words where
+    they came from (kept in metrics.json)."""
     pts, cols, what = scene.points, scene.colors, []
     if pts is not None and len(pts) > 0:
         what.append(f"{len(pts)} scene points")
@@ -135,7 +136,7 @@ def initial_points(scene: Scene, n_random: int, bg_fraction: float, seed: int = 
         pts = (rng.uniform(-1, 1, (n_random, 3)) * half + np.asarray(center)).astype(np.float32)
         cols = rng.integers(0, 256, (n_random, 3)).astype(np.uint8)
         what.append(f"{n_random} random points around the look-at point")
-    n_bg = int(round(bg_fraction * len(pts)))
+    n_bg = int(round(bg_fraction * max(len(pts), n_random)))  # sparse SfM clouds get as many as random init
     if n_bg > 0 and has_background_content(scene):
         bp, bc = background_points(scene, n_bg, scene.points, seed)
         pts, cols = np.concatenate([pts, bp]), np.concatenate([cols, bc])

@@ -53,17 +53,17 @@ class TrainConfig:
     seed: int = 0
     # initialisation (budget3d/train/init.py): the scene's points, else random ones
     init_points: int = 5000  # random points when the scene has none
-    init_opacity: float = 0.1
-    init_bg_fraction: float = 0.5  # extra points behind the foreground, x the initial count (photos only)
+    init_opacity: float = 0.1  # opacity of the first Gaussians
+    init_bg_fraction: float = 0.5  # points behind the foreground, x max(scene points, init_points) (photos only)
     # learning rates (3DGS); means are scaled by the scene extent and decay exponentially
-    means_lr: float = 1.6e-4
-    means_lr_final: float = 1.6e-6
-    scales_lr: float = 5e-3
+    means_lr: float = 1.6e-4  # x the scene scale, decaying exponentially to means_lr_final
+    means_lr_final: float = 1.6e-6  # x the scene scale, at the last step
+    scales_lr: float = 5e-3  # Adam learning rates of the other parameters (3DGS's)
     quats_lr: float = 1e-3
     opacities_lr: float = 5e-2
     sh0_lr: float = 2.5e-3
     shN_lr: float = 2.5e-3 / 20
-    ssim_lambda: float = 0.2
+    ssim_lambda: float = 0.2  # loss = (1 - l) L1 + l (1 - SSIM)
     random_background: bool = False
     # schedules (None = auto from iters)
     sh_up_every: Optional[int] = None  # raise the SH degree every k steps (3DGS: 1000 of 30k)
@@ -79,9 +79,9 @@ class TrainConfig:
     shN_every: int = 4  # update higher-order SH every k steps; their gradient is skipped in between
     # bookkeeping
     checkpoint_every: int = 1000
-    log_every: int = 10
-    eval_max_views: int = 0  # 0 = every test view
-    save_renders: bool = True
+    log_every: int = 10  # steps between progress records (history, progress.png)
+    eval_max_views: int = 0  # test views to evaluate; 0 = every test view
+    save_renders: bool = True  # write renders/ (ground truth | render) for the test views
     resolved: bool = field(default=False, repr=False)
 
     def to_json(self) -> dict:
