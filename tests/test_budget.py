@@ -333,7 +333,7 @@ def test_recycling_moves_low_score_gaussians():
 
 
 def test_growth_prunes_low_opacity_and_clones_and_splits():
-    params, _, state, _ = train(400, 100, iters=10, start=0, stop=5, interval=5, reset_every=0)
+    params, _, state, _ = train(400, 100, iters=10, start=0, stop=5, interval=5, reset_every=0, recycle_frac=0.0)
     last = state["last"]
     assert last["pruned"] == 25  # the low-opacity quarter
     assert last["cloned"] + last["split"] == 400 - 75 and last["cloned"] > 0 and last["split"] > 0

@@ -66,7 +66,7 @@ class TamingConfig:
     grow_scale3d: float = 0.01  # clone if max scale <= this x scene scale, else split
     prune_opa: float = 0.005  # opacity below which a Gaussian is a pruning candidate
     prune_frac: float = 1.0  # fraction of the candidates pruned per step (chosen prop. to 1/score)
-    recycle_frac: float = 0.0  # fraction of the lowest-score Gaussians removed and re-grown each step
+    recycle_frac: float = 0.1  # fraction of the lowest-score Gaussians removed and re-grown each step
     prune_scale3d: float = 0.1  # after the first opacity reset, also prune Gaussians larger than this
     #                             x scene scale (as 3DGS does); 0 = off
     reset_every: int = 3000  # opacity reset period while densifying; 0 = off
@@ -350,7 +350,7 @@ class TamingStrategy(Strategy):
         cfg = self.cfg
         target = max(1, int(target))
         n0 = _count(params)
-        floor = target if cfg.budget <= state["n_init"] else (min(n0, target) + 1) // 2
+        floor = (min(n0, target) + 1) // 2
         bad = torch.sigmoid(params["opacities"].detach().reshape(n0, -1)[:, 0]) < cfg.prune_opa
         if cfg.prune_scale3d > 0 and cfg.reset_every and step > cfg.reset_every:
             bad |= torch.exp(params["scales"].detach()).amax(-1) > cfg.prune_scale3d * state["scene_scale"]
