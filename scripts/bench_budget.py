@@ -16,6 +16,10 @@ per-(method, fraction) means, and a PNG of PSNR against count, one line per meth
     python scripts/bench_budget.py                                   # bundled scene, 1 seed
     python scripts/bench_budget.py --data ../shared/data/lego --downscale 4 --seeds 0,1 \\
         --json runs/sweep_lego.json --png runs/sweep_lego.png
+    # two seeds side by side on two cores, then one table and plot:
+    OMP_NUM_THREADS=1 python scripts/bench_budget.py ... --seeds 0 --json s0.json &
+    OMP_NUM_THREADS=1 python scripts/bench_budget.py ... --seeds 1 --json s1.json; wait
+    python scripts/bench_budget.py --merge s0.json,s1.json --json sweep.json --png sweep.png
 """
 
 from __future__ import annotations
@@ -75,6 +79,12 @@ def run(args) -> dict:
     return summarise(str(data), args, rows)
 
 
+def merge(args) -> dict:
+    parts = [json.loads(Path(f).read_text()) for f in args.merge.split(",")]
+    args.downscale, args.iters = parts[0].get("downscale", args.downscale), parts[0].get("iters", args.iters)
+    return summarise(parts[0].get("scene", args.data or ""), args, [r for p in parts for r in p["runs"]])
+
+
 def summarise(scene: str, args, rows: list) -> dict:
     groups = defaultdict(list)
     for r in rows:
@@ -108,6 +118,10 @@ def plot(result: dict, path: str) -> None:
         pts = sorted((r["num_gaussians"], r["psnr"]) for r in result["summary"] if r["method"] == m)
         if pts:
             ax.plot(*zip(*pts), marker="o", label=m)
+    free = [r for r in result["runs"] if r["method"] == "default" and r.get("fraction") is None]
+    if free:  # Default's own count and quality: where the fractions are taken from
+        ax.scatter([r["num_gaussians"] for r in free], [r["psnr"] for r in free], marker="*", s=120, color="k",
+                   label="default (uncapped)", zorder=3)
     ax.set_xscale("log")
     ax.set_xlabel("Gaussians")
     ax.set_ylabel("test PSNR (dB)")
@@ -133,10 +147,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/bench_budget", help="parent folder of the run folders")
     p.add_argument("--json", help="write the results to this JSON file (updated after every run)")
     p.add_argument("--png", help="write the PSNR-against-count plot here")
+    p.add_argument("--merge", help="train nothing: combine these comma-separated JSON files of earlier sweeps "
+                                   "(e.g. one per seed, run side by side) into --json / --png")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
-        result = run(args)
+        result = merge(args) if args.merge else run(args)
     except UserError as e:
         print(f"bench_budget: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
