@@ -182,11 +182,15 @@ def view_statistics(params, views, render_fn, edge_mix: float) -> dict[str, torc
         seen += vis.float()
         r = out.radii.detach().reshape(n, -1).float().max(-1).values.to(dev)
         screen = torch.maximum(screen, r / float(max(cam.width, cam.height)))
-    return {"blend": blend, "pixels": pixels, "inv_depth": inv_depth / seen.clamp_min(1), "screen": screen}
+    return {"blend": blend, "pixels": pixels, "inv_depth": inv_depth / seen.clamp_min(1), "screen": screen,
+            "seen": seen}
 
 
-def compute_scores(params, state: dict, cfg: TamingConfig, views, render_fn) -> torch.Tensor:
-    """The non-negative score of every Gaussian (formula in the module docstring)."""
+def compute_scores(params, state: dict, cfg: TamingConfig, views, render_fn, seen: Optional[dict] = None
+                   ) -> torch.Tensor:
+    """The non-negative score of every Gaussian (formula in the module docstring). ``seen``, if
+    given, receives "seen": a bool per Gaussian, visible in a score view (in a training step since
+    the last densification when there are no score views): the ones whose score has evidence."""
     n = params["means"].shape[0]
     dev = params["means"].device
     zeros = torch.zeros(n, device=dev)
@@ -198,6 +202,8 @@ def compute_scores(params, state: dict, cfg: TamingConfig, views, render_fn) -> 
     grad = st("grad2d") / st("count").clamp_min(1)
     vs = view_statistics(params, views, render_fn, cfg.edge_mix) if views else {}
     screen = torch.maximum(st("max_radii"), vs.get("screen", zeros))
+    if seen is not None:
+        seen["seen"] = vs["seen"] > 0 if vs else st("count") > 0
     with torch.no_grad():
         terms = [
             (cfg.w_grad, grad),
@@ -359,19 +365,24 @@ class TamingStrategy(Strategy):
         n_recycle = int(cfg.recycle_frac * min(n0 - k, target)) if prune_low_opacity else 0
         if k <= 0 and n_recycle <= 0 and n0 == target:  # nothing to do: skip the score renders
             return self._record(params, state, step, target)
-        score = compute_scores(params, state, cfg, self._views(), self.render_fn)
+        evidence = {}
+        score = compute_scores(params, state, cfg, self._views(), self.render_fn, seen=evidence)
 
         n_pruned = 0
         if k > 0:
             s = score[cand]
             eps = float(s[s > 0].median()) * 1e-3 if (s > 0).any() else 1.0
             pick = cand[sample_without_replacement(1.0 / (s + eps), k, self.generator)]
+            keep = torch.ones_like(evidence["seen"])
+            keep[pick] = False
+            evidence["seen"] = evidence["seen"][keep]
             score = self._remove(params, optimizers, state, score, pick)
             n_pruned = k
         n = _count(params)
         n_trimmed = min(max(0, n - target) + n_recycle, n - 1)
-        if n_trimmed > 0:
-            score = self._remove(params, optimizers, state, score, torch.argsort(score, stable=True)[:n_trimmed])
+        if n_trimmed > 0:  # lowest scores first; Gaussians no score view saw only after all seen ones
+            rank = torch.where(evidence["seen"], score, score.max() + 1 + score)
+            score = self._remove(params, optimizers, state, score, torch.argsort(rank, stable=True)[:n_trimmed])
         n_clone = n_split = 0
         while _count(params) < target:
             n = _count(params)
