@@ -348,8 +348,9 @@ class TamingStrategy(Strategy):
         1. prune low-opacity (after a reset also oversized) Gaussians, chosen by 1/score, but never
            so many that fewer than half of min(count, target) survive (regrowing from a handful of
            survivors is what emptied forward-facing scenes after an opacity reset);
-        2. recycle: ``recycle_frac`` of the survivors with the lowest scores go too, so their slots
-           are re-grown where the score is high (the budget moves to where it helps);
+        2. recycle: when more Gaussians pass the gradient test than the target has room for, up to
+           ``recycle_frac`` of the survivors with the lowest scores go too, so their slots are
+           re-grown where the score is high (a tight budget moves to where it helps);
         3. trim the lowest scores (shrinking budgets), or grow: Gaussians passing the gradient test
            first, prop. to score, then, if the target needs more, the others prop. to score.
         """
@@ -362,7 +363,10 @@ class TamingStrategy(Strategy):
             bad |= torch.exp(params["scales"].detach()).amax(-1) > cfg.prune_scale3d * state["scene_scale"]
         cand = torch.nonzero(bad).flatten() if prune_low_opacity else bad.new_zeros(0, dtype=torch.long)
         k = min(int(round(len(cand) * min(max(cfg.prune_frac, 0.0), 1.0))), max(0, n0 - floor))
-        n_recycle = int(cfg.recycle_frac * min(n0 - k, target)) if prune_low_opacity else 0
+        n_recycle = 0
+        if prune_low_opacity and cfg.recycle_frac > 0:  # only to serve growth the target has no room for
+            demand = int(((state["grad2d"] / state["count"].clamp_min(1)) >= cfg.grow_grad2d).sum())
+            n_recycle = min(int(cfg.recycle_frac * min(n0 - k, target)), max(0, demand - (target - (n0 - k))))
         if k <= 0 and n_recycle <= 0 and n0 == target:  # nothing to do: skip the score renders
             return self._record(params, state, step, target)
         evidence = {}
