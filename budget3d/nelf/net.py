@@ -1,0 +1,165 @@
+"""The MobileR2L student network and the tools to size and convert it.
+
+Per low-res pixel the body is a stack of 1x1 convs (an MLP per ray, but as convs so mobile
+runtimes run it as one image), then super-resolution stages upsample x2 each to the output.
+The paper upsamples with ConvTranspose2d, which has no int8 kernel on common runtimes; the
+"pixelshuffle" variant (3x3 conv to 4x channels + PixelShuffle) quantises well, and
+``convert_to_pixelshuffle`` turns a trained paper model into it exactly, without retraining.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+PRESETS = {
+    # the paper's net (~4.1 M params, x8): GELU and ConvTranspose2d SR
+    "mobile-r2l": dict(width=256, n_blocks=28, act="gelu", sr="convT", sr_channels=(64, 64, 16)),
+    # same body, built for int8: ReLU (fuses into int8 convs) and PixelShuffle SR
+    "mobile-int8": dict(width=256, n_blocks=28, act="relu", sr="pixelshuffle", sr_channels=(64, 64, 16)),
+    # laptop-CPU sizes (x4): quick to distil and to run at 1 thread
+    "small": dict(width=96, n_blocks=4, act="relu", sr="pixelshuffle", sr_channels=(32, 16)),
+    "tiny": dict(width=48, n_blocks=2, act="relu", sr="pixelshuffle", sr_channels=(16, 8)),
+}
+
+
+class ResBlock(nn.Module):
+    """(1x1 conv + BN + act) x2 with an identity skip."""
+
+    def __init__(self, width: int, act: str):
+        super().__init__()
+        layers = []
+        for _ in range(2):
+            layers += [nn.Conv2d(width, width, 1), nn.BatchNorm2d(width), ACTS[act]()]
+        self.f = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+def sr_stage(cin: int, cout: int, sr: str, act: str) -> nn.Sequential:
+    """One x2 upsampling stage. "convT" is the paper's; "pixelshuffle" has an int8 kernel."""
+    if sr == "convT":
+        up = [nn.ConvTranspose2d(cin, cout, 4, 2, 1)]
+    elif sr == "pixelshuffle":
+        up = [nn.Conv2d(cin, cout * 4, 3, padding=1), nn.PixelShuffle(2)]
+    else:
+        raise ValueError(f"unknown super-resolution kind {sr!r}: expected 'convT' or 'pixelshuffle'")
+    return nn.Sequential(*up, ACTS[act]())
+
+
+class NeLF(nn.Module):
+    """Encoded rays (1, in_ch, h, w) -> RGB (1, 3, h * scale, w * scale), scale = 2 ** len(sr_channels)."""
+
+    def __init__(self, in_ch=312, width=256, n_blocks=28, act="gelu", sr="convT", out_act="sigmoid",
+                 sr_channels=(64, 64, 16)):
+        super().__init__()
+        self.head = nn.Sequential(nn.Conv2d(in_ch, width, 1), ACTS[act]())
+        self.body = nn.Sequential(*[ResBlock(width, act) for _ in range(n_blocks)])
+        chans = (width, *sr_channels)
+        self.sr = nn.Sequential(*[sr_stage(a, b, sr, act) for a, b in zip(chans[:-1], chans[1:])])
+        self.tail = nn.Conv2d(chans[-1], 3, 1)
+        self.out_act = nn.Sigmoid() if out_act == "sigmoid" else nn.Identity()
+        self.in_ch = in_ch
+        self.scale = 2 ** len(sr_channels)  # the ray grid is at 1/scale of the output
+        self.preset = "custom"
+
+    def forward(self, x):
+        h = self.head(x)
+        return self.out_act(self.tail(self.sr(h + self.body(h))))
+
+
+def build(preset: str, in_ch: int = 312) -> NeLF:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown NeLF preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    model = NeLF(in_ch=in_ch, **PRESETS[preset])
+    model.preset = preset
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def macs_per_frame(model: NeLF, out_h: int, out_w: int) -> int:
+    """Multiply-accumulates of the convs for one out_h x out_w frame (BN, activations, skips
+    and PixelShuffle not counted). Conv: Cout * Cin/groups * kh * kw per output pixel;
+    ConvTranspose: Cin * Cout/groups * kh * kw per input pixel. Shapes come from a forward
+    pass of a copy on the "meta" device, so it costs no compute."""
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        k = m.weight.shape[2] * m.weight.shape[3]
+        if isinstance(m, nn.ConvTranspose2d):
+            total += inp[0].shape[2] * inp[0].shape[3] * m.in_channels * m.out_channels // m.groups * k
+        else:
+            total += out.shape[2] * out.shape[3] * m.out_channels * m.in_channels // m.groups * k
+
+    meta = copy.deepcopy(model).to("meta").eval()
+    for m in meta.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            m.register_forward_hook(hook)
+    s = getattr(model, "scale", 1)
+    with torch.no_grad():
+        meta(torch.empty(1, model.in_ch, out_h // s, out_w // s, device="meta"))
+    return total
+
+
+def describe(model: NeLF, h: int = 800, w: int = 800) -> str:
+    """e.g. "mobile-r2l: 4.14 M params, 45.4 GMAC per 800x800 frame"."""
+    name = getattr(model, "preset", "custom")
+    return f"{name}: {count_params(model) / 1e6:.2f} M params, {macs_per_frame(model, h, w) / 1e9:.1f} GMAC per {w}x{h} frame"
+
+
+def convT_to_pixelshuffle(convT: nn.ConvTranspose2d) -> nn.Sequential:
+    """A 3x3 conv + PixelShuffle(2) computing exactly what ConvTranspose2d(k=4, s=2, p=1) does.
+
+    In 1D the transposed conv gives out[o] = sum_i in[i] W[o + 1 - 2i]. For output phase
+    o = 2m + d that is in[m + t] W[d + 1 - 2t] for the two t with 0 <= d + 1 - 2t <= 3
+    (d=0: t in {0, -1}; d=1: t in {0, 1}). A padded 3x3 conv reads in[m + j - 1] at tap j,
+    so tap j of phase d holds W[d + 3 - 2j] (zero where out of range). In 2D, phase (dy, dx) of
+    output channel c is PixelShuffle's input channel c*4 + dy*2 + dx. The 3x3 conv has 9/4 the
+    MACs of the 4x4 transposed conv (5/9 of its taps are zero) but runs on int8 kernels."""
+    assert tuple(convT.kernel_size) == (4, 4) and tuple(convT.stride) == (2, 2) and tuple(convT.padding) == (1, 1)
+    assert convT.groups == 1 and tuple(convT.dilation) == (1, 1) and tuple(convT.output_padding) == (0, 0)
+    W = convT.weight.detach()  # (Cin, Cout, 4, 4)
+    cin, cout = W.shape[:2]
+    conv = nn.Conv2d(cin, cout * 4, 3, padding=1, bias=convT.bias is not None).to(W.device, W.dtype)
+    w3 = torch.zeros(cout, 2, 2, cin, 3, 3, dtype=W.dtype, device=W.device)
+    for dy in range(2):
+        for dx in range(2):
+            for jy in range(3):
+                for jx in range(3):
+                    ky, kx = dy + 3 - 2 * jy, dx + 3 - 2 * jx
+                    if 0 <= ky <= 3 and 0 <= kx <= 3:
+                        w3[:, dy, dx, :, jy, jx] = W[:, :, ky, kx].T
+    with torch.no_grad():
+        conv.weight.copy_(w3.reshape(cout * 4, cin, 3, 3))
+        if convT.bias is not None:
+            conv.bias.copy_(convT.bias.detach().repeat_interleave(4))
+    return nn.Sequential(conv, nn.PixelShuffle(2))
+
+
+def convert_to_pixelshuffle(model: nn.Module) -> nn.Module:
+    """Replace every ConvTranspose2d(k=4, s=2, p=1) in ``model`` (in place) by its exact
+    conv + PixelShuffle equivalent, so a trained paper model exports to int8 without retraining.
+    Inside an nn.Sequential the two modules are spliced in, so a converted "convT" stage has the
+    same layout (and state_dict keys) as a "pixelshuffle" one. Activations are kept."""
+    if isinstance(model, nn.Sequential) and any(isinstance(m, nn.ConvTranspose2d) for m in model):
+        mods = []
+        for m in model:
+            mods += list(convT_to_pixelshuffle(m)) if isinstance(m, nn.ConvTranspose2d) else [m]
+        model._modules.clear()
+        for i, m in enumerate(mods):
+            model.add_module(str(i), m)
+    for name, child in model.named_children():
+        if isinstance(child, nn.ConvTranspose2d):
+            setattr(model, name, convT_to_pixelshuffle(child))
+        else:
+            convert_to_pixelshuffle(child)
+    return model
