@@ -313,7 +313,7 @@ def cmd_demo(args) -> int:
     print(f"  look at   {out / 'progress.png'} and {out / 'renders'}/ (ground truth left, render right)")
     print(f"  re-score  budget3d eval {out}")
     print(f"  your data budget3d train --data PATH/TO/SCENE --budget 200k --out runs/mine")
-    print("  compare   python scripts/bench_budget.py   (default 3DGS vs Taming at the same count)")
+    print("  compare   python scripts/bench_budget.py   (quality against budget: Taming vs its ablation and Default)")
     return 0
 
 
