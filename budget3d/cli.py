@@ -66,6 +66,21 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--budget", default=DEMO_BUDGET, help=f"Gaussian budget (default {DEMO_BUDGET})")
     d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     d.add_argument("--backend", choices=["auto", "torch", "cpu", "cuda"], default="auto")
+
+    n = sub.add_parser("distill",
+                       help="distill a run's Gaussians into a MobileR2L-style neural light field (RUN/nelf/)")
+    n.add_argument("run", help="run folder written by 'budget3d train'")
+    n.add_argument("--preset", choices=["tiny", "small", "mobile-int8", "mobile-r2l"],
+                   help="student network (default: tiny on CPU, mobile-r2l on CUDA)")
+    n.add_argument("--iters", type=int, help="optimisation steps (default: 2000 on CPU, 20000 on CUDA)")
+    n.add_argument("--resolution", metavar="WxH|W",
+                   help="output size, multiples of the preset's upsampling factor (default: the scene's image size)")
+    n.add_argument("--batch", type=int, help="teacher views per step (default 4)")
+    n.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    n.add_argument("--backend", choices=["auto", "torch", "cpu", "cuda"], default="auto",
+                   help="teacher renderer backend")
+    n.add_argument("--resume", action="store_true", help="continue the distillation in RUN/nelf from its checkpoint")
+    n.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -317,6 +332,35 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from budget3d.nelf.distill import DistillConfig, distill
+    from budget3d.train.trainer import _pick_device
+
+    given = {k: getattr(args, k) for k in ("preset", "iters", "resolution", "batch") if getattr(args, k) is not None}
+    if args.resume:
+        if given:
+            flags = ", ".join("--" + k for k in sorted(given))
+            raise UserError(f"--resume continues {args.run}/nelf with its saved settings; drop {flags}")
+        cfg = DistillConfig(run=args.run, device=args.device, backend=args.backend)
+    else:
+        if (Path(args.run) / "nelf" / "checkpoint.pt").is_file():
+            raise UserError(f"{args.run}/nelf already holds a distillation; continue it with --resume, "
+                            "or move that folder away to start again")
+        cuda = _pick_device(args.device).type == "cuda"
+        defaults = {"preset": "mobile-r2l", "iters": 20000} if cuda else {"preset": "tiny", "iters": 2000}
+        cfg = DistillConfig(run=args.run, device=args.device, backend=args.backend, **{**defaults, **given})
+    m = distill(cfg, resume=args.resume, progress=not args.quiet)
+    fmt = lambda v, nd=2: "n/a" if v is None else f"{v:.{nd}f}"  # noqa: E731
+    out = Path(args.run) / "nelf"
+    print(f"student:      {m['preset']}, {m['params'] / 1e6:.2f} M params, {m['macs_per_frame'] / 1e9:.2f} GMAC "
+          f"per {m['resolution'][0]}x{m['resolution'][1]} frame")
+    print(f"test PSNR:    student {fmt(m.get('student_psnr'))} dB   teacher {fmt(m.get('teacher_psnr'))} dB   "
+          f"student vs teacher {fmt(m.get('student_vs_teacher_psnr'))} dB   SSIM {fmt(m.get('student_ssim'), 4)}")
+    print(f"distilled:    {m['iters']} steps in {m['distill_seconds']:.1f} s")
+    print(f"files:        {out / 'metrics.json'}, {out / 'student.pt'}, {out / 'strip.png'}, {out / 'progress.png'}")
+    return 0
+
+
 def _refuse_overwrite(out: Path) -> None:
     if (out / "checkpoint.pt").is_file():
         raise UserError(f"{out} already holds a run; continue it with --resume, or choose another --out")
@@ -336,7 +380,7 @@ def _print_summary(m: dict, run: Path) -> None:
     print(f"files:        {run / 'metrics.json'}, {run / 'gaussians.ply'}, {run / 'progress.png'}, {run / 'renders'}/")
 
 
-COMMANDS = {"inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "distill": cmd_distill}
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -1,0 +1,667 @@
+"""Online distillation of a trained 3DGS run into a MobileR2L-style NeLF student.
+
+The teacher is the run's ``gaussians.ply``: instead of storing thousands of pseudo images
+(MobileR2L kept ~77 GB of NeRF renders), teacher images are rendered as training goes and kept
+in a small LRU cache. Poses come from a fixed, seeded pool (``PoseSampler``): the training poses
+plus jittered ones, so a pose index always means the same pose and a resumed run draws the same
+batches. Per step: ``batch`` poses -> rays at 1/scale of the output -> point encoding -> student;
+MSE against the teacher's renders; AdamW with linear warm-up and cosine decay.
+
+Everything goes into ``RUN/nelf/``: checkpoint.pt (atomic; ``resume=True`` continues),
+student.pt (weights + what rebuilds the encoding), metrics.json, strip.png (GT | teacher |
+student per test view) and progress.png (PSNR against time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from budget3d.errors import UserError
+from budget3d.nelf.net import PRESETS, build, count_params, macs_per_frame
+from budget3d.nelf.rays import camera_rays, encode, scene_bounds
+from budget3d.scene.camera import Camera
+
+NELF_DIR = "nelf"
+CHECKPOINT = "checkpoint.pt"
+STUDENT = "student.pt"
+
+
+@dataclass
+class DistillConfig:
+    """Everything a distillation depends on; saved in its checkpoint (a resume reuses it)."""
+
+    run: str = ""  # run folder written by 'budget3d train' (holds gaussians.ply and config.json)
+    preset: str = "tiny"  # tiny | small | mobile-int8 | mobile-r2l (budget3d.nelf.net.PRESETS)
+    iters: int = 2000  # optimisation steps
+    batch: int = 4  # teacher views per step (whole images)
+    lr: float = 3e-3  # peak AdamW learning rate
+    weight_decay: float = 1e-2  # AdamW's decoupled weight decay
+    warmup: int = 100  # steps of linear warm-up, then cosine decay to lr_final_frac * lr
+    lr_final_frac: float = 0.02
+    resolution: Optional[str] = None  # output "WxH" or "W" (height from the aspect); None = the train camera size
+    n_points: int = 8  # K points per ray
+    freqs: int = 6  # L positional-encoding frequencies
+    n_poses: int = 2000  # size of the seeded teacher-pose pool (training poses + jittered ones)
+    train_pose_frac: float = 0.25  # share of each batch drawn from the training poses
+    cache_size: int = 256  # teacher renders kept in memory (LRU), never on disk
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    backend: str = "auto"  # teacher renderer: auto | torch | cpu | cuda
+    checkpoint_every: int = 500
+    log_every: int = 10
+    eval_every: int = 0  # steps between test-view evaluations for the PSNR-time curve (0 = only at the end)
+    eval: bool = True  # evaluate on the test views at the end
+    strip_views: int = 3  # test views in strip.png
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DistillConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class DistillInterrupted(KeyboardInterrupt):
+    """Raised after Ctrl-C once the checkpoint is safely written; ``str()`` says how to resume."""
+
+
+# ----------------------------------------------------------------------------- poses
+
+
+def _look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """OpenCV world-to-camera (x right, y down, z forward) at ``eye`` looking at ``target``."""
+    z = target - eye
+    z = z / np.linalg.norm(z)
+    x = np.cross(z, up)
+    if np.linalg.norm(x) < 1e-6:  # looking straight along up: any right vector will do
+        x = np.cross(z, np.array([1.0, 0.0, 0.0]) if abs(z[0]) < 0.9 else np.array([0.0, 1.0, 0.0]))
+    x = x / np.linalg.norm(x)
+    y = np.cross(z, x)
+    w2c = np.eye(4)
+    w2c[:3, :3] = np.stack([x, y, z])
+    w2c[:3, 3] = -w2c[:3, :3] @ eye
+    return w2c
+
+
+class PoseSampler:
+    """A fixed pool of ``n_poses`` teacher poses; pose ``i`` is a pure function of (seed, i).
+
+    Poses ``0 .. n_train-1`` are the training cameras. The others copy the intrinsics of a random
+    training camera and move it:
+    - **360° scenes** (cameras around what they look at): orbit the look-at centre
+      (``Scene.look_at``) within the band of the training cameras: distance and elevation (along
+      the cameras' mean up vector) uniform between their min and max; azimuth uniform over the
+      circle when the cameras surround the centre (no gap between neighbouring azimuths above
+      90°), else the chosen camera's azimuth +- half the mean gap; looking at the centre, with a
+      small jitter, without roll.
+    - **forward-facing scenes** (LLFF bounds, or all cameras looking the same way: mean forward
+      axis longer than 0.9): the chosen camera's rotation, its position uniform in the box of
+      the training camera centres.
+    """
+
+    def __init__(self, scene, n_poses: int, seed: int, train_frac: float = 0.25):
+        self.train_frac = float(train_frac)
+        self.cams = [v.camera for v in scene.train]
+        self.n_train = len(self.cams)
+        self.n_poses = max(int(n_poses), self.n_train)
+        self.seed = int(seed)
+        C = np.stack([c.center for c in self.cams])
+        R = np.stack([np.asarray(c.world_to_camera, dtype=np.float64)[:3, :3] for c in self.cams])
+        fwd = R[:, 2]
+        self.forward_facing = scene.near_far is not None or float(np.linalg.norm(fwd.mean(0))) > 0.9
+        self.box = (C.min(0), C.max(0))
+        centre, half = scene.look_at()
+        self.centre, self.half = np.asarray(centre, dtype=np.float64), float(half)
+        up = -R[:, 1].mean(0)  # OpenCV y points down
+        self.up = up / max(np.linalg.norm(up), 1e-12)
+        v = C - self.centre
+        r = np.linalg.norm(v, axis=1)
+        self.r_band = (float(r.min()), float(r.max()))
+        elev = np.arcsin(np.clip((v @ self.up) / np.maximum(r, 1e-12), -1, 1))
+        self.el_band = (float(elev.min()), float(elev.max()))
+        a = np.cross(self.up, [1.0, 0.0, 0.0])
+        if np.linalg.norm(a) < 1e-3:
+            a = np.cross(self.up, [0.0, 1.0, 0.0])
+        self.e1 = a / np.linalg.norm(a)
+        self.e2 = np.cross(self.up, self.e1)
+        self.azim = np.arctan2(v @ self.e2, v @ self.e1)
+        s = np.sort(self.azim)
+        gaps = np.diff(np.concatenate([s, s[:1] + 2 * np.pi])) if len(s) > 1 else np.array([2 * np.pi])
+        self.surround = float(gaps.max()) < np.pi / 2
+        self.az_jitter = float(np.pi / max(len(s), 1))  # half the mean gap
+
+    def __len__(self) -> int:
+        return self.n_poses
+
+    def camera(self, i: int) -> Camera:
+        """Pose ``i`` of the pool, at the training cameras' resolution."""
+        if i < self.n_train:
+            return self.cams[i]
+        g = np.random.default_rng([self.seed, 7, int(i)])
+        base = self.cams[int(g.integers(self.n_train))]
+        if self.forward_facing:
+            pos = g.uniform(self.box[0], self.box[1])
+            R = np.asarray(base.world_to_camera, dtype=np.float64)[:3, :3]
+            w2c = np.eye(4)
+            w2c[:3, :3], w2c[:3, 3] = R, -R @ pos
+        else:
+            j = int(g.integers(self.n_train))
+            az = g.uniform(-np.pi, np.pi) if self.surround else self.azim[j] + g.uniform(-1, 1) * self.az_jitter
+            el = g.uniform(*self.el_band)
+            r = g.uniform(*self.r_band)
+            eye = self.centre + r * (np.cos(el) * (np.cos(az) * self.e1 + np.sin(az) * self.e2) + np.sin(el) * self.up)
+            target = self.centre + g.normal(0.0, 0.05 * self.half, 3)
+            w2c = _look_at(eye, target, self.up)
+        return Camera(base.fx, base.fy, base.cx, base.cy, base.width, base.height, w2c)
+
+    def batch(self, step: int, size: int) -> list[int]:
+        """The pose indices of ``step``: a pure function of (seed, step), so a resume draws the same."""
+        g = np.random.default_rng([self.seed, 11, int(step)])
+        out = []
+        for _ in range(size):
+            if self.n_poses == self.n_train or g.random() < self.train_frac:
+                out.append(int(g.integers(self.n_train)))
+            else:
+                out.append(int(g.integers(self.n_train, self.n_poses)))
+        return out
+
+
+def at_resolution(camera: Camera, width: int, height: int) -> Camera:
+    """``camera`` for a ``width`` x ``height`` image of the same view (``Camera.scaled`` when
+    the aspect ratio is kept, else x and y scaled separately)."""
+    if (width, height) == (camera.width, camera.height):
+        return camera
+    c = camera.scaled(camera.width / width)
+    if (c.width, c.height) == (width, height):
+        return c
+    sx, sy = width / camera.width, height / camera.height
+    return Camera(camera.fx * sx, camera.fy * sy, camera.cx * sx, camera.cy * sy, width, height,
+                  np.asarray(camera.world_to_camera).copy())
+
+
+def parse_resolution(text, camera: Camera, scale: int) -> tuple[int, int]:
+    """(width, height) of the student's output. None: the camera's size rounded down to a multiple
+    of ``scale``; "W": that width, the height from the aspect ratio rounded down; "WxH" as given.
+    A given width or height must be a positive multiple of ``scale``."""
+    if text in (None, "", "auto"):
+        w, h = camera.width // scale * scale, camera.height // scale * scale
+        if w < scale or h < scale:
+            raise UserError(f"the scene's images ({camera.width}x{camera.height}) are smaller than the student's "
+                            f"upsampling factor {scale}; use a smaller preset or a larger --resolution")
+        return w, h
+    t = str(text).strip().lower()
+    try:
+        if "x" in t:
+            w, h = (int(v) for v in t.split("x"))
+        else:
+            w = int(t)
+            h = int(w * camera.height / camera.width) // scale * scale
+    except ValueError:
+        raise UserError(f"--resolution {text!r}: expected WIDTHxHEIGHT (e.g. 128x128) or a width (e.g. 128)") from None
+    if w <= 0 or h <= 0 or w % scale or h % scale:
+        raise UserError(f"--resolution {text!r}: width and height must be positive multiples of {scale} "
+                        f"(the upsampling factor of this preset), e.g. {max(scale, w // scale * scale)}x"
+                        f"{max(scale, (h if h > 0 else w) // scale * scale)}")
+    return w, h
+
+
+# ----------------------------------------------------------------------------- the session
+
+
+@dataclass
+class Distiller:
+    """The live state of a distillation: teacher, poses, student, optimiser, cache."""
+
+    cfg: DistillConfig
+    run_dir: Path
+    scene: object
+    device: torch.device
+    backend: str
+    teacher: dict
+    sh_degree: Optional[int]
+    poses: PoseSampler
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    width: int
+    height: int
+    near: float
+    far: float
+    step: int = 0
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+    init_metrics: dict = field(default_factory=dict)
+    cache: OrderedDict = field(default_factory=OrderedDict)  # pool pose -> uint8 teacher render (LRU)
+    test_cache: dict = field(default_factory=dict)  # test view -> float teacher render
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run_dir / NELF_DIR
+
+    def background(self) -> torch.Tensor:
+        return torch.tensor(self.scene.background, dtype=torch.float32, device=self.device)
+
+    @torch.no_grad()
+    def teacher_image(self, camera: Camera) -> torch.Tensor:
+        """(H, W, 3) float render of the teacher at the output resolution."""
+        from budget3d.splat import render
+
+        cam = at_resolution(camera, self.width, self.height)
+        return render(self.teacher, cam, backend=self.backend, sh_degree=self.sh_degree,
+                      background=self.background()).image.clamp(0, 1)
+
+    def target(self, pose: int) -> torch.Tensor:
+        """The teacher's render of pool pose ``pose`` (uint8 in the LRU cache, float out)."""
+        img = self.cache.get(pose)
+        if img is None:
+            self.cache_misses += 1
+            img = (self.teacher_image(self.poses.camera(pose)) * 255 + 0.5).to(torch.uint8)
+            self.cache[pose] = img
+            while len(self.cache) > self.cfg.cache_size:
+                self.cache.popitem(last=False)
+        else:
+            self.cache_hits += 1
+            self.cache.move_to_end(pose)
+        return img.float() / 255.0
+
+    def inputs(self, cameras: list) -> torch.Tensor:
+        """The encoded rays (B, 3K(2L+1), H/s, W/s) of ``cameras``."""
+        s = self.model.scale
+        rays = [camera_rays(at_resolution(c, self.width, self.height), s, device=self.device) for c in cameras]
+        o = torch.stack([r[0] for r in rays])
+        d = torch.stack([r[1] for r in rays])
+        return encode(o, d, self.near, self.far, k=self.cfg.n_points, freqs=self.cfg.freqs)
+
+    def student(self, cameras: list) -> torch.Tensor:
+        """(B, H, W, 3) student images of ``cameras`` (in the model's current train/eval mode)."""
+        return self.model(self.inputs(cameras)).permute(0, 2, 3, 1)
+
+    def save(self) -> None:
+        ckpt = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": list(self.history),
+            "seconds": self.seconds,
+            "init_metrics": dict(self.init_metrics),
+            "config": self.cfg.to_json(),
+            "rng": torch.get_rng_state(),
+        }
+        _atomic_save(ckpt, self.out_dir / CHECKPOINT)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def lr_at(cfg: DistillConfig, step: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``lr_final_frac * lr``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.iters - cfg.warmup)
+    lo = cfg.lr_final_frac
+    return cfg.lr * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
+            on_step: Optional[Callable] = None) -> dict:
+    """Distill the run ``cfg.run`` into a NeLF student (or continue it with ``resume``);
+    returns the metrics written to RUN/nelf/metrics.json.
+
+    ``on_step(distiller)`` runs after every step and may return True to stop as Ctrl-C does
+    (checkpoint, then ``DistillInterrupted``)."""
+    from budget3d.train.trainer import _StopOnCtrlC
+
+    d = setup(cfg, resume=resume)
+    cfg = d.cfg
+    if d.step == 0 and not d.init_metrics and cfg.eval:
+        d.init_metrics = {"student_vs_teacher_psnr_init": _quick_eval(d)}  # the untrained student, for reference
+    bar = _progress_bar(d, progress)
+    with _StopOnCtrlC() as ctrl_c:
+        t0 = time.perf_counter()
+        for step in range(d.step, cfg.iters):
+            d.model.train()
+            for g in d.optimizer.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            idx = d.poses.batch(step, cfg.batch)
+            gt = torch.stack([d.target(i) for i in idx])
+            img = d.student([d.poses.camera(i) for i in idx])
+            loss = F.mse_loss(img, gt)
+            d.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            d.optimizer.step()
+            d.step = step + 1
+            d.seconds += time.perf_counter() - t0
+            _log(d, bar, step, loss)
+            if cfg.eval_every and d.step % cfg.eval_every == 0 and d.step < cfg.iters:
+                d.history.append({"step": d.step, "seconds": round(d.seconds, 3),
+                                  "test_psnr_vs_teacher": round(_quick_eval(d), 3)})
+            stop = (on_step is not None and on_step(d)) or ctrl_c.requested
+            if stop or (cfg.checkpoint_every and d.step % cfg.checkpoint_every == 0):
+                d.save()
+            if stop and d.step < cfg.iters:
+                bar.close()
+                raise DistillInterrupted(
+                    f"interrupted at step {d.step}/{cfg.iters}; checkpoint saved to {d.out_dir / CHECKPOINT}. "
+                    f"Resume with: budget3d distill {d.run_dir} --resume")
+            t0 = time.perf_counter()
+    bar.close()
+    return finish(d, progress=progress)
+
+
+def _progress_bar(d: Distiller, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=d.cfg.iters, initial=d.step, disable=not enabled, desc=f"distill {d.cfg.preset}",
+                dynamic_ncols=True, mininterval=0.5)
+
+
+def _log(d: Distiller, bar, step: int, loss) -> None:
+    bar.update(1)
+    if step % d.cfg.log_every and d.step != d.cfg.iters:
+        return
+    mse = float(loss.detach())
+    p = -10 * math.log10(max(mse, 1e-12))
+    d.history.append({"step": d.step, "seconds": round(d.seconds, 3), "loss": round(mse, 7), "psnr": round(p, 3)})
+    bar.set_postfix(loss=f"{mse:.5f}", psnr=f"{p:.2f}", refresh=False)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _read_run(run_dir: Path) -> dict:
+    """The run's training config (scene path, downscale, sh_degree), checked: one-line errors."""
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder; give a folder written by 'budget3d train --out'")
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{run_dir}: not a run folder (no config.json); "
+                        "give a folder written by 'budget3d train --out'")
+    try:
+        saved = json.loads(cfg_path.read_text())
+        if not isinstance(saved, dict):
+            raise TypeError("not a JSON object")
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_path}: not a readable run config ({e}); retrain the run") from None
+    if not (run_dir / "gaussians.ply").is_file():
+        raise UserError(f"{run_dir}: no gaussians.ply (the teacher); finish the run first "
+                        f"(budget3d train --out {run_dir} --resume)")
+    if not saved.get("data"):
+        raise UserError(f"{cfg_path}: names no scene ('data'); give a run folder written by 'budget3d train'")
+    return saved
+
+
+def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
+    """Build (or restore from RUN/nelf/checkpoint.pt) everything the loop needs."""
+    from budget3d.scene import load_scene
+    from budget3d.splat import load_ply
+    from budget3d.train.trainer import _pick_backend, _pick_device
+
+    run_dir = Path(cfg.run)
+    if not resume:
+        _check_config(cfg)
+    saved = _read_run(run_dir)
+    ckpt = None
+    if resume:
+        path = run_dir / NELF_DIR / CHECKPOINT
+        if not path.is_file():
+            raise UserError(f"{path}: no distillation checkpoint to resume; start without --resume")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            old = DistillConfig.from_json(ckpt["config"])
+        except Exception as e:  # torch raises many types for truncated / foreign files
+            raise UserError(f"{path}: not a readable distillation checkpoint ({type(e).__name__}); "
+                            "start again without --resume") from None
+        cfg = dataclasses.replace(old, run=str(run_dir), device=cfg.device, backend=cfg.backend)
+    _check_config(cfg)
+    device = _pick_device(cfg.device)
+    backend = _pick_backend(cfg.backend, device)
+    scene = load_scene(saved["data"], downscale=int(saved.get("downscale", 1) or 1))
+    if not scene.train:
+        raise UserError(f"{saved['data']}: the scene has no training views")
+    teacher = {k: v.to(device).float() for k, v in load_ply(run_dir / "gaussians.ply").items()}
+    sh = saved.get("sh_degree")
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.preset, in_ch=3 * cfg.n_points * (2 * cfg.freqs + 1)).to(device)
+    width, height = parse_resolution(cfg.resolution, scene.train[0].camera, model.scale)
+    cfg = dataclasses.replace(cfg, resolution=f"{width}x{height}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    near, far = scene_bounds(scene)
+    poses = PoseSampler(scene, cfg.n_poses, cfg.seed, cfg.train_pose_frac)
+    d = Distiller(cfg=cfg, run_dir=run_dir, scene=scene, device=device, backend=backend, teacher=teacher,
+                  sh_degree=None if sh is None else int(sh), poses=poses, model=model, optimizer=optimizer,
+                  width=width, height=height, near=near, far=far)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        d.step, d.history = int(ckpt["step"]), list(ckpt.get("history", []))
+        d.seconds = float(ckpt.get("seconds", 0.0))
+        d.init_metrics = dict(ckpt.get("init_metrics", {}))
+        torch.set_rng_state(ckpt["rng"])
+    else:
+        try:
+            d.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{d.out_dir}: cannot create the folder ({e.strerror}); "
+                            "check the run folder's permissions") from None
+    if backend == "cpu":  # compile (or load) the renderer's kernels before the timed loop
+        from budget3d.splat import cpu
+
+        cpu.warmup()
+    return d
+
+
+def _check_config(cfg: DistillConfig) -> None:
+    if cfg.preset not in PRESETS:
+        raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    for name in ("iters", "batch", "n_points", "freqs", "cache_size", "log_every"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise UserError(f"{name} must be a positive whole number (got {v!r})")
+    if cfg.checkpoint_every < 0 or cfg.eval_every < 0 or cfg.warmup < 0:
+        raise UserError("checkpoint_every, eval_every and warmup must be >= 0")
+    if not cfg.lr > 0:
+        raise UserError(f"lr must be positive (got {cfg.lr!r})")
+
+
+# ----------------------------------------------------------------------------- evaluation and outputs
+
+
+def _test_views(d: Distiller) -> list:
+    return list(d.scene.test) or list(d.scene.train[:3])
+
+
+def _gt(d: Distiller, view) -> torch.Tensor:
+    """The view's ground truth at the output resolution (area-averaged when it differs)."""
+    import cv2
+
+    img = view.image()
+    if img.shape[:2] != (d.height, d.width):
+        img = cv2.resize(img, (d.width, d.height), interpolation=cv2.INTER_AREA)
+    return torch.as_tensor(img, device=d.device).float() / 255.0
+
+
+def _test_teacher(d: Distiller, i: int, view) -> torch.Tensor:
+    if i not in d.test_cache:
+        d.test_cache[i] = d.teacher_image(view.camera)
+    return d.test_cache[i]
+
+
+@torch.no_grad()
+def _student_one(d: Distiller, camera: Camera) -> torch.Tensor:
+    d.model.eval()
+    return d.student([camera])[0].clamp(0, 1)
+
+
+def _quick_eval(d: Distiller) -> float:
+    """Mean student-vs-teacher PSNR over the test views (in eval mode)."""
+    from budget3d.train.metrics import psnr
+
+    vals = [psnr(_student_one(d, v.camera), _test_teacher(d, i, v)) for i, v in enumerate(_test_views(d))]
+    return float(np.mean(vals))
+
+
+@torch.no_grad()
+def evaluate(d: Distiller, strip_path: Optional[Path] = None) -> dict:
+    """Student PSNR/SSIM against the ground truth and the teacher, the teacher's own PSNR, and
+    the mean-colour baseline, over the test views; writes the GT | teacher | student strip."""
+    from budget3d.train.metrics import psnr, ssim
+
+    views = _test_views(d)
+    train_mean = torch.as_tensor(np.mean([v.image().reshape(-1, 3).mean(0) for v in d.scene.train[:50]], 0) / 255.0,
+                                 device=d.device, dtype=torch.float32)
+    rows, strip = [], []
+    for i, v in enumerate(views):
+        gt, teacher = _gt(d, v), _test_teacher(d, i, v)
+        student = _student_one(d, v.camera)
+        rows.append({"name": v.name, "teacher_psnr": psnr(teacher, gt), "student_psnr": psnr(student, gt),
+                     "student_ssim": ssim(student, gt), "student_vs_teacher_psnr": psnr(student, teacher),
+                     "student_vs_teacher_ssim": ssim(student, teacher),
+                     "mean_colour_psnr": psnr(train_mean.expand_as(gt), gt)})
+        if len(strip) < d.cfg.strip_views:
+            strip.append(torch.cat([gt, teacher, student], dim=1))
+    if strip_path is not None and strip:
+        _write_png(torch.cat(strip, dim=0), strip_path)
+    mean = lambda k: round(float(np.mean([r[k] for r in rows])), 4)  # noqa: E731
+    out = {k: mean(k) for k in ("teacher_psnr", "student_psnr", "student_vs_teacher_psnr", "student_ssim",
+                                "student_vs_teacher_ssim", "mean_colour_psnr")}
+    out["n_test_views"] = len(rows)
+    out["per_view"] = [{k: (round(x, 4) if isinstance(x, float) else x) for k, x in r.items()} for r in rows]
+    return out
+
+
+def _write_png(img: torch.Tensor, path: Path) -> None:
+    import cv2
+
+    arr = (img.clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    cv2.imwrite(str(tmp), cv2.cvtColor(arr, cv2.COLOR_RGB2BGR))
+    os.replace(tmp, path)
+
+
+def student_payload(d: Distiller) -> dict:
+    """What rebuilds the student without the teacher or the scene (see ``load_student``)."""
+    cam = at_resolution(_test_views(d)[0].camera, d.width, d.height)
+    return {
+        "state_dict": {k: v.detach().cpu() for k, v in d.model.state_dict().items()},
+        "preset": d.cfg.preset,
+        "arch": dict(PRESETS[d.cfg.preset]),
+        "in_ch": d.model.in_ch,
+        "scale": d.model.scale,
+        "resolution": [d.width, d.height],
+        "near": d.near,
+        "far": d.far,
+        "n_points": d.cfg.n_points,
+        "freqs": d.cfg.freqs,
+        "intrinsics": [cam.fx, cam.fy, cam.cx, cam.cy],  # at the output resolution
+        "background": list(d.scene.background),
+    }
+
+
+def load_student(path) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, payload) from a student.pt written by ``distill``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; distill the run first (budget3d distill RUN)")
+    try:
+        p = torch.load(path, map_location="cpu", weights_only=False)
+        model = build(p["preset"], in_ch=p["in_ch"])
+        model.load_state_dict(p["state_dict"])
+    except Exception as e:
+        raise UserError(f"{path}: not a readable NeLF student ({type(e).__name__}); distill the run again") from None
+    return model.eval(), p
+
+
+def finish(d: Distiller, progress: bool = True) -> dict:
+    """Save the checkpoint and student.pt, evaluate, write metrics.json, strip.png and progress.png."""
+    d.save()
+    _atomic_save(student_payload(d), d.out_dir / STUDENT)
+    metrics = {
+        "preset": d.cfg.preset,
+        "params": count_params(d.model),
+        "macs_per_frame": macs_per_frame(d.model, d.height, d.width),
+        "resolution": [d.width, d.height],
+        "iters": d.cfg.iters,
+        "batch": d.cfg.batch,
+        "distill_seconds": round(d.seconds, 2),
+        "seconds_per_iter": round(d.seconds / max(d.cfg.iters, 1), 4),
+        "near_far": [round(d.near, 4), round(d.far, 4)],
+        "n_points": d.cfg.n_points,
+        "freqs": d.cfg.freqs,
+        "pose_sampling": "forward-facing box" if d.poses.forward_facing else "360 orbit band",
+        "device": str(d.device),
+        "backend": d.backend,
+        "threads": torch.get_num_threads(),
+        "teacher_cache": {"hits": d.cache_hits, "misses": d.cache_misses, "size": d.cfg.cache_size},
+        **d.init_metrics,
+    }
+    if d.cfg.eval:
+        metrics.update(evaluate(d, d.out_dir / "strip.png"))
+        d.history.append({"step": d.step, "seconds": round(d.seconds, 3),
+                          "test_psnr_vs_teacher": metrics["student_vs_teacher_psnr"]})
+    else:
+        metrics.update({k: None for k in ("teacher_psnr", "student_psnr", "student_vs_teacher_psnr", "student_ssim")})
+    metrics["history"] = d.history
+    _write_json(d.out_dir / "metrics.json", metrics)
+    _plot(d, metrics)
+    return metrics
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _plot(d: Distiller, metrics: dict) -> None:
+    """Training PSNR (against the teacher's batch) and test PSNR against the teacher, over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in d.history if "psnr" in h]
+    test = [h for h in d.history if "test_psnr_vs_teacher" in h]
+    if not train and not test:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([h["seconds"] for h in train], [h["psnr"] for h in train], lw=1, label="train batch vs teacher")
+    if test:
+        ax.plot([h["seconds"] for h in test], [h["test_psnr_vs_teacher"] for h in test], "o-",
+                label="test views vs teacher")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("PSNR (dB)")
+    ax.legend(loc="lower right")
+    title = f"{d.cfg.preset} {d.width}x{d.height}"
+    if metrics.get("student_psnr") is not None:
+        title += f": student {metrics['student_psnr']:.2f} dB, teacher {metrics['teacher_psnr']:.2f} dB vs GT"
+    ax.set_title(title)
+    fig.tight_layout()
+    path = d.out_dir / "progress.png"
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+__all__ = ["DistillConfig", "DistillInterrupted", "Distiller", "PoseSampler", "at_resolution", "distill",
+           "evaluate", "load_student", "lr_at", "parse_resolution", "setup"]

@@ -1,0 +1,175 @@
+"""Online distillation of a 3DGS run into a NeLF student, on a tiny run folder written directly:
+the tiny Blender scene of test_train (rendered from ``truth_gaussians``) and those same Gaussians
+as gaussians.ply, so the teacher reproduces the ground truth. 32x32 output, preset tiny."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from budget3d.cli import main
+from budget3d.errors import UserError
+from budget3d.nelf.distill import (DistillConfig, DistillInterrupted, PoseSampler, at_resolution, distill,
+                                   load_student, lr_at, parse_resolution, setup)
+from budget3d.scene.camera import Camera
+from budget3d.splat import save_ply
+from test_train import truth_gaussians, write_blender_scene
+
+ITERS = 60
+
+
+def make_run(root):
+    scene = write_blender_scene(root / "scene", n_train=8, n_test=2)
+    run = root / "run"
+    run.mkdir()
+    save_ply(truth_gaussians(), run / "gaussians.ply")
+    (run / "config.json").write_text(json.dumps({"data": str(scene), "downscale": 1, "sh_degree": 1}))
+    return run
+
+
+def cfg_for(run, **kw):
+    base = dict(run=str(run), preset="tiny", iters=ITERS, batch=4, lr=1e-2, warmup=5, resolution="32x32",
+                n_poses=200, backend="cpu", checkpoint_every=0, log_every=10)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """One finished distillation: (run folder, metrics)."""
+    run = make_run(tmp_path_factory.mktemp("distill"))
+    return run, distill(cfg_for(run), progress=False)
+
+
+def test_distill_writes_metrics_and_files(done):
+    run, m = done
+    for k in ("teacher_psnr", "student_psnr", "student_vs_teacher_psnr", "student_ssim", "preset", "params",
+              "macs_per_frame", "resolution", "distill_seconds"):
+        assert k in m, k
+    on_disk = json.loads((run / "nelf" / "metrics.json").read_text())
+    assert on_disk["student_vs_teacher_psnr"] == m["student_vs_teacher_psnr"]
+    assert m["preset"] == "tiny" and m["resolution"] == [32, 32] and m["params"] > 0 and m["macs_per_frame"] > 0
+    assert m["teacher_psnr"] > 35  # the teacher is the scene's own Gaussians
+    for name in ("checkpoint.pt", "student.pt", "strip.png", "progress.png"):
+        assert (run / "nelf" / name).is_file(), name
+    import cv2
+
+    strip = cv2.imread(str(run / "nelf" / "strip.png"))
+    assert strip.shape == (2 * 32, 3 * 32, 3)  # 2 test views, GT | teacher | student
+
+
+def test_student_learns_toward_teacher(done):
+    _, m = done
+    assert m["student_vs_teacher_psnr"] > m["student_vs_teacher_psnr_init"] + 3, m
+    assert m["student_psnr"] > m["mean_colour_psnr"], m
+    train = [h["psnr"] for h in m["history"] if "psnr" in h]
+    assert train[-1] > train[0] + 3
+
+
+def test_student_pt_rebuilds_the_student(done):
+    run, _ = done
+    model, p = load_student(run / "nelf" / "student.pt")
+    assert p["preset"] == "tiny" and p["resolution"] == [32, 32] and p["n_points"] == 8 and p["freqs"] == 6
+    assert p["scale"] == model.scale and 0 < p["near"] < p["far"]
+    # the rebuilt model gives the same test image as the distiller's own
+    d = setup(cfg_for(run), resume=True)
+    view = d.scene.test[0]
+    with torch.no_grad():
+        ref = d.model.eval()(d.inputs([view.camera]))
+        out = model(d.inputs([view.camera]))
+    assert torch.allclose(ref, out, atol=1e-6)
+
+
+def test_resume_continues_the_same_trajectory(done, tmp_path):
+    ref_run, m_ref = done
+    run = make_run(tmp_path)
+    with pytest.raises(DistillInterrupted, match="--resume"):
+        distill(cfg_for(run), progress=False, on_step=lambda d: d.step == 25)
+    ck = torch.load(run / "nelf" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 25
+    m = distill(cfg_for(run, iters=999), resume=True, progress=False)  # the saved config wins
+    assert m["iters"] == ITERS
+    assert torch.load(run / "nelf" / "checkpoint.pt", weights_only=False)["step"] == ITERS
+    a = torch.load(ref_run / "nelf" / "student.pt", weights_only=False)["state_dict"]
+    b = torch.load(run / "nelf" / "student.pt", weights_only=False)["state_dict"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5), k
+    assert abs(m["student_vs_teacher_psnr"] - m_ref["student_vs_teacher_psnr"]) < 0.05
+
+
+def test_pose_sampler_orbits_within_the_training_band(tmp_path):
+    run = make_run(tmp_path)
+    d = setup(cfg_for(run, iters=1), resume=False)
+    poses = d.poses
+    assert not poses.forward_facing
+    assert poses.camera(0) is d.scene.train[0].camera
+    assert poses.batch(3, 4) == poses.batch(3, 4)  # a pure function of (seed, step)
+    lo, hi = poses.r_band
+    for i in range(poses.n_train, poses.n_train + 20):
+        cam = poses.camera(i)
+        r = np.linalg.norm(cam.center - poses.centre)
+        assert lo - 1e-6 <= r <= hi + 1e-6
+        fwd = np.asarray(cam.world_to_camera)[2, :3]
+        to_centre = (poses.centre - cam.center) / r
+        assert fwd @ to_centre > 0.99  # looks at the centre (up to the small target jitter)
+        R = np.asarray(cam.world_to_camera)[:3, :3]
+        assert np.allclose(R @ R.T, np.eye(3), atol=1e-9) and np.linalg.det(R) > 0
+        assert (cam.width, cam.height) == (d.scene.train[0].camera.width, d.scene.train[0].camera.height)
+    # the teacher's pool renders stay in a bounded cache
+    d.cfg.cache_size = 3
+    for i in range(6):
+        d.target(poses.n_train + i)
+    assert len(d.cache) == 3
+
+
+def test_pose_sampler_forward_facing_box():
+    from budget3d.scene.camera import Scene, View
+
+    rng = np.random.default_rng(0)
+    cams = []
+    for i in range(6):
+        w2c = np.eye(4)  # all looking down +z, centres spread in x and y
+        w2c[:3, 3] = -np.array([rng.uniform(-1, 1), rng.uniform(-0.5, 0.5), rng.uniform(-0.1, 0.1)])
+        cams.append(Camera(30.0, 30.0, 16.0, 16.0, 32, 32, w2c))
+    views = [View(f"v{i}", c, lambda: np.zeros((32, 32, 3), np.uint8)) for i, c in enumerate(cams)]
+    scene = Scene(format="llff", path="<ff>", train=views, test=[], near_far=(1.0, 10.0))
+    poses = PoseSampler(scene, 50, seed=3)
+    assert poses.forward_facing
+    lo, hi = poses.box
+    for i in range(6, 50):
+        cam = poses.camera(i)
+        assert np.all(cam.center >= lo - 1e-9) and np.all(cam.center <= hi + 1e-9)
+        assert np.allclose(np.asarray(cam.world_to_camera)[:3, :3], np.eye(3))
+    assert all(0 <= j < 50 for j in poses.batch(0, 16))
+
+
+def test_resolution_and_schedule():
+    cam = Camera(40.0, 40.0, 50.0, 37.5, 100, 75, np.eye(4))
+    assert parse_resolution(None, cam, 4) == (100, 72)
+    assert parse_resolution("64", cam, 4) == (64, 48)
+    assert parse_resolution("32x16", cam, 8) == (32, 16)
+    with pytest.raises(UserError, match="multiples of 8"):
+        parse_resolution("30x30", cam, 8)
+    with pytest.raises(UserError, match="WIDTHxHEIGHT"):
+        parse_resolution("big", cam, 8)
+    c = at_resolution(cam, 64, 48)
+    assert (c.width, c.height) == (64, 48) and math.isclose(c.cx, 32.0) and math.isclose(c.cy, 24.0)
+    cfg = DistillConfig(iters=100, warmup=10, lr=1.0, lr_final_frac=0.0)
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 10) == pytest.approx(1.0)
+    assert lr_at(cfg, 55) == pytest.approx(0.5) and lr_at(cfg, 100) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_bad_run_folders_are_one_line_errors(tmp_path, capsys):
+    assert main(["distill", str(tmp_path)]) == 2  # a folder, but not a run folder
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("budget3d: error:") and "not a run folder" in err and "\n" not in err
+    (tmp_path / "config.json").write_text(json.dumps({"data": str(tmp_path)}))
+    assert main(["distill", str(tmp_path), "--quiet"]) == 2  # a run folder without its Gaussians
+    err = capsys.readouterr().err.strip()
+    assert "gaussians.ply" in err and "\n" not in err
+    assert main(["distill", str(tmp_path / "nope")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+    with pytest.raises(UserError, match="unknown preset"):
+        setup(DistillConfig(run=str(tmp_path), preset="huge"))
