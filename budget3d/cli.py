@@ -1,4 +1,4 @@
-"""The one command line: ``budget3d inspect | train | eval | demo``.
+"""The one command line: ``budget3d inspect | train | eval | demo | distill | export``.
 
 A user mistake (``UserError``) prints ``budget3d: error: <message>`` on one line and exits 2;
 Ctrl-C exits 130 after saying how to resume; output into a closed pipe (``| head``) exits 1, quietly.
@@ -81,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="teacher renderer backend")
     n.add_argument("--resume", action="store_true", help="continue the distillation in RUN/nelf from its checkpoint")
     n.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    x = sub.add_parser("export", help="write a run's Gaussians as ply/splat/spz (or its NeLF as ONNX) into RUN/export/")
+    x.add_argument("run", help="run folder written by 'budget3d train'")
+    x.add_argument("--format", required=True, metavar="FMT[,FMT...]",
+                   help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated")
+    x.add_argument("--budget", metavar="N",
+                   help="splats: keep only the N most important Gaussians (opacity x area), e.g. 50000 or 50k")
+    x.add_argument("--out", metavar="DIR", help="output folder (default RUN/export)")
     return p
 
 
@@ -361,6 +369,68 @@ def cmd_distill(args) -> int:
     return 0
 
 
+SPLAT_FORMATS = ("ply", "splat", "spz")
+NELF_FORMATS = ("onnx", "onnx-int8", "onnx-mixed")
+EXPORT_FORMATS = SPLAT_FORMATS + NELF_FORMATS
+
+
+def _parse_count(text: str, what: str) -> int:
+    t = str(text).strip().lower().replace("_", "")
+    mult = {"k": 1000, "m": 1000000}.get(t[-1:], 1)
+    try:
+        n = int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise UserError(f"{what} {text}: expected a count such as 50000 or 50k") from None
+    if n < 1:
+        raise UserError(f"{what} {text}: keep at least one Gaussian")
+    return n
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.2f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.1f} kB"
+
+
+def cmd_export(args) -> int:
+    run = Path(args.run)
+    fmts = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+    unknown = [f for f in fmts if f not in EXPORT_FORMATS]
+    if unknown or not fmts:
+        raise UserError(f"--format {args.format}: unknown format {', '.join(unknown) or '(none)'}; "
+                        f"choose from {', '.join(EXPORT_FORMATS)}")
+    if not run.is_dir():
+        raise UserError(f"{run}: no such run folder; give a folder written by 'budget3d train'")
+    if any(f in SPLAT_FORMATS for f in fmts) and not (run / "gaussians.ply").is_file():
+        raise UserError(f"{run}: no gaussians.ply; this is not a finished run folder (train it with 'budget3d train')")
+    out = Path(args.out) if args.out else run / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    budget = _parse_count(args.budget, "--budget") if args.budget is not None else None
+    params = None
+    for fmt in fmts:
+        if fmt in SPLAT_FORMATS:
+            from budget3d.export.splats import reprune, save_any
+            from budget3d.splat import load_ply
+
+            if params is None:
+                params = load_ply(run / "gaussians.ply")
+                if budget is not None:
+                    before = len(params["means"])
+                    params = reprune(params, budget)
+                    print(f"budget:   kept {len(params['means'])} of {before} Gaussians (opacity x area)")
+            path = out / f"gaussians.{fmt}"
+            n = save_any(params, path, fmt)
+            print(f"{fmt:9s} {path}  {_size(path.stat().st_size)}  {n} Gaussians")
+        else:
+            try:
+                from budget3d.export import onnx as onnx_export
+            except ModuleNotFoundError as e:
+                if e.name not in ("budget3d.export.onnx",):
+                    raise UserError(f"--format {fmt} needs the Python package {e.name!r}: pip install {e.name}") from None
+                raise UserError(f"--format {fmt}: the NeLF ONNX export is not available yet in this version") from None
+            result = onnx_export.export(run, fmt, out)
+            print(f"{fmt:9s} " + "  ".join(f"{k}: {v}" for k, v in (result or {}).items()))
+    return 0
+
+
 def _refuse_overwrite(out: Path) -> None:
     if (out / "checkpoint.pt").is_file():
         raise UserError(f"{out} already holds a run; continue it with --resume, or choose another --out")
@@ -380,7 +450,8 @@ def _print_summary(m: dict, run: Path) -> None:
     print(f"files:        {run / 'metrics.json'}, {run / 'gaussians.ply'}, {run / 'progress.png'}, {run / 'renders'}/")
 
 
-COMMANDS = {"inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "distill": cmd_distill}
+COMMANDS = {"inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "distill": cmd_distill,
+            "export": cmd_export}
 
 
 def main(argv: Optional[list] = None) -> int:

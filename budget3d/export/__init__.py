@@ -1,0 +1,12 @@
+"""Exports for devices: splat files (ply / splat / spz, and readers of other tools' files) here;
+the NeLF's ONNX export lives in ``budget3d.export.onnx`` (imported on demand)."""
+
+from budget3d.export.splats import (
+    FORMATS, importance, load_any, load_compressed_ply, load_splat, load_spz, reprune, save_any, save_splat,
+    save_spz, sniff,
+)
+
+__all__ = [
+    "FORMATS", "importance", "load_any", "load_compressed_ply", "load_splat", "load_spz", "reprune", "save_any",
+    "save_splat", "save_spz", "sniff",
+]

@@ -1,0 +1,501 @@
+"""Splat files other viewers open, and the ones other tools write.
+
+Every reader returns the params dict the renderer takes (gsplat's names, torch float32):
+means (N,3), scales (N,3) log, quats (N,4) wxyz, opacities (N,) logit, sh0 (N,1,3), shN (N,K,3).
+Our params use the axes of the Inria ``.ply`` (OpenCV's right-down-forward, "RDF"), as do
+``.splat`` and ``compressed.ply``. SPZ stores right-up-back ("RUB", OpenGL/three.js): the SPZ
+reader and writer convert (y, z negated; quaternion y, z negated; SH coefficients odd in y or z
+negated), as Niantic's library does when told the data is RDF and as PlayCanvas' converter did
+for ``shared/data/splats/biker.spz`` (it matches ``biker.compressed.ply`` only after this flip).
+
+Formats
+-------
+``.ply`` (Inria layout)
+    ``budget3d.splat.save_ply`` / ``load_ply``: float32, every SH coefficient, lossless.
+``.splat`` (antimatter15's WebGL viewer, also read by SuperSplat, Spark, gsplat.js, ...)
+    32 bytes per Gaussian, no header: position 3 x float32, linear scale 3 x float32 (exp of the
+    log-scale), RGBA 4 x uint8 (RGB = 0.5 + C0 * SH DC, A = sigmoid(opacity), both x255 and
+    clipped), rotation 4 x uint8 (normalised wxyz quaternion, q*128+128 clipped). Gaussians are
+    written in the order the reference converter uses: exp(sum of log-scales) * opacity,
+    descending. Degree-0 only: view-dependent colour is dropped.
+``.spz`` (Niantic)
+    Header (little-endian) magic 0x5053474e "NGSP", version, numPoints, shDegree,
+    fractionalBits, flags; then per attribute, all Gaussians at a time: positions 3 x 24-bit
+    signed fixed point (``fractionalBits`` fraction bits), alphas uint8 (sigmoid x255), colours
+    3 x uint8 (SH DC x 0.15 + 0.5, x255), scales 3 x uint8 ((log-scale + 10) x 16), rotations,
+    SH rest (coefficient-major, channel fastest; (x*128)+128 as uint8, degree 1 kept to 5 bits
+    and higher degrees to 4 bits like Niantic's encoder). Quaternions are stored x, y, z, w.
+    - v2: gzip around a 16-byte header + data; rotations 3 x uint8 (xyz of the w >= 0
+      quaternion, (v+1)*127.5).
+    - v3: as v2 but rotations "smallest three" in a uint32: index of the largest |component|
+      in bits 30-31, then three 10-bit fields (9-bit magnitude scaled by 1/sqrt(2), 1 sign bit),
+      the lowest field holding the last of the other components.
+    - v4 (what ``shared/data/splats/biker.spz`` is, and newer Niantic tools write): *not*
+      gzipped. A 32-byte header (v3's 16 bytes where byte 15 is numStreams, then u32
+      tocByteOffset and 12 reserved bytes; flag 0x2 = extension records between the header and
+      the TOC), a table of contents of numStreams x (u64 compressed size, u64 uncompressed size)
+      and then each attribute stream (positions, alphas, colours, scales, rotations [, SH])
+      compressed as its own zstd frame. The attribute encodings are v3's. Needs ``zstandard``.
+    We write v3 by default (gzip, the most widely read); ``version=2`` and ``version=4`` too.
+``compressed.ply`` (PlayCanvas / SuperSplat; read only)
+    Element "chunk" (one per 256 Gaussians): min/max of position, log-scale and (newer files)
+    colour. Element "vertex": uint32 packed_position (11-10-11 bits, x in the high bits,
+    fractions of the chunk's range), packed_rotation (2 bits index of the largest component of
+    (rot_0..rot_3) = wxyz, then the other three as 10-bit unorm of v/sqrt(2)+0.5), packed_scale
+    (11-10-11 fractions of the log-scale range), packed_color (8-8-8-8: colour fractions of the
+    chunk's colour range, alpha = sigmoid(opacity)). Optional element "sh": f_rest_* as uint8,
+    (v/256 - 0.5) * 8 (0 and 255 map exactly to the ends).
+
+``reprune(params, n)`` keeps the ``n`` Gaussians a weaker device can afford.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from budget3d.errors import UserError
+
+C0 = 0.28209479177387814
+SPZ_MAGIC = 0x5053474E
+SPZ_COLOR_SCALE = 0.15
+SPLAT_BYTES = 32
+FORMATS = ("ply", "splat", "spz")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _np(params) -> dict[str, np.ndarray]:
+    need = ("means", "scales", "quats", "opacities", "sh0")
+    missing = [k for k in need if k not in params]
+    if missing:
+        raise ValueError(f"Gaussian params lack {missing}")
+    out = {k: params[k].detach().cpu().float().numpy() for k in need}
+    n = len(out["means"])
+    out["shN"] = (params["shN"].detach().cpu().float().numpy() if "shN" in params
+                  else np.zeros((n, 0, 3), np.float32))
+    out["sh0"] = out["sh0"].reshape(n, 3)
+    return out
+
+
+def _params(means, scales, quats, opacities, sh0, shN=None) -> dict[str, torch.Tensor]:
+    n = len(means)
+    t = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    if shN is None:
+        shN = np.zeros((n, 0, 3), np.float32)
+    return {"means": t(means), "scales": t(scales), "quats": t(quats), "opacities": t(opacities),
+            "sh0": t(np.asarray(sh0).reshape(n, 1, 3)), "shN": t(shN)}
+
+
+def _logit(a: np.ndarray) -> np.ndarray:
+    a = np.clip(a.astype(np.float64), 1e-6, 1 - 1e-6)
+    return np.log(a / (1 - a)).astype(np.float32)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
+
+
+def _unit_quats(q: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(q, axis=1, keepdims=True)
+    q = np.where(norm > 0, q / np.maximum(norm, 1e-30), np.array([1.0, 0, 0, 0], np.float32))
+    return q.astype(np.float32)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _read(path) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; give the path of a splat file (.ply, .splat or .spz)")
+    return path.read_bytes()
+
+
+def _u8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- .splat
+
+
+def save_splat(params, path) -> int:
+    """antimatter15 ``.splat`` (32 bytes per Gaussian, sorted as the reference converter does).
+    Returns the number of Gaussians written."""
+    p = _np(params)
+    n = len(p["means"])
+    order = np.argsort(-(p["scales"].astype(np.float64).sum(1) + np.log(_sigmoid(p["opacities"]) + 1e-30)),
+                       kind="stable")
+    rec = np.zeros(n, dtype=[("pos", "<f4", 3), ("scale", "<f4", 3), ("rgba", "u1", 4), ("rot", "u1", 4)])
+    rec["pos"] = p["means"][order]
+    rec["scale"] = np.exp(p["scales"][order])
+    rgb = 0.5 + C0 * p["sh0"][order]
+    rec["rgba"][:, :3] = _u8(rgb * 255)
+    rec["rgba"][:, 3] = _u8(_sigmoid(p["opacities"][order]) * 255)
+    rec["rot"] = _u8(_unit_quats(p["quats"][order]) * 128 + 128)
+    _write_atomic(Path(path), rec.tobytes())
+    return n
+
+
+def load_splat(path) -> dict[str, torch.Tensor]:
+    """Read an antimatter15 ``.splat`` (SH degree 0)."""
+    data = _read(path)
+    if len(data) % SPLAT_BYTES or not data:
+        raise UserError(f"{path}: {len(data)} bytes is not a whole number of 32-byte .splat records; "
+                        "give a .splat file written by a splat converter")
+    rec = np.frombuffer(data, dtype=[("pos", "<f4", 3), ("scale", "<f4", 3), ("rgba", "u1", 4), ("rot", "u1", 4)])
+    rgba = rec["rgba"].astype(np.float32) / 255
+    q = (rec["rot"].astype(np.float32) - 128) / 128
+    return _params(rec["pos"], np.log(np.maximum(rec["scale"], 1e-30)), _unit_quats(q), _logit(rgba[:, 3]),
+                   (rgba[:, :3] - 0.5) / C0)
+
+
+# ----------------------------------------------------------------------------- .spz
+
+
+def _sh_degree(k: int) -> int:
+    d = {0: 0, 3: 1, 8: 2, 15: 3, 24: 4}.get(k)
+    if d is None:
+        raise ValueError(f"{k} SH rest coefficients is not a whole SH degree")
+    return d
+
+
+def _pack_smallest_three(q_xyzw: np.ndarray) -> np.ndarray:
+    """(N,4) unit xyzw -> (N,) uint32, Niantic's v3 encoding."""
+    q = q_xyzw.astype(np.float64)
+    big = np.argmax(np.abs(q), axis=1)
+    q = q * np.where(q[np.arange(len(q)), big] < 0, -1.0, 1.0)[:, None]
+    comp = big.astype(np.uint32)
+    mask = (1 << 9) - 1
+    for i in range(4):  # fields in increasing index, the last ending in the lowest bits
+        v = q[:, i]
+        mag = np.clip(np.rint(mask * np.abs(v) / math.sqrt(0.5)), 0, mask).astype(np.uint32)
+        field = mag | ((v < 0).astype(np.uint32) << 9)
+        comp = np.where(big == i, comp, (comp << 10) | field)
+    return comp.astype("<u4")
+
+
+def _unpack_smallest_three(comp: np.ndarray) -> np.ndarray:
+    comp = comp.astype(np.uint32).copy()
+    mask = (1 << 9) - 1
+    big = comp >> 30
+    q = np.zeros((len(comp), 4), np.float64)
+    for i in range(3, -1, -1):
+        mag = (comp & mask).astype(np.float64)
+        neg = (comp >> 9) & 1
+        v = math.sqrt(0.5) * mag / mask * np.where(neg == 1, -1.0, 1.0)
+        take = big != i
+        q[:, i] = np.where(take, v, 0.0)
+        comp = np.where(take, comp >> 10, comp)
+    rest = np.sqrt(np.maximum(0.0, 1.0 - (q * q).sum(1)))
+    q[np.arange(len(q)), big] = rest
+    return q.astype(np.float32)
+
+
+# sign of each SH rest coefficient (degrees 1..3, gsplat's order) under (x, y, z) -> (x, -y, -z)
+_SH_FLIP = np.array([-1, -1, 1] + [-1, 1, 1, -1, 1] + [-1, 1, -1, -1, 1, -1, 1], np.float32)
+
+
+def _rdf_rub(means: np.ndarray, quats_wxyz: np.ndarray, shN: Optional[np.ndarray]):
+    """RDF <-> RUB (its own inverse): a half turn about x."""
+    flip = np.array([1, -1, -1], np.float32)
+    q = quats_wxyz * np.array([1, 1, -1, -1], np.float32)
+    if shN is not None and shN.shape[1]:
+        shN = shN * _SH_FLIP[: shN.shape[1], None]
+    return means * flip, q, shN
+
+
+def _spz_streams(p: dict, version: int, fractional_bits: int) -> list[bytes]:
+    n = len(p["means"])
+    p = dict(p)
+    p["means"], p["quats"], p["shN"] = _rdf_rub(p["means"], p["quats"], p["shN"])
+    fixed = np.rint(p["means"].astype(np.float64) * (1 << fractional_bits)).astype(np.int64)
+    fixed = np.clip(fixed, -(1 << 23), (1 << 23) - 1) & 0xFFFFFF
+    pos = np.stack([(fixed >> s) & 0xFF for s in (0, 8, 16)], -1).astype(np.uint8)  # (N,3,3) little-endian
+    alphas = _u8(_sigmoid(p["opacities"]) * 255)
+    colors = _u8((p["sh0"] * SPZ_COLOR_SCALE + 0.5) * 255)
+    scales = _u8((p["scales"] + 10.0) * 16.0)
+    q = _unit_quats(p["quats"])[:, [1, 2, 3, 0]]  # wxyz -> xyzw
+    if version == 2:
+        q = q * np.where(q[:, 3:4] < 0, -1.0, 1.0)
+        rot = _u8((q[:, :3] + 1) * 127.5)
+    else:
+        rot = _pack_smallest_three(q).view(np.uint8).reshape(n, 4)
+    streams = [pos.tobytes(), alphas.tobytes(), colors.tobytes(), scales.tobytes(), rot.tobytes()]
+    k = p["shN"].shape[1]
+    if k:
+        sh = np.rint(p["shN"].astype(np.float64) * 128 + 128).clip(0, 255)
+        bits = np.where(np.arange(k) < 3, 5, 4)[None, :, None]  # Niantic's defaults: 5 bits degree 1, 4 above
+        bucket = (1 << (8 - bits)).astype(np.float64)
+        sh = np.minimum(np.floor((sh + bucket / 2) / bucket) * bucket, 255)
+        streams.append(sh.astype(np.uint8).tobytes())
+    return streams
+
+
+def save_spz(params, path, version: int = 3) -> int:
+    """Niantic ``.spz``, version 3 (gzip) by default; 2 or 4 (zstd streams) on request.
+    Positions use 12 fraction bits (Niantic's choice) unless the scene needs fewer to fit 24 bits.
+    Returns the number of Gaussians written."""
+    if version not in (2, 3, 4):
+        raise ValueError(f"SPZ version {version}: we write 2, 3 or 4")
+    p = _np(params)
+    n = len(p["means"])
+    k = p["shN"].shape[1]
+    if k > 15:
+        p["shN"], k = p["shN"][:, :15], 15
+    deg = _sh_degree(k)
+    extent = float(np.abs(p["means"]).max()) if n else 0.0
+    fb = 12
+    while fb > 0 and extent * (1 << fb) >= (1 << 23) - 1:
+        fb -= 1
+    streams = _spz_streams(p, version, fb)
+    if version in (2, 3):
+        header = struct.pack("<IIIBBBB", SPZ_MAGIC, version, n, deg, fb, 0, 0)
+        data = gzip.compress(header + b"".join(streams), compresslevel=9, mtime=0)
+    else:
+        zstd = _zstd()
+        comp = [zstd.ZstdCompressor(level=12).compress(s) for s in streams]
+        header = struct.pack("<IIIBBBBI12x", SPZ_MAGIC, 4, n, deg, fb, 0, len(comp), 32)
+        toc = b"".join(struct.pack("<QQ", len(c), len(s)) for c, s in zip(comp, streams))
+        data = header + toc + b"".join(comp)
+    _write_atomic(Path(path), data)
+    return n
+
+
+def _zstd():
+    try:
+        import zstandard
+    except ImportError:
+        raise UserError("SPZ version 4 files are zstd-compressed: pip install zstandard") from None
+    return zstandard
+
+
+def load_spz(path) -> dict[str, torch.Tensor]:
+    """Read a Niantic ``.spz``: versions 2 and 3 (gzip) and 4 (zstd streams)."""
+    raw = _read(path)
+    bad = lambda what: UserError(f"{path}: {what}; give a .spz written by Niantic's spz library or a splat tool")  # noqa: E731
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise bad(f"broken gzip stream ({e})") from None
+        gz = True
+    else:
+        gz = False
+    if len(raw) < 16:
+        raise bad("too short for an SPZ header")
+    magic, version, n, deg, fb, flags, byte15 = struct.unpack_from("<IIIBBBB", raw, 0)
+    if magic != SPZ_MAGIC:
+        raise bad("no SPZ magic 'NGSP'")
+    if deg > 4:
+        raise bad(f"SH degree {deg} (SPZ allows 0..4)")
+    k = (0, 3, 8, 15, 24)[deg]
+    if version in (2, 3) and gz:
+        body, off = raw, 16
+        sizes = [n * 9, n, n * 3, n * 3, n * (3 if version == 2 else 4)] + ([n * k * 3] if k else [])
+        streams = []
+        for s in sizes:
+            if off + s > len(body):
+                raise bad(f"data ends early (expected {16 + sum(sizes)} bytes after gzip, got {len(body)})")
+            streams.append(body[off:off + s])
+            off += s
+    elif version == 4 and not gz:
+        n_streams = byte15
+        if len(raw) < 32:
+            raise bad("too short for an SPZ v4 header")
+        (toc_off,) = struct.unpack_from("<I", raw, 16)
+        sizes = [n * 9, n, n * 3, n * 3, n * 4] + ([n * k * 3] if k else [])
+        if n_streams != len(sizes) or toc_off < 32 or toc_off + 16 * n_streams > len(raw):
+            raise bad(f"SPZ v4 table of contents does not fit ({n_streams} streams at byte {toc_off})")
+        toc = [struct.unpack_from("<QQ", raw, toc_off + 16 * i) for i in range(n_streams)]
+        zstd = _zstd()
+        off, streams = toc_off + 16 * n_streams, []
+        for (csize, usize), want in zip(toc, sizes):
+            if usize != want or off + csize > len(raw):
+                raise bad(f"SPZ v4 stream of {usize} bytes where {want} were expected")
+            try:
+                s = zstd.ZstdDecompressor().decompress(raw[off:off + csize], max_output_size=usize)
+            except zstd.ZstdError as e:
+                raise bad(f"broken zstd stream ({e})") from None
+            if len(s) != usize:
+                raise bad("an SPZ v4 stream decompresses to the wrong size")
+            streams.append(s)
+            off += csize
+    else:
+        raise bad(f"SPZ version {version}{' inside gzip' if gz else ' without gzip'} is not supported "
+                  "(we read 2 and 3 gzipped, 4 with zstd streams)")
+    pos = np.frombuffer(streams[0], np.uint8).reshape(n, 3, 3).astype(np.int32)
+    fixed = pos[..., 0] | (pos[..., 1] << 8) | (pos[..., 2] << 16)
+    fixed = np.where(fixed & 0x800000, fixed - (1 << 24), fixed)
+    means = fixed.astype(np.float64) / (1 << fb)
+    alphas = np.frombuffer(streams[1], np.uint8).astype(np.float32) / 255
+    colors = np.frombuffer(streams[2], np.uint8).reshape(n, 3).astype(np.float32)
+    sh0 = (colors / 255 - 0.5) / SPZ_COLOR_SCALE
+    scales = np.frombuffer(streams[3], np.uint8).reshape(n, 3).astype(np.float32) / 16 - 10
+    if version == 2:
+        xyz = np.frombuffer(streams[4], np.uint8).reshape(n, 3).astype(np.float32) / 127.5 - 1
+        w = np.sqrt(np.maximum(0, 1 - (xyz * xyz).sum(1)))
+        q_xyzw = np.concatenate([xyz, w[:, None]], 1)
+    else:
+        q_xyzw = _unpack_smallest_three(np.frombuffer(streams[4], "<u4"))
+    shN = None
+    if k:
+        shN = (np.frombuffer(streams[5], np.uint8).reshape(n, k, 3).astype(np.float32) - 128) / 128
+        if k > 15:  # degree 4: the renderer draws up to degree 3
+            shN = shN[:, :15]
+    means, quats, shN = _rdf_rub(means.astype(np.float32), _unit_quats(q_xyzw[:, [3, 0, 1, 2]]), shN)
+    return _params(means, scales, quats, _logit(alphas), sh0, shN)
+
+
+# ----------------------------------------------------------------------------- compressed.ply
+
+
+def _unorm(v: np.ndarray, shift: int, bits: int) -> np.ndarray:
+    return ((v >> shift) & ((1 << bits) - 1)).astype(np.float32) / ((1 << bits) - 1)
+
+
+def _lerp(lo, hi, t):
+    return lo + (hi - lo) * t
+
+
+def load_compressed_ply(path) -> dict[str, torch.Tensor]:
+    """Read a PlayCanvas / SuperSplat packed ``compressed.ply`` (see the module notes)."""
+    from plyfile import PlyData
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; give the path of a splat file (.ply, .splat or .spz)")
+    try:
+        ply = PlyData.read(str(path))
+        chunk, vert = ply["chunk"].data, ply["vertex"].data
+    except KeyError as e:
+        raise UserError(f"{path}: no {e} element; this is not a PlayCanvas compressed.ply") from None
+    except Exception as e:  # plyfile raises many types for bad files
+        raise UserError(f"{path}: not a readable .ply ({e}); give a PlayCanvas compressed.ply") from None
+    need = ("packed_position", "packed_rotation", "packed_scale", "packed_color")
+    if any(k not in vert.dtype.names for k in need):
+        raise UserError(f"{path}: the vertex element lacks {list(need)}; this is not a PlayCanvas compressed.ply")
+    n = len(vert)
+    if len(chunk) * 256 < n:
+        raise UserError(f"{path}: {len(chunk)} chunks cannot hold {n} splats (256 each); the file is damaged")
+    ci = np.arange(n) // 256
+    c = lambda name: np.asarray(chunk[name], np.float32)[ci]  # noqa: E731
+    pp = np.asarray(vert["packed_position"], np.uint32)
+    means = np.stack([_lerp(c("min_x"), c("max_x"), _unorm(pp, 21, 11)),
+                      _lerp(c("min_y"), c("max_y"), _unorm(pp, 11, 10)),
+                      _lerp(c("min_z"), c("max_z"), _unorm(pp, 0, 11))], 1)
+    ps = np.asarray(vert["packed_scale"], np.uint32)
+    scales = np.stack([_lerp(c("min_scale_x"), c("max_scale_x"), _unorm(ps, 21, 11)),
+                       _lerp(c("min_scale_y"), c("max_scale_y"), _unorm(ps, 11, 10)),
+                       _lerp(c("min_scale_z"), c("max_scale_z"), _unorm(ps, 0, 11))], 1)
+    pr = np.asarray(vert["packed_rotation"], np.uint32)
+    norm = 1.0 / (math.sqrt(2) * 0.5)
+    abc = np.stack([(_unorm(pr, s, 10) - 0.5) * norm for s in (20, 10, 0)], 1)
+    m = np.sqrt(np.maximum(0.0, 1.0 - (abc * abc).sum(1)))
+    big = (pr >> 30).astype(np.int64)
+    quats = np.zeros((n, 4), np.float32)
+    for b in range(4):
+        sel = big == b
+        others = [i for i in range(4) if i != b]
+        quats[np.ix_(sel, others)] = abc[sel]
+        quats[sel, b] = m[sel]
+    pc = np.asarray(vert["packed_color"], np.uint32)
+    rgb = np.stack([_unorm(pc, s, 8) for s in (24, 16, 8)], 1)
+    if "min_r" in chunk.dtype.names:
+        rgb = np.stack([_lerp(c(f"min_{ch}"), c(f"max_{ch}"), rgb[:, i]) for i, ch in enumerate("rgb")], 1)
+    alpha = _unorm(pc, 0, 8)
+    shN = None
+    if "sh" in ply:
+        sh = ply["sh"].data
+        rest = sorted((k for k in sh.dtype.names if k.startswith("f_rest_")), key=lambda k: int(k[7:]))
+        if rest and len(sh) == n:
+            v = np.stack([np.asarray(sh[k], np.float32) for k in rest], 1)
+            t = np.where(v == 0, 0.0, np.where(v == 255, 1.0, (v + 0.5) / 256))
+            kk = len(rest) // 3
+            shN = ((t - 0.5) * 8).astype(np.float32).reshape(n, 3, kk).transpose(0, 2, 1)  # channel-major like Inria
+    return _params(means, scales, _unit_quats(quats), _logit(alpha), (rgb - 0.5) / C0, shN)
+
+
+# ----------------------------------------------------------------------------- any
+
+
+def sniff(path) -> str:
+    """'ply', 'compressed-ply', 'splat' or 'spz', from the file's first bytes (extension as a tie-break)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; give the path of a splat file (.ply, .splat or .spz)")
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head[:4] == b"ply\n" or head[:5] == b"ply\r\n":
+        end = head.find(b"end_header")
+        text = head[: end if end >= 0 else len(head)]
+        return "compressed-ply" if b"element chunk" in text or b"packed_position" in text else "ply"
+    if head[:4] == struct.pack("<I", SPZ_MAGIC) or (head[:2] == b"\x1f\x8b" and path.suffix.lower() != ".splat"):
+        return "spz"
+    if path.suffix.lower() == ".splat" or path.stat().st_size % SPLAT_BYTES == 0:
+        return "splat"
+    raise UserError(f"{path}: not a splat file we know (Inria or PlayCanvas compressed .ply, .splat, .spz)")
+
+
+def load_any(path) -> dict[str, torch.Tensor]:
+    """Read any splat file we know: Inria ``.ply``, PlayCanvas ``compressed.ply``, ``.splat``, ``.spz``."""
+    kind = sniff(path)
+    if kind == "ply":
+        from budget3d.splat.gaussians import load_ply
+
+        return load_ply(path)
+    return {"compressed-ply": load_compressed_ply, "splat": load_splat, "spz": load_spz}[kind](path)
+
+
+def save_any(params, path, fmt: Optional[str] = None) -> int:
+    """Write ``params`` as ``fmt`` (ply, splat, spz; default: from the extension). Returns the count."""
+    fmt = fmt or Path(path).suffix.lower().lstrip(".")
+    if fmt == "ply":
+        from budget3d.splat.gaussians import save_ply
+
+        save_ply(params, path)
+        return len(params["means"])
+    if fmt == "splat":
+        return save_splat(params, path)
+    if fmt == "spz":
+        return save_spz(params, path)
+    raise UserError(f"{path}: unknown splat format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+# ----------------------------------------------------------------------------- budget
+
+
+def importance(params) -> torch.Tensor:
+    """A view-free importance per Gaussian: opacity x projected area (volume^(2/3)), i.e.
+    sigmoid(opacity) * exp(2/3 * sum of log-scales). Big, opaque Gaussians cover the most pixels
+    from any viewpoint; the training-time Taming score needs the scene's views and is not used here."""
+    return torch.sigmoid(params["opacities"].detach().float()) * torch.exp(
+        params["scales"].detach().float().sum(-1) * (2.0 / 3.0))
+
+
+def reprune(params, n: int, scores: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """Keep the ``n`` most important Gaussians (by ``scores`` if given, else ``importance``), in
+    their original order. ``n`` >= the count returns a copy of everything; no fine-tune happens."""
+    total = len(params["means"])
+    if n < 1:
+        raise UserError(f"--budget {n}: keep at least one Gaussian")
+    if n >= total:
+        return {k: v.detach().clone() for k, v in params.items()}
+    s = importance(params) if scores is None else torch.as_tensor(scores).float().reshape(-1)
+    if len(s) != total:
+        raise ValueError(f"{len(s)} scores for {total} Gaussians")
+    keep = torch.sort(torch.topk(torch.nan_to_num(s, nan=-1.0), n).indices).values
+    return {k: v.detach()[keep].clone() for k, v in params.items()}
