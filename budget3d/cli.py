@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, metavar="FMT[,FMT...]",
                    help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated")
     x.add_argument("--budget", metavar="N",
-                   help="splats: keep only the N most important Gaussians (opacity x area), e.g. 50000 or 50k")
+                   help="splats: keep only the N Gaussians of highest Taming score (over a few training views; "
+                        "opacity x area when the run's scene is gone), e.g. 50000 or 50k; no fine-tune")
     x.add_argument("--out", metavar="DIR", help="output folder (default RUN/export)")
     return p
 
@@ -407,15 +408,18 @@ def cmd_export(args) -> int:
     params = None
     for fmt in fmts:
         if fmt in SPLAT_FORMATS:
-            from budget3d.export.splats import reprune, save_any
+            from budget3d.export.splats import reprune, run_scores, save_any
             from budget3d.splat import load_ply
 
             if params is None:
                 params = load_ply(run / "gaussians.ply")
-                if budget is not None:
-                    before = len(params["means"])
-                    params = reprune(params, budget)
-                    print(f"budget:   kept {len(params['means'])} of {before} Gaussians (opacity x area)")
+                before = len(params["means"])
+                if budget is not None and budget < before:
+                    scores, what = run_scores(run, params)
+                    if scores is None:
+                        what = f"opacity x area, as {what}"
+                    params = reprune(params, budget, scores)
+                    print(f"budget:   kept {len(params['means'])} of {before} Gaussians by {what}")
             path = out / f"gaussians.{fmt}"
             n = save_any(params, path, fmt)
             print(f"{fmt:9s} {path}  {_size(path.stat().st_size)}  {n} Gaussians")
@@ -424,9 +428,13 @@ def cmd_export(args) -> int:
                 from budget3d.export import onnx as onnx_export
             except ModuleNotFoundError as e:
                 if e.name not in ("budget3d.export.onnx",):
-                    raise UserError(f"--format {fmt} needs the Python package {e.name!r}: pip install {e.name}") from None
+                    raise UserError(f"--format {fmt} needs the Python package {e.name!r}: "
+                                    f"pip install {e.name}") from None
                 raise UserError(f"--format {fmt}: the NeLF ONNX export is not available yet in this version") from None
-            result = onnx_export.export(run, fmt, out)
+            export = getattr(onnx_export, "export", None)
+            if export is None:
+                raise UserError(f"--format {fmt}: the NeLF ONNX export is not available yet in this version")
+            result = export(run, fmt, out)
             print(f"{fmt:9s} " + "  ".join(f"{k}: {v}" for k, v in (result or {}).items()))
     return 0
 

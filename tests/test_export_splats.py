@@ -3,6 +3,9 @@ a render of a round-tripped model, other tools' files from shared/data (skipped 
 re-pruning to a budget, and `budget3d export` for the splat formats."""
 
 import math
+import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -10,8 +13,10 @@ import torch
 
 from budget3d.cli import main
 from budget3d.export import (
-    importance, load_any, load_compressed_ply, load_splat, load_spz, reprune, save_splat, save_spz, sniff,
+    importance, load_any, load_compressed_ply, load_splat, load_spz, read_spz_streams, reprune, save_splat, save_spz,
+    sniff,
 )
+from budget3d.export.splats import _unpack_smallest_three
 from budget3d.scene.camera import Camera
 from budget3d.splat import load_ply, render, save_ply
 from conftest import SHARED_DATA
@@ -40,7 +45,7 @@ def look_at(eye, target, size=64, fov_deg=50.0) -> Camera:
     eye, target = np.asarray(eye, np.float64), np.asarray(target, np.float64)
     z = target - eye
     z /= np.linalg.norm(z)
-    up = np.array([0.0, 1.0, 0.0]) if abs(z[1]) < 0.9 else np.array([1.0, 0.0, 0.0])
+    up = np.array([0.0, -1.0, 0.0]) if abs(z[1]) < 0.9 else np.array([1.0, 0.0, 0.0])  # OpenCV: world -y is up
     x = np.cross(z, up)
     x /= np.linalg.norm(x)
     y = np.cross(z, x)
@@ -155,10 +160,15 @@ def pack_compressed_ply(p, path):
     a = torch.sigmoid(p["opacities"]).numpy()
     q = unit(p["quats"]).numpy()
     nc = (n + 255) // 256
-    names = [f"{w}_{c}" for w in ("min", "max") for c in "xyz"] + [f"{w}_scale_{c}" for w in ("min", "max") for c in "xyz"]
+    names = [f"{w}_{c}" for w in ("min", "max") for c in "xyz"]
+    names += [f"{w}_scale_{c}" for w in ("min", "max") for c in "xyz"]
     names += [f"{w}_{c}" for w in ("min", "max") for c in "rgb"]
     chunk = np.zeros(nc, [(k, "<f4") for k in names])
-    unorm = lambda v, lo, hi, bits: np.rint(np.clip((v - lo) / np.maximum(hi - lo, 1e-12), 0, 1) * ((1 << bits) - 1)).astype(np.uint32)  # noqa: E731
+
+    def unorm(v, lo, hi, bits):
+        t = np.clip((v - lo) / np.maximum(hi - lo, 1e-12), 0, 1)
+        return np.rint(t * ((1 << bits) - 1)).astype(np.uint32)
+
     pos, sca, col = (np.zeros(n, np.uint32) for _ in range(3))
     for c in range(nc):
         sl = slice(c * 256, min(n, c * 256 + 256))
@@ -208,6 +218,49 @@ def test_bad_files_are_user_errors(tmp_path):
             load_any(tmp_path / f)
 
 
+SPLAT_TRANSFORM = os.environ.get("BUDGET3D_SPLAT_TRANSFORM") or shutil.which("splat-transform")
+
+
+@pytest.mark.skipif(not SPLAT_TRANSFORM, reason="PlayCanvas splat-transform not installed (npm i -g "
+                    "@playcanvas/splat-transform, or set BUDGET3D_SPLAT_TRANSFORM to its path)")
+def test_playcanvas_splat_transform_reads_and_writes_what_we_do(tmp_path):
+    """An independent implementation: it decodes our files as we do, and we read its files.
+    splat-transform keeps SPZ axes as they are, hence convert=False on our side for .spz."""
+    p = random_params(n=300, sh_degree=3, seed=7)
+    save_ply(p, tmp_path / "ours.ply")
+    save_splat(p, tmp_path / "ours.splat")
+    save_spz(p, tmp_path / "ours3.spz")
+    save_spz(p, tmp_path / "ours4.spz", version=4)
+
+    def convert(src, dst):
+        subprocess.run([SPLAT_TRANSFORM, "-w", str(src), str(dst)], check=True, capture_output=True, timeout=120)
+
+    for src in ("ours.ply", "ours.splat", "ours3.spz", "ours4.spz"):
+        convert(tmp_path / src, tmp_path / f"theirs_{src}.ply")
+        theirs = load_ply(tmp_path / f"theirs_{src}.ply")
+        ours = load_spz(tmp_path / src, convert=False) if src.endswith(".spz") else load_any(tmp_path / src)
+        assert len(theirs["means"]) == 300, src
+        assert torch.allclose(theirs["means"], ours["means"], atol=1e-6), src
+        assert torch.allclose(theirs["scales"], ours["scales"], atol=1e-5), src
+        assert torch.allclose(torch.sigmoid(theirs["opacities"]), torch.sigmoid(ours["opacities"]), atol=1e-5), src
+        assert torch.allclose(theirs["sh0"], ours["sh0"], atol=1e-4), src
+        assert torch.allclose(theirs["shN"], ours["shN"], atol=1e-4), src
+        assert_rotations_close(theirs["quats"], ours["quats"], 0.9999)
+    # their writers, our readers; splat-transform 3.7 writes .splat rotations without normalising
+    # them (q*128+128 clipped), so give it unit quaternions
+    p["quats"] = unit(p["quats"])
+    save_ply(p, tmp_path / "unit.ply")
+    for fmt in ("splat", "spz"):
+        convert(tmp_path / "unit.ply", tmp_path / f"theirs.{fmt}")
+        q = load_spz(tmp_path / "theirs.spz", convert=False) if fmt == "spz" else load_any(tmp_path / "theirs.splat")
+        a, b = (by_position(p), by_position(q)) if fmt == "splat" else (p, q)
+        assert len(b["means"]) == 300
+        assert (a["means"] - b["means"]).abs().max() < 1e-3, fmt
+        assert (torch.sigmoid(a["opacities"]) - torch.sigmoid(b["opacities"])).abs().max() < 1.5 / 255, fmt
+        assert (C0 * (a["sh0"] - b["sh0"])).abs().max() < 0.01, fmt
+        assert_rotations_close(a["quats"], b["quats"], 0.99)
+
+
 # ----------------------------------------------------------------------------- budget
 
 
@@ -241,6 +294,22 @@ def test_biker_compressed_ply_and_spz_load_and_agree():
     # log-scales agree except where SPZ's [-10, 6) range clips
     inside = (a["scales"] > -9.9).all(1)
     assert (a["scales"] - b["scales"])[inside].abs().max() < 0.05
+
+
+@needs(BIKER_SPZ)
+def test_biker_spz_re_encoded_as_v4_matches_the_original_streams(tmp_path):
+    pytest.importorskip("zstandard")
+    save_spz(load_spz(BIKER_SPZ), tmp_path / "b.spz", version=4)
+    h0, s0 = read_spz_streams(BIKER_SPZ)
+    h1, s1 = read_spz_streams(tmp_path / "b.spz")
+    assert h0 == h1 and h0["version"] == 4
+    for i in range(4):  # positions, alphas, colours, scales: byte for byte
+        assert s0[i] == s1[i], i
+    # rotations: the same values but for the sign bit of zero components (-0 vs 0), and a handful
+    # whose two largest components tie within the quantisation step (either may be dropped)
+    r0, r1 = (_unpack_smallest_three(np.frombuffer(s, "<u4")) for s in (s0[4], s1[4]))
+    assert (r0 != r1).any(1).sum() <= 10
+    assert np.abs((r0 * r1).sum(1)).min() > 0.999
 
 
 @needs(GUITAR)
@@ -284,6 +353,34 @@ def test_cli_export_writes_every_splat_format(tmp_path, capsys):
     code = main(["export", str(run), "--format", "splat", "--out", str(tmp_path / "o")])
     capsys.readouterr()
     assert code == 0 and (tmp_path / "o" / "gaussians.splat").stat().st_size == 32 * 300
+
+
+def test_cli_export_budget_uses_the_taming_score_of_the_runs_views(tmp_path, capsys):
+    import json
+
+    from budget3d.scene import load_scene
+    from budget3d.splat import init_from_points
+    from budget3d.train import TrainConfig
+    from test_train import write_blender_scene
+
+    root = write_blender_scene(tmp_path / "scene")
+    run = tmp_path / "run"
+    run.mkdir()
+    scene = load_scene(root)
+    params = init_from_points(scene.points, scene.colors, sh_degree=1, opacity=0.5)
+    save_ply(params, run / "gaussians.ply")
+    (run / "config.json").write_text(json.dumps(TrainConfig(data=str(root), out=str(run)).to_json()))
+    n = len(params["means"])
+    code = main(["export", str(run), "--format", "splat", "--budget", str(n // 2)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Taming score over" in out and f"kept {n // 2} of {n}" in out, out
+    assert (run / "export" / "gaussians.splat").stat().st_size == 32 * (n // 2)
+    # the scene moved away: opacity x area, said so
+    (run / "config.json").write_text(json.dumps(TrainConfig(data=str(tmp_path / "gone"), out=str(run)).to_json()))
+    code = main(["export", str(run), "--format", "splat", "--budget", str(n // 2)])
+    out, err = capsys.readouterr()
+    assert code == 0 and "opacity x area" in out, (out, err)
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -5,8 +5,10 @@ means (N,3), scales (N,3) log, quats (N,4) wxyz, opacities (N,) logit, sh0 (N,1,
 Our params use the axes of the Inria ``.ply`` (OpenCV's right-down-forward, "RDF"), as do
 ``.splat`` and ``compressed.ply``. SPZ stores right-up-back ("RUB", OpenGL/three.js): the SPZ
 reader and writer convert (y, z negated; quaternion y, z negated; SH coefficients odd in y or z
-negated), as Niantic's library does when told the data is RDF and as PlayCanvas' converter did
-for ``shared/data/splats/biker.spz`` (it matches ``biker.compressed.ply`` only after this flip).
+negated), as Niantic's library does when told the data is RDF, and as whoever wrote
+``shared/data/splats/biker.spz`` did (it matches ``biker.compressed.ply`` only after this flip).
+PlayCanvas' ``splat-transform`` (3.7) does *not* convert: it reads and writes SPZ axes as they are,
+so its .ply of an SPZ is ours with y and z negated. ``convert=False`` does the same here.
 
 Formats
 -------
@@ -46,13 +48,16 @@ Formats
     chunk's colour range, alpha = sigmoid(opacity)). Optional element "sh": f_rest_* as uint8,
     (v/256 - 0.5) * 8 (0 and 255 map exactly to the ends).
 
-``reprune(params, n)`` keeps the ``n`` Gaussians a weaker device can afford.
+``reprune(params, n, scores)`` keeps the ``n`` Gaussians a weaker device can afford: by
+``run_scores`` (the Taming score of training, computed on a few of the run's training views) when
+the run's scene is at hand, else by the view-free ``importance`` (opacity x area). No fine-tune
+follows: the kept Gaussians are unchanged.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
+import json
 import math
 import os
 import struct
@@ -218,10 +223,11 @@ def _rdf_rub(means: np.ndarray, quats_wxyz: np.ndarray, shN: Optional[np.ndarray
     return means * flip, q, shN
 
 
-def _spz_streams(p: dict, version: int, fractional_bits: int) -> list[bytes]:
+def _spz_streams(p: dict, version: int, fractional_bits: int, convert: bool = True) -> list[bytes]:
     n = len(p["means"])
     p = dict(p)
-    p["means"], p["quats"], p["shN"] = _rdf_rub(p["means"], p["quats"], p["shN"])
+    if convert:
+        p["means"], p["quats"], p["shN"] = _rdf_rub(p["means"], p["quats"], p["shN"])
     fixed = np.rint(p["means"].astype(np.float64) * (1 << fractional_bits)).astype(np.int64)
     fixed = np.clip(fixed, -(1 << 23), (1 << 23) - 1) & 0xFFFFFF
     pos = np.stack([(fixed >> s) & 0xFF for s in (0, 8, 16)], -1).astype(np.uint8)  # (N,3,3) little-endian
@@ -245,10 +251,10 @@ def _spz_streams(p: dict, version: int, fractional_bits: int) -> list[bytes]:
     return streams
 
 
-def save_spz(params, path, version: int = 3) -> int:
+def save_spz(params, path, version: int = 3, convert: bool = True) -> int:
     """Niantic ``.spz``, version 3 (gzip) by default; 2 or 4 (zstd streams) on request.
     Positions use 12 fraction bits (Niantic's choice) unless the scene needs fewer to fit 24 bits.
-    Returns the number of Gaussians written."""
+    ``convert``: our RDF axes to SPZ's RUB (False: write the axes as they are). Returns the count."""
     if version not in (2, 3, 4):
         raise ValueError(f"SPZ version {version}: we write 2, 3 or 4")
     p = _np(params)
@@ -261,7 +267,7 @@ def save_spz(params, path, version: int = 3) -> int:
     fb = 12
     while fb > 0 and extent * (1 << fb) >= (1 << 23) - 1:
         fb -= 1
-    streams = _spz_streams(p, version, fb)
+    streams = _spz_streams(p, version, fb, convert)
     if version in (2, 3):
         header = struct.pack("<IIIBBBB", SPZ_MAGIC, version, n, deg, fb, 0, 0)
         data = gzip.compress(header + b"".join(streams), compresslevel=9, mtime=0)
@@ -283,10 +289,14 @@ def _zstd():
     return zstandard
 
 
-def load_spz(path) -> dict[str, torch.Tensor]:
-    """Read a Niantic ``.spz``: versions 2 and 3 (gzip) and 4 (zstd streams)."""
+def read_spz_streams(path) -> tuple[dict, list[bytes]]:
+    """The header fields and the raw (uncompressed) attribute streams of a ``.spz`` file:
+    positions, alphas, colours, scales, rotations[, SH]."""
     raw = _read(path)
-    bad = lambda what: UserError(f"{path}: {what}; give a .spz written by Niantic's spz library or a splat tool")  # noqa: E731
+
+    def bad(what):
+        return UserError(f"{path}: {what}; give a .spz written by Niantic's spz library or a splat tool")
+
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
@@ -337,6 +347,15 @@ def load_spz(path) -> dict[str, torch.Tensor]:
     else:
         raise bad(f"SPZ version {version}{' inside gzip' if gz else ' without gzip'} is not supported "
                   "(we read 2 and 3 gzipped, 4 with zstd streams)")
+    return {"version": version, "num_points": n, "sh_degree": deg, "fractional_bits": fb, "flags": flags}, streams
+
+
+def load_spz(path, convert: bool = True) -> dict[str, torch.Tensor]:
+    """Read a Niantic ``.spz``: versions 2 and 3 (gzip) and 4 (zstd streams). ``convert``: SPZ's
+    RUB axes to our RDF (False: keep the file's axes, as splat-transform does)."""
+    h, streams = read_spz_streams(path)
+    version, n, fb = h["version"], h["num_points"], h["fractional_bits"]
+    k = (0, 3, 8, 15, 24)[h["sh_degree"]]
     pos = np.frombuffer(streams[0], np.uint8).reshape(n, 3, 3).astype(np.int32)
     fixed = pos[..., 0] | (pos[..., 1] << 8) | (pos[..., 2] << 16)
     fixed = np.where(fixed & 0x800000, fixed - (1 << 24), fixed)
@@ -356,7 +375,9 @@ def load_spz(path) -> dict[str, torch.Tensor]:
         shN = (np.frombuffer(streams[5], np.uint8).reshape(n, k, 3).astype(np.float32) - 128) / 128
         if k > 15:  # degree 4: the renderer draws up to degree 3
             shN = shN[:, :15]
-    means, quats, shN = _rdf_rub(means.astype(np.float32), _unit_quats(q_xyzw[:, [3, 0, 1, 2]]), shN)
+    means, quats = means.astype(np.float32), _unit_quats(q_xyzw[:, [3, 0, 1, 2]])
+    if convert:
+        means, quats, shN = _rdf_rub(means, quats, shN)
     return _params(means, scales, quats, _logit(alphas), sh0, shN)
 
 
@@ -499,3 +520,43 @@ def reprune(params, n: int, scores: Optional[torch.Tensor] = None) -> dict[str, 
         raise ValueError(f"{len(s)} scores for {total} Gaussians")
     keep = torch.sort(torch.topk(torch.nan_to_num(s, nan=-1.0), n).indices).values
     return {k: v.detach()[keep].clone() for k, v in params.items()}
+
+
+def run_scores(run_dir, params, n_views: int = 8, max_side: int = 400, backend: str = "cpu"
+               ) -> tuple[Optional[torch.Tensor], str]:
+    """The Taming score (``budget3d.budget.taming.compute_scores``: opacity, volume, depth, screen
+    size, pixels covered and error/edge-weighted blending weight; no positional-gradient term, as no
+    training step runs) of every Gaussian, over ``n_views`` training views of the run's scene at most
+    ``max_side`` pixels wide. Returns (scores, what); (None, why) when the run's scene cannot be loaded."""
+    import cv2
+
+    from budget3d.budget.taming import TamingConfig, compute_scores
+    from budget3d.splat import render
+    from budget3d.train.trainer import TrainConfig, _load_scene
+
+    run_dir = Path(run_dir)
+    try:
+        cfg = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
+        scene = _load_scene(cfg)
+        train = scene.train
+        if not train:
+            return None, "the run's scene has no training views"
+        pick = sorted({round(i * (len(train) - 1) / max(1, n_views - 1)) for i in range(min(n_views, len(train)))})
+        views = []
+        for i in pick:
+            cam, img = train[i].camera, train[i].image()
+            factor = max(cam.width, cam.height) / max_side
+            if factor > 1:
+                cam = cam.scaled(factor)
+                img = cv2.resize(img, (cam.width, cam.height), interpolation=cv2.INTER_AREA)
+            views.append((cam, torch.as_tensor(img, dtype=torch.float32) / 255))
+    except (OSError, ValueError, TypeError, KeyError, UserError) as e:
+        return None, f"the run's scene is not readable ({' '.join(str(e).split())[:160]})"
+    bg = torch.as_tensor(scene.background, dtype=torch.float32)
+    p = {k: v.detach().float() for k, v in params.items()}
+
+    def render_fn(pp, cam, extra):
+        return render(pp, cam, backend=backend, extra=extra, background=bg)
+
+    scores = compute_scores(p, {}, TamingConfig(budget=len(p["means"])), views, render_fn)
+    return scores, f"Taming score over {len(views)} training views"
