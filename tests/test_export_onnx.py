@@ -132,16 +132,18 @@ def test_quantizing_the_encoding_hurts(run, tmp_path):
 
 
 def test_mixed_precision_table_and_budget(run, int8, tmp_path):
-    r = ex.export(run, "onnx-mixed", tmp_path / "a", latency=False)
+    r = ex.export(run, "onnx-mixed", tmp_path / "a", latency=False, progress=False)
     convs = ex.encoding_nodes(run / "export" / "nelf.onnx")[1]
     assert sorted(row["node"] for row in r["layers"]) == sorted(convs)
     assert sorted(row["rank"] for row in r["layers"]) == list(range(1, len(convs) + 1))
     assert all("drop_db" in row and row["params"] > 0 and row["module"] for row in r["layers"])
     assert r["drop_db"] <= 0.3 and r["float_convs"] == []  # plain int8 already within 0.3 dB here
     assert "rank" in ex.layer_table(r) and "head.0" in ex.layer_table(r)
+    assert "convs kept float" in ex.describe(r) and "\n" not in ex.describe(r)
     # an unreachable drop target: layers go back to float, most sensitive first, until max_mb
     cap = int8["size_mb"] * 1.6
-    f = ex.export(run, "onnx-mixed", tmp_path / "b", max_drop_db=-100.0, max_mb=cap, latency=False)
+    f = ex.export(run, "onnx-mixed", tmp_path / "b", max_drop_db=-100.0, max_mb=cap, latency=False,
+                  progress=False)
     assert f["size_mb"] <= cap and len(f["float_convs"]) >= 1
     order = [row["node"] for row in sorted(f["layers"], key=lambda row: row["rank"])]
     assert f["float_convs"] == order[:len(f["float_convs"])]
@@ -158,3 +160,10 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path):
         ex.export(tmp_path / "nope", "onnx", tmp_path / "out")
     with pytest.raises(UserError, match="unknown ONNX format"):
         ex.export(run, "onnx-fp16", tmp_path / "out")
+
+
+def test_cli_exports_onnx(run, tmp_path, capsys):
+    from budget3d.cli import main
+
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "nelf.onnx").is_file() and "max_abs_diff" in capsys.readouterr().out

@@ -350,7 +350,7 @@ def export(run_dir: Path, fmt: str, out_dir: Path, **opts) -> dict:
     (int8: quantize the first conv too; False), ``calib_poses`` (jittered calibration poses
     beside the test views, 8), ``latency`` (measure 1-thread ms/frame, True), ``teacher``
     (render the teacher for quality figures, True), ``dynamo`` (None: try it, then TorchScript);
-    mixed: ``max_drop_db`` (0.3), ``max_mb`` (None). Other options are ignored (the CLI passes
+    mixed: ``max_drop_db`` (0.3), ``max_mb`` (None), ``progress`` (a bar over the layers, True). Other options are ignored (the CLI passes
     its flags through); None means the default."""
     if fmt not in FORMATS:
         raise UserError(f"unknown ONNX format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -395,7 +395,8 @@ def export(run_dir: Path, fmt: str, out_dir: Path, **opts) -> dict:
                     raise UserError(f"{run_dir}: no gaussians.ply; mixed precision measures PSNR drops against "
                                     "the teacher's renders, so it needs the run's teacher (or use --format onnx-int8)")
                 result.update(_mixed(src, path, calib, evals, teacher, enc, convs,
-                                     float(opts.get("max_drop_db", 0.3)), opts.get("max_mb")))
+                                     float(opts.get("max_drop_db", 0.3)), opts.get("max_mb"),
+                                     progress=bool(opts.get("progress", True))))
             outs = run_poses(session(path), evals)
             result["psnr_vs_fp32"] = mean_psnr(outs, fp32_outs)
             result["max_abs_diff_vs_fp32"] = float(max(np.abs(a - b).max() for a, b in zip(outs, fp32_outs)))
@@ -413,11 +414,23 @@ def export(run_dir: Path, fmt: str, out_dir: Path, **opts) -> dict:
     finally:
         if fmt != "onnx":
             Path(src).unlink(missing_ok=True)
+    result = _finite(result)
     _write_json(path.with_suffix(".json"), result)
     return result
 
 
-def _mixed(src, path, calib, evals, teacher, enc, convs, max_drop_db, max_mb) -> dict:
+def _finite(obj):
+    """inf / nan (identical images give an infinite PSNR) as None, so the JSON stays strict."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _mixed(src, path, calib, evals, teacher, enc, convs, max_drop_db, max_mb, progress: bool = True) -> dict:
     """Per-layer sensitivity, then the greedy float set; writes ``path``; returns the table.
 
     The drop of a variant is PSNR(fp32 vs teacher) - PSNR(variant vs teacher) on the held-out
@@ -430,7 +443,9 @@ def _mixed(src, path, calib, evals, teacher, enc, convs, max_drop_db, max_mb) ->
     table = []
     with tempfile.TemporaryDirectory(dir=Path(path).parent) as tmp:
         one = Path(tmp) / "one.onnx"
-        for name in convs:
+        from tqdm import tqdm
+
+        for name in tqdm(convs, desc="per-layer sensitivity", unit="conv", disable=not progress, leave=False):
             quantize(src, one, calib, exclude=enc, only=[name])
             table.append({"node": name, "module": modules.get(name, name), "params": params.get(name, 0),
                           "drop_db": drop(one)})
@@ -501,7 +516,7 @@ def conv_modules(path) -> dict:
 
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    tmp.write_text(json.dumps(obj, indent=1, default=float, allow_nan=False))
     os.replace(tmp, path)
 
 
@@ -512,6 +527,9 @@ def describe(result: dict) -> str:
             f"max |onnx fp32 - torch| = {result['max_abs_diff']:.2e}"]
     if "psnr_vs_fp32" in result:
         bits.append(f"PSNR vs fp32 {result['psnr_vs_fp32']:.2f} dB, vs torch {result['psnr']:.2f} dB")
+    if result.get("fmt") == "onnx-mixed":
+        bits.append(f"{len(result.get('float_convs', []))} of {len(result.get('layers', []))} convs kept float, "
+                    f"drop {result['drop_db']:.2f} dB vs fp32 against the teacher (all-int8: {result['int8_drop_db']:.2f})")
     if "latency_ms_1thread" in result:
         bits.append(f"{result['latency_ms_1thread']:.1f} ms/frame at 1 thread")
     return "; ".join(bits)
