@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated")
     x.add_argument("--budget", metavar="N",
                    help="splats: keep only the N Gaussians of highest Taming score (over a few training views; "
-                        "opacity x area when the run's scene is gone), e.g. 50000 or 50k; no fine-tune")
+                        "over orbit views of the model itself when the run's scene is gone), e.g. 50000 or 50k; "
+                        "no fine-tune")
     x.add_argument("--out", metavar="DIR", help="output folder (default RUN/export)")
     return p
 
@@ -408,7 +409,7 @@ def cmd_export(args) -> int:
     params = None
     for fmt in fmts:
         if fmt in SPLAT_FORMATS:
-            from budget3d.export.splats import reprune, run_scores, save_any
+            from budget3d.export.splats import orbit_scores, reprune, run_scores, save_any
             from budget3d.splat import load_ply
 
             if params is None:
@@ -417,7 +418,8 @@ def cmd_export(args) -> int:
                 if budget is not None and budget < before:
                     scores, what = run_scores(run, params)
                     if scores is None:
-                        what = f"opacity x area, as {what}"
+                        scores = orbit_scores(params)
+                        what = f"Taming score over 8 orbit views of itself, as {what}"
                     params = reprune(params, budget, scores)
                     print(f"budget:   kept {len(params['means'])} of {before} Gaussians by {what}")
             path = out / f"gaussians.{fmt}"

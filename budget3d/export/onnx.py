@@ -43,6 +43,7 @@ from budget3d.nelf.rays import encode, rays_from_c2w
 FORMATS = ("onnx", "onnx-int8", "onnx-mixed")
 FILENAMES = {"onnx": "nelf.onnx", "onnx-int8": "nelf-int8.onnx", "onnx-mixed": "nelf-mixed.onnx"}
 INPUT, OUTPUT = "c2w", "image"
+CONV_OPS = ("Conv", "ConvTranspose")  # the layers mixed precision chooses between
 
 
 # ----------------------------------------------------------------------------- torch side
@@ -211,13 +212,13 @@ class PoseReader:
 
 
 def encoding_nodes(model_path) -> tuple[list, list]:
-    """(names of the nodes upstream of the first Conv: rays and encoding, names of the Conv
-    nodes in graph order). The first Conv is the network's head."""
+    """(names of the nodes upstream of the first conv: rays and encoding, names of the Conv /
+    ConvTranspose nodes in graph order). The first conv is the network's head."""
     import onnx
 
     g = onnx.load(str(model_path), load_external_data=False).graph
     producer = {o: n for n in g.node for o in n.output}
-    convs = [n for n in g.node if n.op_type == "Conv"]
+    convs = [n for n in g.node if n.op_type in CONV_OPS]
     if not convs:
         raise RuntimeError(f"{model_path}: no Conv node in the graph")
     seen, stack = set(), [convs[0].input[0]]
@@ -490,7 +491,7 @@ def _conv_weight_sizes(path) -> dict:
 
     m = onnx.load(str(path))
     inits = {t.name: int(np.prod(t.dims)) for t in m.graph.initializer}
-    return {n.name: inits.get(n.input[1], 0) for n in m.graph.node if n.op_type == "Conv"}
+    return {n.name: inits.get(n.input[1], 0) for n in m.graph.node if n.op_type in CONV_OPS}
 
 
 def conv_modules(path) -> dict:
@@ -502,7 +503,7 @@ def conv_modules(path) -> dict:
 
     out = {}
     for n in onnx.load(str(path), load_external_data=False).graph.node:
-        if n.op_type != "Conv":
+        if n.op_type not in CONV_OPS:
             continue
         props = {p.key: p.value for p in n.metadata_props}
         try:

@@ -50,8 +50,12 @@ Formats
 
 ``reprune(params, n, scores)`` keeps the ``n`` Gaussians a weaker device can afford: by
 ``run_scores`` (the Taming score of training, computed on a few of the run's training views) when
-the run's scene is at hand, else by the view-free ``importance`` (opacity x area). No fine-tune
-follows: the kept Gaussians are unchanged.
+the run's scene is at hand, else by ``orbit_scores`` (the same score over views orbiting the
+splats' centre, the full model's own renders as targets). No fine-tune follows: the kept
+Gaussians are unchanged. Measured on biker (152,746 splats, kept 50,000, PSNR against the full
+model at 256x256 from 3 held-out orbit views): orbit Taming score 35.2-36.7 dB, random choice
+30.7-32.5, opacity 29.2-29.7, the view-free ``importance`` (opacity x area) 27.0-28.6; at 20,000:
+30.3-30.4 (orbit Taming) and 24.4-25.8 (opacity x area).
 """
 
 from __future__ import annotations
@@ -535,6 +539,8 @@ def run_scores(run_dir, params, n_views: int = 8, max_side: int = 400, backend: 
     from budget3d.train.trainer import TrainConfig, _load_scene
 
     run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        return None, "the run has no config.json to find its scene"
     try:
         cfg = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
         scene = _load_scene(cfg)
@@ -560,3 +566,54 @@ def run_scores(run_dir, params, n_views: int = 8, max_side: int = 400, backend: 
 
     scores = compute_scores(p, {}, TamingConfig(budget=len(p["means"])), views, render_fn)
     return scores, f"Taming score over {len(views)} training views"
+
+
+def look_at(eye, target, size: int = 256, fov_deg: float = 50.0):
+    """A square pinhole ``Camera`` at ``eye`` looking at ``target`` (OpenCV axes, world -y up)."""
+    from budget3d.scene.camera import Camera
+
+    eye, target = np.asarray(eye, np.float64), np.asarray(target, np.float64)
+    z = target - eye
+    z /= max(np.linalg.norm(z), 1e-12)
+    up = np.array([0.0, -1.0, 0.0]) if abs(z[1]) < 0.9 else np.array([1.0, 0.0, 0.0])
+    x = np.cross(z, up)
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    w2c = np.eye(4)
+    w2c[:3, :3] = np.stack([x, y, z])
+    w2c[:3, 3] = -w2c[:3, :3] @ eye
+    f = 0.5 * size / math.tan(math.radians(fov_deg) / 2)
+    return Camera(f, f, size / 2, size / 2, size, size, w2c)
+
+
+def orbit_cameras(params, n: int = 8, size: int = 256, distance: float = 1.5, phase: float = 0.4) -> list:
+    """``n`` cameras on two rings (elevations -0.5 and 0.3 rad) around the median of the means, at
+    ``distance`` x the diagonal of the 5-95% box of the means."""
+    m = params["means"].detach().float().cpu()
+    center = m.median(0).values.double().numpy()
+    lo, hi = torch.quantile(m[:: max(1, len(m) // 100_000)], torch.tensor([0.05, 0.95]), dim=0)
+    radius = distance * max(float((hi - lo).norm()), 1e-6)
+    cams = []
+    for i in range(n):
+        el = (-0.5, 0.3)[i % 2]
+        az = phase + 2 * math.pi * (i // 2) / max(1, (n + 1) // 2) + (math.pi / max(1, n) if i % 2 else 0.0)
+        d = np.array([math.sin(az) * math.cos(el), math.sin(el), -math.cos(az) * math.cos(el)])
+        cams.append(look_at(center + radius * d, center, size))
+    return cams
+
+
+def orbit_scores(params, n_views: int = 8, size: int = 256, backend: str = "cpu") -> torch.Tensor:
+    """The Taming score (no gradient term) over ``orbit_cameras``, each view's target being the
+    full model's own render: for splat files without their capture (see the module notes)."""
+    from budget3d.budget.taming import TamingConfig, compute_scores
+    from budget3d.splat import render
+
+    p = {k: v.detach().float() for k, v in params.items()}
+    bg = torch.zeros(3)
+
+    def render_fn(pp, cam, extra=None):
+        return render(pp, cam, backend=backend, extra=extra, background=bg)
+
+    with torch.no_grad():
+        views = [(cam, render_fn(p, cam).image) for cam in orbit_cameras(p, n_views, size)]
+    return compute_scores(p, {}, TamingConfig(budget=len(p["means"])), views, render_fn)
