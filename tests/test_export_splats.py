@@ -17,7 +17,6 @@ from budget3d.export import (
     read_spz_streams, reprune, save_splat, save_spz, sniff,
 )
 from budget3d.export.splats import _unpack_smallest_three
-from budget3d.scene.camera import Camera
 from budget3d.splat import load_ply, render, save_ply
 from conftest import SHARED_DATA
 
@@ -261,11 +260,12 @@ def test_playcanvas_splat_transform_reads_and_writes_what_we_do(tmp_path):
 
 def test_reprune_keeps_the_most_important_in_order():
     p = random_params(n=300)
-    q = reprune(p, 100)
-    assert all(len(v) == 100 for v in q.values())
     imp = importance(p)
+    q = reprune(p, 100, imp)
+    assert all(len(v) == 100 for v in q.values())
     kept = torch.topk(imp, 100).indices.sort().values
     assert torch.equal(q["means"], p["means"][kept])
+    assert len(reprune(p, 100)["means"]) == 100  # default: orbit Taming score
     assert len(reprune(p, 1000)["means"]) == 300
     scores = torch.arange(300.0)
     assert torch.equal(reprune(p, 10, scores)["means"], p["means"][290:])
@@ -321,7 +321,7 @@ def test_biker_reprune_by_orbit_taming_score_beats_opacity_times_area():
         return min(vals)
 
     taming = psnr(reprune(p, 50_000, orbit_scores(p)))
-    plain = psnr(reprune(p, 50_000))
+    plain = psnr(reprune(p, 50_000, importance(p)))
     assert taming > 33 and taming > plain + 3, (taming, plain)
 
 

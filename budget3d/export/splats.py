@@ -52,10 +52,11 @@ Formats
 ``run_scores`` (the Taming score of training, computed on a few of the run's training views) when
 the run's scene is at hand, else by ``orbit_scores`` (the same score over views orbiting the
 splats' centre, the full model's own renders as targets). No fine-tune follows: the kept
-Gaussians are unchanged. Measured on biker (152,746 splats, kept 50,000, PSNR against the full
-model at 256x256 from 3 held-out orbit views): orbit Taming score 35.2-36.7 dB, random choice
-30.7-32.5, opacity 29.2-29.7, the view-free ``importance`` (opacity x area) 27.0-28.6; at 20,000:
-30.3-30.4 (orbit Taming) and 24.4-25.8 (opacity x area).
+Gaussians are unchanged. Measured (PSNR against the full model, 4 held-out orbit views at
+256x256, SH degree 0), keeping a third / an eighth: biker (152,746) at 50,406: orbit Taming score
+35.3-36.9 dB, random choice 30.6-32.0, opacity x area 27.3-28.7; at 19,856: 29.6-30.5, 26.7-27.9,
+24.7-26.1. guitar (90,854) at 29,981: 33.1-59.4, 31.3-35.9, 25.1-40.4; at 11,811: 26.2-46.6,
+26.4-31.3, 22.8-34.8. The view-free ``importance`` is cheap but worse than chance: not the default.
 """
 
 from __future__ import annotations
@@ -505,21 +506,21 @@ def save_any(params, path, fmt: Optional[str] = None) -> int:
 
 def importance(params) -> torch.Tensor:
     """A view-free importance per Gaussian: opacity x projected area (volume^(2/3)), i.e.
-    sigmoid(opacity) * exp(2/3 * sum of log-scales). Big, opaque Gaussians cover the most pixels
-    from any viewpoint; the training-time Taming score needs the scene's views and is not used here."""
+    sigmoid(opacity) * exp(2/3 * sum of log-scales). Cheap, but it keeps big blurry Gaussians over
+    the small ones that carry detail: measured worse than a random choice (module notes)."""
     return torch.sigmoid(params["opacities"].detach().float()) * torch.exp(
         params["scales"].detach().float().sum(-1) * (2.0 / 3.0))
 
 
 def reprune(params, n: int, scores: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-    """Keep the ``n`` most important Gaussians (by ``scores`` if given, else ``importance``), in
+    """Keep the ``n`` highest-scoring Gaussians (``scores`` if given, else ``orbit_scores``), in
     their original order. ``n`` >= the count returns a copy of everything; no fine-tune happens."""
     total = len(params["means"])
     if n < 1:
         raise UserError(f"--budget {n}: keep at least one Gaussian")
     if n >= total:
         return {k: v.detach().clone() for k, v in params.items()}
-    s = importance(params) if scores is None else torch.as_tensor(scores).float().reshape(-1)
+    s = orbit_scores(params) if scores is None else torch.as_tensor(scores).float().reshape(-1)
     if len(s) != total:
         raise ValueError(f"{len(s)} scores for {total} Gaussians")
     keep = torch.sort(torch.topk(torch.nan_to_num(s, nan=-1.0), n).indices).values
