@@ -10,16 +10,19 @@ the encoding.
 int8 is ``onnxruntime.quantization.quantize_static``: QDQ, per-channel weights, unsigned
 activations (QUInt8; signed ran ~2x slower here), calibrated on held-out poses (the run's test
 cameras plus jittered poses around the training band). Only the network is quantized: every
-node upstream of the first conv (rays, points, sin/cos encoding) stays float, and by default
-the first conv does too, because its input (the encoding: raw coordinates next to sin/cos
-bands) spans a wide range that one uint8 scale resolves poorly. ``quantize_head=True``
-quantizes it anyway; the returned ``psnr`` (int8 vs the torch student on the test views) shows
-what that costs.
+node upstream of the first conv (rays, points, sin/cos encoding) stays float. Measured on the
+test student (small, 32x32): quantizing the encoding too gives 35.2 dB against the fp32 graph,
+the network only 40.5 dB. By default the first conv (the head) stays float as well, because its
+input mixes raw coordinates with sin/cos bands in one wide range that one uint8 scale resolves
+coarsely; on the test student quantizing it cost nothing (40.5 vs 40.4 dB) and it saves ~0.23 MB
+on mobile-int8 (5.09 vs 5.32 MB), so ``quantize_head=True`` is there, and mixed precision
+measures the head like any other layer.
 
-Mixed precision (the MixDQ idea): quantize one conv at a time, measure the PSNR drop against
-fp32 on the held-out views, then keep the most sensitive convs in float until the drop of the
-whole model is <= ``max_drop_db`` (0.3 dB) or keeping another one in float would exceed
-``max_mb``. The per-layer table comes back in the result.
+Mixed precision (the MixDQ idea): the drop of a variant is PSNR(fp32 vs teacher) - PSNR(variant
+vs teacher) on the held-out views (the teacher is the run's gaussians.ply). Quantize one conv at
+a time for its sensitivity, then start from all-int8 and keep the most sensitive convs in float
+until the drop is <= ``max_drop_db`` (0.3 dB) or keeping another one in float would exceed
+``max_mb``. The per-layer table comes back in the result (``layer_table`` prints it).
 """
 
 from __future__ import annotations
