@@ -11,7 +11,8 @@
   further (uniform in disparity). Synthetic scenes on a flat background get none.
 
 Random points take the colour of the pixel they were sampled through, so the first renders
-already look like the photos from the cameras that made them.
+already look like the photos from the cameras that made them. ``scene_scale`` is the length
+the trainer scales positions by, from the same camera geometry.
 """
 
 from __future__ import annotations
@@ -81,6 +82,18 @@ def _bounds(scene: Scene) -> tuple[float, float]:
     c, _ = scene.look_at()
     dist = float(np.mean([np.linalg.norm(v.camera.center - c) for v in scene.train]))
     return 0.25 * dist, 4.0 * dist
+
+
+def scene_scale(scene: Scene) -> float:
+    """The length that scales the position learning rate and the split / prune size tests: 3DGS's
+    camera extent, but at least half the viewing depth for forward-facing captures, whose cameras
+    a small step apart look several steps away: their camera extent alone froze the means and had
+    every Gaussian pruned as "too big" after the first opacity reset."""
+    extent = scene.camera_extent()
+    if not is_forward_facing(scene):
+        return extent
+    near, far = _bounds(scene)
+    return max(extent, 0.25 * (near + far))
 
 
 def frustum_points(scene: Scene, n: int, near: float, far: float, seed: int = 0):

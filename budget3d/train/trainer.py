@@ -121,7 +121,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         c.densify_stop = max(c.densify_start + 1, round(0.6 * n))
     if c.densify_every is None:
         c.densify_every = max(1, (c.densify_stop - c.densify_start) // 15)
-    if c.opacity_reset_every is None:  # a reset costs ~1000 steps to recover from (measured, README)
+    if c.opacity_reset_every is None:  # short runs cannot afford the recovery (README, "Real captures")
         c.opacity_reset_every = 3000 if n >= 10_000 else 0
     if c.score not in SCORES:
         raise UserError(f"unknown score {c.score!r}; choose one of {', '.join(SCORES)}")
@@ -209,9 +209,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
             if s.params["means"].shape[0] == 0:
                 bar.close()
                 raise UserError(
-                    f"strategy {cfg.strategy!r} pruned every Gaussian by step {step + 1} (none stayed above the pruning "
-                    "opacity, as after an opacity reset where nothing fits yet); train with --strategy taming (it never prunes below its schedule) "
-                    "or with --opacity-reset-every 0")
+                    f"strategy {cfg.strategy!r} pruned every Gaussian by step {step + 1} (none stayed above the "
+                    "pruning opacity, as after an opacity reset where nothing fits yet); train with --strategy "
+                    "taming (it never prunes below its schedule) or with --opacity-reset-every 0")
             s.step = step + 1
             s.train_seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -295,20 +295,6 @@ def _init_params(cfg: TrainConfig, scene) -> tuple[dict, str]:
     return init_from_points(pts, cols, cfg.sh_degree, opacity=cfg.init_opacity), what
 
 
-def scene_scale(scene) -> float:
-    """The length that scales the position learning rate and the split / prune size tests: 3DGS's
-    camera extent, but at least half the cameras' viewing depth. Forward-facing captures have
-    cameras a small step apart looking several steps away; their camera extent alone froze the
-    means and had every Gaussian pruned as "too big" after the first opacity reset."""
-    from budget3d.train.init import _bounds, is_forward_facing
-
-    extent = scene.camera_extent()
-    if not is_forward_facing(scene):
-        return extent
-    near, far = _bounds(scene)
-    return max(extent, 0.5 * (near + far) / 2)
-
-
 def _make_optimizers(cfg: TrainConfig, params: dict, extent: float) -> dict:
     lrs = {"means": cfg.means_lr * extent, "scales": cfg.scales_lr, "quats": cfg.quats_lr,
            "opacities": cfg.opacities_lr, "sh0": cfg.sh0_lr, "shN": cfg.shN_lr}
@@ -370,6 +356,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None) -> Session:
         init, init_what = _init_params(cfg, scene)
         budget = _parse_budget(cfg, len(init["means"]))
     params = {k: torch.nn.Parameter(v.to(device).float().contiguous()) for k, v in init.items()}
+    from budget3d.train.init import scene_scale
+
     extent = scene_scale(scene)
     optimizers = _make_optimizers(cfg, params, extent)
     s = Session(cfg=cfg, run_dir=run_dir, scene=scene, device=device, backend=backend, params=params,
