@@ -1,4 +1,7 @@
-"""The one command line: ``budget3d inspect | train | eval | demo | distill | export``.
+"""The one command line: ``budget3d inspect | train | eval | demo | distill | export | bench | serve | view``.
+
+The last three live with what they drive (``budget3d.export.bench``, ``budget3d.export.web``,
+``viewer.app``): each of those modules has ``add_arguments(parser)`` (cheap imports only) and ``main(args)``.
 
 A user mistake (``UserError``) prints ``budget3d: error: <message>`` on one line and exits 2;
 Ctrl-C exits 130 after saying how to resume; output into a closed pipe (``| head``) exits 1, quietly.
@@ -91,7 +94,24 @@ def _parser() -> argparse.ArgumentParser:
                         "over orbit views of the model itself when the run's scene is gone), e.g. 50000 or 50k; "
                         "no fine-tune")
     x.add_argument("--out", metavar="DIR", help="output folder (default RUN/export)")
+    x.add_argument("--resolution", metavar="WxH|W", help="NeLF formats: output size (default: the student's own)")
+    x.add_argument("--max-mb", type=float, help="onnx-mixed: stop keeping layers in float once the file is this small")
+    x.add_argument("--max-drop-db", type=float, help="onnx-mixed: PSNR drop allowed against fp32 (default 0.3)")
+
+    import importlib
+
+    for name, (module, text) in PLUGINS.items():
+        importlib.import_module(module).add_arguments(sub.add_parser(name, help=text))
     return p
+
+
+# subcommands whose arguments and code live in their own module (add_arguments + main)
+PLUGINS = {
+    "bench": ("budget3d.export.bench",
+              "measure every variant in a run (3DGS, NeLF torch/ONNX fp32/int8/mixed): latency, size, quality"),
+    "serve": ("budget3d.export.web", "serve a folder written by 'budget3d export --format web' (127.0.0.1 by default)"),
+    "view": ("viewer.app", "open a run in the browser: splats and NeLF side by side, live latency and quality"),
+}
 
 
 # ----------------------------------------------------------------------------- commands
@@ -372,8 +392,9 @@ def cmd_distill(args) -> int:
 
 
 SPLAT_FORMATS = ("ply", "splat", "spz")
-NELF_FORMATS = ("onnx", "onnx-int8", "onnx-mixed")
-EXPORT_FORMATS = SPLAT_FORMATS + NELF_FORMATS
+NELF_FORMATS = ("onnx", "onnx-int8", "onnx-mixed", "pte")
+BUNDLE_FORMATS = ("web",)
+EXPORT_FORMATS = SPLAT_FORMATS + NELF_FORMATS + BUNDLE_FORMATS
 
 
 def _parse_count(text: str, what: str) -> int:
@@ -425,18 +446,18 @@ def cmd_export(args) -> int:
             path = out / f"gaussians.{fmt}"
             n = save_any(params, path, fmt)
             print(f"{fmt:9s} {path}  {_size(path.stat().st_size)}  {n} Gaussians")
+        elif fmt == "web":
+            from budget3d.export.web import export_web
+
+            result = export_web(run, out)
+            print(f"{fmt:9s} " + "  ".join(f"{k}: {v}" for k, v in (result or {}).items()))
         else:
-            try:
-                from budget3d.export import onnx as onnx_export
-            except ModuleNotFoundError as e:
-                if e.name not in ("budget3d.export.onnx",):
-                    raise UserError(f"--format {fmt} needs the Python package {e.name!r}: "
-                                    f"pip install {e.name}") from None
-                raise UserError(f"--format {fmt}: the NeLF ONNX export is not available yet in this version") from None
-            export = getattr(onnx_export, "export", None)
-            if export is None:
-                raise UserError(f"--format {fmt}: the NeLF ONNX export is not available yet in this version")
-            result = export(run, fmt, out)
+            opts = {"resolution": args.resolution, "max_mb": args.max_mb, "max_drop_db": args.max_drop_db}
+            if fmt == "pte":
+                from budget3d.export.pte import export_pte as export
+            else:
+                from budget3d.export.onnx import export
+            result = export(run, fmt, out, **opts)
             print(f"{fmt:9s} " + "  ".join(f"{k}: {v}" for k, v in (result or {}).items()))
     return 0
 
@@ -462,6 +483,15 @@ def _print_summary(m: dict, run: Path) -> None:
 
 COMMANDS = {"inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "distill": cmd_distill,
             "export": cmd_export}
+
+
+def _plugin(name: str):
+    import importlib
+
+    return lambda args: importlib.import_module(PLUGINS[name][0]).main(args)
+
+
+COMMANDS.update({name: _plugin(name) for name in PLUGINS})
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -1,0 +1,1 @@
+"""The viser viewer: ``budget3d view RUN``."""
