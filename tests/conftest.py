@@ -34,3 +34,21 @@ def _restore_threads():
 
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory):
+    """One small finished run shared by the bench, web-export and viewer tests: test_distill's tiny
+    scene and teacher, a "small" student distilled at 32x32, and RUN/export/ holding nelf.onnx,
+    nelf.int8.onnx (whatever names budget3d.export.onnx writes), gaussians.ply/.splat/.spz."""
+    from budget3d.cli import main
+    from budget3d.export import onnx as ex
+    from budget3d.nelf.distill import distill
+    from test_distill import cfg_for, make_run
+
+    run = make_run(tmp_path_factory.mktemp("exported_run"))
+    distill(cfg_for(run, preset="small", iters=150, lr=1e-3), progress=False)
+    for fmt in ("onnx", "onnx-int8"):
+        ex.export(run, fmt, run / "export", progress=False)
+    assert main(["export", str(run), "--format", "ply,splat,spz"]) == 0
+    return run
