@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--iters", type=int, help="optimisation steps (default: 2000 on CPU, 20000 on CUDA)")
     n.add_argument("--resolution", metavar="WxH|W",
                    help="output size, multiples of the preset's upsampling factor (default: the scene's image size)")
-    n.add_argument("--batch", type=int, help="teacher views per step (default 4)")
+    n.add_argument("--batch", type=int, help="teacher views per step (default 4; under torchrun the global batch, split over the processes)")
     n.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     n.add_argument("--backend", choices=["auto", "torch", "cpu", "cuda"], default="auto",
                    help="teacher renderer backend")
@@ -380,6 +380,8 @@ def cmd_distill(args) -> int:
         defaults = {"preset": "mobile-r2l", "iters": 20000} if cuda else {"preset": "tiny", "iters": 2000}
         cfg = DistillConfig(run=args.run, device=args.device, backend=args.backend, **{**defaults, **given})
     m = distill(cfg, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
+        return 0
     fmt = lambda v, nd=2: "n/a" if v is None else f"{v:.{nd}f}"  # noqa: E731
     out = Path(args.run) / "nelf"
     print(f"student:      {m['preset']}, {m['params'] / 1e6:.2f} M params, {m['macs_per_frame'] / 1e9:.2f} GMAC "

@@ -173,3 +173,49 @@ def test_bad_run_folders_are_one_line_errors(tmp_path, capsys):
     assert "no such run folder" in capsys.readouterr().err
     with pytest.raises(UserError, match="unknown preset"):
         setup(DistillConfig(run=str(tmp_path), preset="huge"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_follow_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo): the same global batch, split over the ranks, follows
+    the 1-process loss trajectory (BatchNorm statistics per rank are the one difference)."""
+    import os
+    import subprocess
+    import sys
+
+    flags = ["--preset", "tiny", "--iters", "40", "--resolution", "32x32", "--batch", "4", "--backend", "cpu", "--quiet"]
+    runs = {}
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        runs[name] = make_run(tmp_path / name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                          "-m", "budget3d", "distill", str(runs["two"]), *flags],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("test PSNR:") == 1  # rank 0 alone reports
+    assert main(["distill", str(runs["one"]), *flags]) == 0
+    hist = {n: [h["loss"] for h in json.loads((r / "nelf" / "metrics.json").read_text())["history"] if "loss" in h]
+            for n, r in runs.items()}
+    assert len(hist["one"]) == len(hist["two"]) >= 4
+    assert hist["two"][-1] < 0.5 * hist["two"][0]  # it trained
+    for a, b in zip(hist["one"], hist["two"]):
+        assert abs(a - b) <= 0.1 * a, (hist["one"], hist["two"])
+    for name in ("student.pt", "strip.png", "checkpoint.pt"):
+        assert (runs["two"] / "nelf" / name).is_file()
+
+
+def test_ddp_batch_must_split(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match="multiple of 2"):
+        distill(cfg_for(run, batch=3), progress=False)

@@ -7,6 +7,12 @@ plus jittered ones, so a pose index always means the same pose and a resumed run
 batches. Per step: ``batch`` poses -> rays at 1/scale of the output -> point encoding -> student;
 MSE against the teacher's renders; AdamW with linear warm-up and cosine decay.
 
+Several processes: ``torchrun --nproc_per_node=N budget3d distill RUN`` trains one student with
+DDP (gloo on CPU, nccl with SyncBatchNorm on CUDA). ``batch`` stays the global batch: each rank
+renders and trains on its own ``batch / N`` of every step's poses, and DDP averages the
+gradients, so the optimiser sees the same global batch as one process (BatchNorm statistics,
+per rank on CPU, are the one difference). Rank 0 alone writes files and evaluates.
+
 Everything goes into ``RUN/nelf/``: checkpoint.pt (atomic; ``resume=True`` continues),
 student.pt (weights + what rebuilds the encoding), metrics.json, strip.png (GT | teacher |
 student per test view) and progress.png (PSNR against time).
@@ -247,6 +253,14 @@ class Distiller:
     test_cache: dict = field(default_factory=dict)  # test view -> float teacher render
     cache_hits: int = 0
     cache_misses: int = 0
+    rank: int = 0  # DDP rank (0 without torchrun) and number of processes
+    world: int = 1
+    net: Optional[torch.nn.Module] = None  # what trains: ``model``, or its DDP wrapper
+
+    @property
+    def main(self) -> bool:
+        """The process that writes files, logs and evaluates."""
+        return self.rank == 0
 
     @property
     def out_dir(self) -> Path:
@@ -286,11 +300,13 @@ class Distiller:
         d = torch.stack([r[1] for r in rays])
         return encode(o, d, self.near, self.far, k=self.cfg.n_points, freqs=self.cfg.freqs)
 
-    def student(self, cameras: list) -> torch.Tensor:
+    def student(self, cameras: list, net: Optional[torch.nn.Module] = None) -> torch.Tensor:
         """(B, H, W, 3) student images of ``cameras`` (in the model's current train/eval mode)."""
-        return self.model(self.inputs(cameras)).permute(0, 2, 3, 1)
+        return (net or self.model)(self.inputs(cameras)).permute(0, 2, 3, 1)
 
     def save(self) -> None:
+        if not self.main:
+            return
         ckpt = {
             "step": self.step,
             "model": self.model.state_dict(),
@@ -333,39 +349,93 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
 
     d = setup(cfg, resume=resume)
     cfg = d.cfg
-    if d.step == 0 and not d.init_metrics and cfg.eval:
+    if d.step == 0 and not d.init_metrics and cfg.eval and d.main:
         d.init_metrics = {"student_vs_teacher_psnr_init": _quick_eval(d)}  # the untrained student, for reference
-    bar = _progress_bar(d, progress)
+    bar = _progress_bar(d, progress and d.main)
     with _StopOnCtrlC() as ctrl_c:
         t0 = time.perf_counter()
         for step in range(d.step, cfg.iters):
-            d.model.train()
+            d.net.train()
             for g in d.optimizer.param_groups:
                 g["lr"] = lr_at(cfg, step)
-            idx = d.poses.batch(step, cfg.batch)
+            idx = d.poses.batch(step, cfg.batch)[d.rank::d.world]  # this rank's share of the global batch
             gt = torch.stack([d.target(i) for i in idx])
-            img = d.student([d.poses.camera(i) for i in idx])
+            img = d.student([d.poses.camera(i) for i in idx], d.net)
             loss = F.mse_loss(img, gt)
             d.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # DDP: gradients averaged over the ranks here
             d.optimizer.step()
             d.step = step + 1
             d.seconds += time.perf_counter() - t0
             _log(d, bar, step, loss)
-            if cfg.eval_every and d.step % cfg.eval_every == 0 and d.step < cfg.iters:
+            if cfg.eval_every and d.step % cfg.eval_every == 0 and d.step < cfg.iters and d.main:
                 d.history.append({"step": d.step, "seconds": round(d.seconds, 3),
                                   "test_psnr_vs_teacher": round(_quick_eval(d), 3)})
-            stop = (on_step is not None and on_step(d)) or ctrl_c.requested
+            stop = _any_rank(d, (on_step is not None and on_step(d)) or ctrl_c.requested)
             if stop or (cfg.checkpoint_every and d.step % cfg.checkpoint_every == 0):
                 d.save()
             if stop and d.step < cfg.iters:
                 bar.close()
+                _leave(d)
                 raise DistillInterrupted(
                     f"interrupted at step {d.step}/{cfg.iters}; checkpoint saved to {d.out_dir / CHECKPOINT}. "
                     f"Resume with: budget3d distill {d.run_dir} --resume")
             t0 = time.perf_counter()
     bar.close()
-    return finish(d, progress=progress)
+    if not d.main:  # rank 0 evaluates and writes; the others wait for it, then read what it wrote
+        _leave(d)
+        return json.loads((d.out_dir / "metrics.json").read_text())
+    metrics = finish(d, progress=progress)
+    _leave(d)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+
+
+def _world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _join(device: torch.device, world: int) -> None:
+    """Join torchrun's process group (gloo on CPU, nccl on CUDA) unless already in one."""
+    import torch.distributed as dist
+
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+
+
+def _any_rank(d: Distiller, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (so all stop at the same step)."""
+    if d.world == 1:
+        return bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _mean_over_ranks(d: Distiller, value: float) -> float:
+    if d.world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return float(t.item()) / d.world
+
+
+def _leave(d: Distiller) -> None:
+    """Wait for every rank (rank 0 has written its files), then leave the process group."""
+    if d.world == 1:
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _progress_bar(d: Distiller, enabled: bool):
@@ -379,7 +449,7 @@ def _log(d: Distiller, bar, step: int, loss) -> None:
     bar.update(1)
     if step % d.cfg.log_every and d.step != d.cfg.iters:
         return
-    mse = float(loss.detach())
+    mse = _mean_over_ranks(d, float(loss.detach()))  # the global batch's loss
     p = -10 * math.log10(max(mse, 1e-12))
     d.history.append({"step": d.step, "seconds": round(d.seconds, 3), "loss": round(mse, 7), "psnr": round(p, 3)})
     bar.set_postfix(loss=f"{mse:.5f}", psnr=f"{p:.2f}", refresh=False)
@@ -433,7 +503,18 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
                             "start again without --resume") from None
         cfg = dataclasses.replace(old, run=str(run_dir), device=cfg.device, backend=cfg.backend)
     _check_config(cfg)
+    rank, world, local_rank = _world()
     device = _pick_device(cfg.device)
+    if world > 1:
+        if cfg.batch % world:
+            raise UserError(f"batch {cfg.batch} does not split over {world} processes; give --batch a multiple of "
+                            f"{world} (it is the global batch, shared by the processes)")
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:  # share the cores between the processes on this machine
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        _join(device, world)
     backend = _pick_backend(cfg.backend, device)
     scene = load_scene(saved["data"], downscale=int(saved.get("downscale", 1) or 1))
     if not scene.train:
@@ -442,6 +523,8 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
     sh = saved.get("sh_degree")
     torch.manual_seed(cfg.seed)
     model = build(cfg.preset, in_ch=3 * cfg.n_points * (2 * cfg.freqs + 1)).to(device)
+    if world > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch (CUDA only in torch)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     width, height = parse_resolution(cfg.resolution, scene.train[0].camera, model.scale)
     cfg = dataclasses.replace(cfg, resolution=f"{width}x{height}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -449,7 +532,7 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
     poses = PoseSampler(scene, cfg.n_poses, cfg.seed, cfg.train_pose_frac)
     d = Distiller(cfg=cfg, run_dir=run_dir, scene=scene, device=device, backend=backend, teacher=teacher,
                   sh_degree=None if sh is None else int(sh), poses=poses, model=model, optimizer=optimizer,
-                  width=width, height=height, near=near, far=far)
+                  width=width, height=height, near=near, far=far, rank=rank, world=world)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -457,7 +540,7 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
         d.seconds = float(ckpt.get("seconds", 0.0))
         d.init_metrics = dict(ckpt.get("init_metrics", {}))
         torch.set_rng_state(ckpt["rng"])
-    else:
+    elif d.main:
         try:
             d.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -467,6 +550,11 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
         from budget3d.splat import cpu
 
         cpu.warmup()
+    d.net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        d.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return d
 
 
