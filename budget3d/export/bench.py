@@ -1,11 +1,766 @@
-"""Placeholder while this part is being built (replaced by its owner)."""
+"""``budget3d bench RUN``: every variant a run folder holds, measured the same way, side by side.
+
+Variants (each only when its file is in the run; the printout says how to make the missing):
+``3dgs`` (RUN/gaussians.ply on our CPU renderer; it is the NeLF's teacher), ``3dgs-splat`` /
+``3dgs-spz`` (RUN/export/gaussians.splat / .spz, lossy), ``nelf-torch`` (RUN/nelf/student.pt in
+torch fp32, BatchNorm folded), ``onnx-fp32`` / ``onnx-int8`` / ``onnx-mixed`` (RUN/export/nelf*.onnx
+in onnxruntime), ``pte`` (RUN/export/nelf.pte in ExecuTorch/XNNPACK, when ExecuTorch is installed).
+
+Quality: on the run's test views (the first 3 training views when it has none) at the variant's
+own output resolution (the ONNX files' export size; the 3DGS and torch variants at the NeLF's
+size, so every row compares the same pixels): mean over views of PSNR / SSIM against the ground
+truth (area-downsampled as in distillation, so ``nelf-torch`` reproduces nelf/metrics.json) and
+against the teacher (the 3dgs render), and for the NeLF variants against the float graph.
+
+Latency: median and p90 ms per frame after two warm-up frames, cycling the test poses, at each
+thread count and output resolution. Thread limits are set where each runtime takes them
+(onnxruntime intra-op = N and inter-op = 1, sequential; ``torch.set_num_threads`` for torch and for
+our CPU splat kernels, which run on torch's OpenMP team; ExecuTorch's threadpool), and checked:
+each measurement also records ``cpu_per_wall``, the process CPU time over wall time during the
+timed frames (<= ~1 means one core). Variants run interleaved, one frame each per round, so a
+neighbour's load on a shared CPU hits them all alike. ONNX files have their resolution fixed at
+export: for the other resolutions the bench exports temporary ONNX files from student.pt
+(int8 and mixed re-quantized with the same recipe: the float convs recorded in their JSON
+sidecar, the same calibration poses). The ``.pte`` is measured at its own size only.
+
+Memory: ``peak_mem_mb`` is the growth of the process's peak RSS (VmHWM, reset before each variant
+through /proc/self/clear_refs) while loading the variant and running one frame at the first
+thread count: what that variant adds on top of a Python process with torch loaded.
+
+Top operators: onnxruntime's profiler at 1 thread (a separate pass, profiling slows it), kernel
+time summed per operator type and the heaviest nodes, in ``top_ops`` / ``top_nodes``.
+
+Writes RUN/bench.json and RUN/bench.png (PSNR against latency and against file size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
 
 from budget3d.errors import UserError
 
+ONNX_FILES = {"onnx-fp32": "nelf.onnx", "onnx-int8": "nelf-int8.onnx", "onnx-mixed": "nelf-mixed.onnx"}
+SPLAT_FILES = {"3dgs-splat": "gaussians.splat", "3dgs-spz": "gaussians.spz"}
+ORDER = ("3dgs", "3dgs-splat", "3dgs-spz", "nelf-torch", "onnx-fp32", "onnx-int8", "onnx-mixed", "pte")
+HOW = {
+    "3dgs": "budget3d train --out RUN",
+    "3dgs-splat": "budget3d export RUN --format splat",
+    "3dgs-spz": "budget3d export RUN --format spz",
+    "nelf-torch": "budget3d distill RUN",
+    "onnx-fp32": "budget3d export RUN --format onnx",
+    "onnx-int8": "budget3d export RUN --format onnx-int8",
+    "onnx-mixed": "budget3d export RUN --format onnx-mixed",
+    "pte": "budget3d export RUN --format pte",
+}
+WARMUP = 2
+
 
 def add_arguments(p):
-    p.add_argument("run", help="run folder written by 'budget3d train'")
+    p.add_argument("run", help="run folder written by 'budget3d train' (and distill / export for the NeLF variants)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer frames, only the NeLF's own resolution and half of it (well under a minute on the demo)")
+    p.add_argument("--threads", default="1,2", metavar="N[,N...]", help="thread counts to measure (default 1,2)")
+    p.add_argument("--resolutions", metavar="WxH[,WxH...]",
+                   help="output sizes for latency, besides each variant's own (default: the NeLF's size / 2 and / 4)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(args) -> int:
-    raise UserError("this command is not built yet in this version")
+    try:
+        threads = tuple(sorted({int(t) for t in str(args.threads).split(",") if t.strip()}))
+    except ValueError:
+        threads = ()
+    if not threads or min(threads) < 1:
+        raise UserError(f"--threads {args.threads}: expected thread counts such as 1,2")
+    res = None
+    if args.resolutions:
+        res = [_parse_wh(t) for t in str(args.resolutions).split(",") if t.strip()]
+    result = run_bench(args.run, quick=args.quick, threads=threads, resolutions=res, progress=not args.quiet)
+    print(table(result))
+    for line in _notes(result):
+        print(line)
+    print(f"files:   {Path(args.run) / 'bench.json'}, {Path(args.run) / 'bench.png'}")
+    return 0
+
+
+def _parse_wh(text) -> tuple[int, int]:
+    if isinstance(text, (tuple, list)):
+        w, h = (int(v) for v in text)
+    else:
+        try:
+            w, h = (int(v) for v in str(text).lower().strip().split("x"))
+        except ValueError:
+            raise UserError(f"--resolutions {text!r}: expected WIDTHxHEIGHT, e.g. 64x64") from None
+    if w <= 0 or h <= 0:
+        raise UserError(f"--resolutions {text!r}: width and height must be positive")
+    return w, h
+
+
+def _key(res) -> str:
+    return f"{res[0]}x{res[1]}"
+
+
+# ----------------------------------------------------------------------------- measurement helpers
+
+
+def _status_kb(field: str):
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _stats(times_ms: list, cpu_s: float, wall_s: float) -> dict:
+    import numpy as np
+
+    return {"median": round(float(np.median(times_ms)), 3), "p90": round(float(np.percentile(times_ms, 90)), 3),
+            "n": len(times_ms), "cpu_per_wall": round(cpu_s / wall_s, 3) if wall_s > 0 else None}
+
+
+def measure(runners: dict, n_views: int, *, rounds: int, min_rounds: int = 3, budget_s: float = 10.0) -> dict:
+    """Interleaved timing: per round, one frame of every runner (``fn(i)``, i cycling the views),
+    after ``WARMUP`` frames each. Stops after ``rounds`` rounds, or after ``min_rounds`` once
+    ``budget_s`` has passed. Returns name -> {median, p90, n, cpu_per_wall}."""
+    for fn in runners.values():
+        for k in range(WARMUP):
+            fn(k % n_views)
+    times = {n: [] for n in runners}
+    cpu = {n: 0.0 for n in runners}
+    wall = {n: 0.0 for n in runners}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in runners.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn(r % n_views)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            times[name].append(dt * 1e3)
+            cpu[name] += dc
+            wall[name] += dt
+        if r + 1 >= min_rounds and time.perf_counter() - start > budget_s:
+            break
+    return {n: _stats(times[n], cpu[n], wall[n]) for n in runners}
+
+
+def ort_session(path, threads: int, profile_prefix=None):
+    """onnxruntime session on exactly ``threads`` intra-op threads, no inter-op parallelism
+    (as ``budget3d.export.onnx.session``), optionally profiling."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def profile_onnx(path, poses: list, prefix: Path, runs: int = 3, top: int = 5) -> dict:
+    """Kernel time per operator type and the heaviest nodes, from onnxruntime's profiler at 1
+    thread (the first run is a warm-up and not counted)."""
+    import numpy as np
+
+    from budget3d.export.onnx import INPUT
+
+    sess = ort_session(path, 1, profile_prefix=prefix)
+    for i in range(runs + 1):
+        sess.run(None, {INPUT: np.asarray(poses[i % len(poses)], dtype=np.float32)})
+    trace = Path(sess.end_profiling())
+    try:
+        events = json.loads(trace.read_text())
+    finally:
+        trace.unlink(missing_ok=True)
+    runs_seen = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    first_end = (runs_seen[0]["ts"] + runs_seen[0]["dur"]) if runs_seen else -1
+    by_op, by_node = {}, {}
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time") or e.get("ts", 0) <= first_end:
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        node = e["name"][: -len("_kernel_time")]
+        by_op[op] = by_op.get(op, 0.0) + e.get("dur", 0) / 1e3
+        by_node.setdefault(node, [op, 0.0])[1] += e.get("dur", 0) / 1e3
+    n = max(1, len(runs_seen) - 1)
+    total = sum(by_op.values()) or 1.0
+    ops = sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
+    nodes = sorted(by_node.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"top_ops": [{"op": k, "ms": round(v / n, 3), "share": round(v / total, 3)} for k, v in ops],
+            "top_nodes": [{"node": k, "op": op, "ms": round(v / n, 3), "share": round(v / total, 3)}
+                          for k, (op, v) in nodes],
+            "kernel_ms": round(total / n, 3)}
+
+
+def _runtime(name: str) -> str:
+    return "onnxruntime" if name.startswith("onnx") else ("executorch" if name == "pte" else "torch")
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS (glibc), so a later allocation shows in RSS again."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _peak_growth_mb(work):
+    """How far the process's peak RSS rises above its current RSS while ``work()`` runs (MB), or
+    None where the peak cannot be reset (not Linux)."""
+    import gc
+
+    gc.collect()
+    _malloc_trim()
+    if not _reset_peak():
+        return None
+    rss0 = _status_kb("VmRSS")
+    work()
+    peak = _status_kb("VmHWM")
+    gc.collect()
+    _malloc_trim()
+    return None if rss0 is None or peak is None else round(max(0, peak - rss0) / 1024, 1)
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+class Variant:
+    """One thing to measure: ``runner(res, threads)`` builds ``fn(i) -> raw output`` for view i;
+    ``image(raw)`` turns a raw output into an (H, W, 3) float tensor in [0, 1]."""
+
+    def __init__(self, name: str, file: Path, resolution: tuple, runner, image, **meta):
+        self.name, self.file, self.resolution = name, Path(file), tuple(resolution)
+        self.runner, self.image, self.meta = runner, image, meta
+
+    @property
+    def size_mb(self) -> float:
+        return self.file.stat().st_size / 1e6
+
+
+class _Bench:
+    """The state shared by the variants of one run: test views, cameras, poses, the student."""
+
+    def __init__(self, run: Path, tmp: Path):
+        import numpy as np
+        import torch
+
+        from budget3d.export.onnx import _c2w
+        from budget3d.scene import load_scene
+
+        self.run, self.tmp = run, tmp
+        self.config = _read_json(run / "config.json")
+        try:
+            scene = load_scene(self.config["data"], downscale=int(self.config.get("downscale", 1) or 1))
+        except UserError as e:
+            raise UserError(f"{run / 'config.json'}: cannot load the run's scene ({e}); keep the scene folder where "
+                            "the run was trained") from None
+        except Exception as e:
+            raise UserError(f"{run / 'config.json'}: cannot load the run's scene ({type(e).__name__}: {e}); keep the "
+                            "scene folder where the run was trained") from None
+        self.views = list(scene.test) or list(scene.train[:3])
+        self.cams = [v.camera for v in self.views]
+        self.poses = [_c2w(c) for c in self.cams]
+        self.background = torch.tensor(scene.background, dtype=torch.float32)
+        self.model = self.payload = None
+        if (run / "nelf" / "student.pt").is_file():
+            from budget3d.nelf.distill import load_student
+
+            self.model, self.payload = load_student(run / "nelf" / "student.pt")
+        self._gt, self._calib, self._tmp_onnx = {}, None, {}
+        self.np = np
+
+    # ground truth at a resolution, as distillation's _gt: area-averaged when it differs
+    def gt(self, res) -> list:
+        import cv2
+        import torch
+
+        if res not in self._gt:
+            out = []
+            for v in self.views:
+                img = v.image()
+                if img.shape[:2] != (res[1], res[0]):
+                    img = cv2.resize(img, tuple(res), interpolation=cv2.INTER_AREA)
+                out.append(torch.as_tensor(img).float() / 255.0)
+            self._gt[res] = out
+        return self._gt[res]
+
+    def calib(self) -> list:
+        if self._calib is None:
+            from budget3d.export.onnx import held_out_poses
+
+            self._calib = held_out_poses(self.run)[1]
+        return self._calib
+
+    def onnx_at(self, variant: str, sidecar: dict, res) -> Path:
+        """A temporary ONNX file of ``variant`` at ``res``: exported from student.pt, quantized
+        with the float convs its sidecar records (None when that cannot be reproduced)."""
+        from budget3d.export.onnx import encoding_nodes, export_torch, pose_model, quantize
+
+        if self.model is None:
+            return None
+        key = (variant, res)
+        if key in self._tmp_onnx:
+            return self._tmp_onnx[key]
+        fp32 = self.tmp / f"fp32-{_key(res)}.onnx"
+        with _quiet_logs():
+            if not fp32.is_file():
+                export_torch(pose_model(self.model, self.payload, res), fp32)
+            path = fp32
+            if variant != "onnx-fp32":
+                enc, convs = encoding_nodes(fp32)
+                floats = sidecar.get("float_convs", [convs[0]] if variant == "onnx-int8" else None)
+                if floats is None or any(c not in convs for c in floats):
+                    path = None
+                else:
+                    path = self.tmp / f"{variant}-{_key(res)}.onnx"
+                    quantize(fp32, path, self.calib(), exclude=list(enc) + list(floats))
+        self._tmp_onnx[key] = path
+        return path
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """The exporter's and the quantizer's advice (torchvision missing, "consider pre-processing")
+    is noise between progress bars: errors only while making the temporary files."""
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(n) for n in ("", "torch", "torch.onnx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not readable JSON ({type(e).__name__}); is this a run folder?") from None
+
+
+def _splat_variant(b: _Bench, name: str, path: Path, nelf_res) -> Variant:
+    import torch
+
+    from budget3d.export.splats import load_any
+    from budget3d.nelf.distill import at_resolution
+    from budget3d.splat import render
+    from budget3d.train.trainer import _pick_backend
+
+    backend = _pick_backend("auto", torch.device("cpu"))
+    own = nelf_res or (b.cams[0].width, b.cams[0].height)
+    state, meta = {}, {"renderer": backend}
+
+    def load():  # on first use, so that the memory pass counts the file's Gaussians
+        if not state:
+            params = {k: v.float() for k, v in load_any(path).items()}
+            stored = int(round((params["shN"].shape[1] + 1) ** 0.5)) - 1 if params.get("shN") is not None else 0
+            sh = b.config.get("sh_degree")
+            state.update(params=params, deg=stored if sh is None else min(int(sh), stored))
+            meta.update(gaussians=int(len(params["means"])), sh_degree=state["deg"])
+        return state["params"], state["deg"]
+
+    def runner(res, threads):
+        torch.set_num_threads(threads)
+        params, deg = load()
+        cams = [at_resolution(c, *res) for c in b.cams]
+
+        def fn(i):
+            with torch.no_grad():
+                return render(params, cams[i], backend=backend, sh_degree=deg, background=b.background).image
+        return fn
+
+    v = Variant(name, path, own, runner, lambda img: img.clamp(0, 1))
+    v.meta = meta
+    return v
+
+
+def _torch_variant(b: _Bench, res0) -> Variant:
+    import torch
+
+    from budget3d.export.onnx import pose_model
+
+    def runner(res, threads):
+        torch.set_num_threads(threads)
+        module = pose_model(b.model, b.payload, res)
+        poses = [torch.as_tensor(p) for p in b.poses]
+
+        def fn(i):
+            with torch.inference_mode():
+                return module(poses[i])
+        return fn
+
+    return Variant("nelf-torch", b.run / "nelf" / "student.pt", res0, runner,
+                   lambda out: out[0].permute(1, 2, 0).clamp(0, 1), preset=b.payload.get("preset"))
+
+
+def _onnx_variant(b: _Bench, name: str, path: Path) -> Variant:
+    import numpy as np
+    import torch
+
+    from budget3d.export.onnx import INPUT
+
+    sidecar = _read_json(path.with_suffix(".json"))
+    shape = ort_session(path, 1).get_outputs()[0].shape
+    own = (int(shape[3]), int(shape[2]))
+    poses = [np.asarray(p, dtype=np.float32) for p in b.poses]
+
+    def runner(res, threads):
+        src = path if tuple(res) == own else b.onnx_at(name, sidecar, tuple(res))
+        if src is None:
+            return None
+        sess = ort_session(src, threads)
+        return lambda i: sess.run(None, {INPUT: poses[i]})[0]
+
+    meta = {k: sidecar[k] for k in ("preset", "exporter", "float_convs", "quantize_head", "drop_db", "int8_drop_db")
+            if k in sidecar}
+    return Variant(name, path, own, runner, lambda out: torch.from_numpy(out[0]).permute(1, 2, 0).clamp(0, 1), **meta)
+
+
+def _pte_variant(b: _Bench, path: Path) -> Variant:
+    import torch
+
+    from budget3d.export import pte
+
+    side = pte.read_sidecar(path.parent)
+    probe = pte.load_method(path, 1)
+    out = pte.run_pose(probe, b.poses[0])
+    own = (int(out.shape[3]), int(out.shape[2]))
+
+    def runner(res, threads):
+        if tuple(res) != own:
+            return None  # a .pte has its size fixed at export; lowering another one takes ~20 s
+        m = pte.load_method(path, threads)
+        poses = [torch.as_tensor(p) for p in b.poses]
+        return lambda i: m.execute([poses[i]])[0]
+
+    return Variant("pte", path, own, runner,
+                   lambda o: torch.as_tensor(o)[0].permute(1, 2, 0).clamp(0, 1), backend=side.get("backend", "xnnpack"))
+
+
+# ----------------------------------------------------------------------------- the bench
+
+
+def _check_run(run_dir) -> Path:
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UserError(f"{run}: no such run folder; give a folder written by 'budget3d train --out'")
+    if not (run / "config.json").is_file():
+        raise UserError(f"{run}: not a run folder (no config.json); give a folder written by 'budget3d train --out'")
+    if not (run / "gaussians.ply").is_file() and not (run / "nelf" / "student.pt").is_file():
+        raise UserError(f"{run}: nothing to measure (no gaussians.ply, no nelf/student.pt); finish 'budget3d train' "
+                        "on it first")
+    return run
+
+
+def inventory(run: Path) -> tuple[dict, list]:
+    """(name -> file for the variants present, names missing)."""
+    from budget3d.export import pte
+
+    files = {"3dgs": run / "gaussians.ply", "nelf-torch": run / "nelf" / "student.pt"}
+    files.update({k: run / "export" / v for k, v in SPLAT_FILES.items()})
+    files.update({k: run / "export" / v for k, v in ONNX_FILES.items()})
+    files["pte"] = run / "export" / pte.FILENAME
+    present = {k: files[k] for k in ORDER if files[k].is_file()}
+    if "pte" in present and not pte.available():
+        present.pop("pte")
+    return present, [k for k in ORDER if k not in present]
+
+
+def _metrics(imgs: list, refs: list) -> tuple[float, float]:
+    from budget3d.train.metrics import psnr, ssim
+
+    p = [psnr(a, r) for a, r in zip(imgs, refs)]
+    s = [ssim(a, r) for a, r in zip(imgs, refs)]
+    pm = float(sum(p) / len(p))
+    return (pm if math.isfinite(pm) else None), float(sum(s) / len(s))
+
+
+def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None, progress: bool = True) -> dict:
+    """Measure every variant present in ``run_dir``; writes RUN/bench.json and RUN/bench.png and
+    returns the JSON's dict (``variants``: one dict per variant with ``name``, ``file``,
+    ``size_mb``, ``resolution``, ``psnr``, ``ssim``, ``psnr_vs_teacher``, ``ssim_vs_teacher``,
+    ``latency_ms`` {"1": {"median", "p90", "n", "cpu_per_wall"}, ...} at its own resolution,
+    ``latency_by_resolution`` {"WxH": {...}}, ``peak_mem_mb``, for ONNX ``top_ops``/``top_nodes``).
+    ``quick``: 5 frames per measurement, the NeLF's own size and half of it."""
+    import tempfile
+
+    import torch
+    from tqdm import tqdm
+
+    from budget3d.export.onnx import _finite, _write_json
+
+    run = _check_run(run_dir)
+    threads = tuple(sorted({int(t) for t in threads}))
+    present, missing = inventory(run)
+    torch_threads = torch.get_num_threads()
+    t_start = time.perf_counter()
+    rounds, budget_s = (5, 1.5) if quick else (30, 8.0)
+    with tempfile.TemporaryDirectory(prefix="budget3d-bench-") as tmp:
+        b = _Bench(run, Path(tmp))
+        variants = []
+        for name in ("onnx-fp32", "onnx-int8", "onnx-mixed"):
+            if name in present:
+                variants.append(_onnx_variant(b, name, present[name]))
+        nelf_res = variants[0].resolution if variants else (tuple(int(v) for v in b.payload["resolution"])
+                                                          if b.payload else None)
+        head = []
+        if "3dgs" in present:
+            head.append(_splat_variant(b, "3dgs", present["3dgs"], nelf_res))
+        for name in SPLAT_FILES:
+            if name in present:
+                head.append(_splat_variant(b, name, present[name], nelf_res))
+        if "nelf-torch" in present:
+            head.append(_torch_variant(b, nelf_res))
+        variants = head + variants
+        if "pte" in present:
+            variants.append(_pte_variant(b, present["pte"]))
+        own = list(dict.fromkeys(v.resolution for v in variants))
+        if resolutions is None:
+            scale = int(b.model.scale) if b.model is not None else 1
+            extra = [(own[0][0] // d // scale * scale, own[0][1] // d // scale * scale) for d in (() if quick else (2, 4))]
+            extra = [r for r in extra if min(r) >= max(scale, 8)]
+        else:
+            extra = [_parse_wh(r) for r in resolutions]
+        res_list = list(dict.fromkeys(own + extra))
+        groups = [[v for v in variants if _runtime(v.name) == g] for g in ("torch", "onnxruntime", "executorch")]
+        groups = [g for g in groups if g]
+        n_steps = 2 * len(variants) + len(res_list) * len(threads) * len(groups) + \
+            sum(v.name.startswith("onnx") for v in variants)
+        bar = tqdm(total=n_steps, desc="bench", unit="step", disable=not progress, leave=False)
+
+        # memory first, before anything of a variant is loaded: peak RSS growth for one frame
+        peaks = {}
+        for v in variants:
+            bar.set_postfix_str(f"memory {v.name}")
+            peaks[v.name] = _peak_growth_mb(lambda: v.runner(v.resolution, threads[0])(0))
+            bar.update(1)
+
+        # quality, at each variant's own resolution, on the most threads asked for
+        torch.set_num_threads(max(threads))
+        outputs, rows = {}, {}
+        for v in variants:
+            bar.set_postfix_str(f"quality {v.name}")
+            fn = v.runner(v.resolution, max(threads))
+            outputs[v.name] = [v.image(fn(i)).float() for i in range(len(b.poses))]
+            bar.update(1)
+        teacher = {}
+        gs = next((v for v in variants if v.name == "3dgs"), None)
+        if gs is not None:
+            teacher[gs.resolution] = outputs["3dgs"]
+            for res in {v.resolution for v in variants} - set(teacher):
+                fn = gs.runner(res, max(threads))
+                teacher[res] = [gs.image(fn(i)).float() for i in range(len(b.poses))]
+        fp32_name = "onnx-fp32" if "onnx-fp32" in outputs else ("nelf-torch" if "nelf-torch" in outputs else None)
+        for v in variants:
+            gt = b.gt(v.resolution)
+            p, s = _metrics(outputs[v.name], gt)
+            row = {"name": v.name, "file": str(v.file), "size_mb": round(v.size_mb, 4),
+                   "resolution": list(v.resolution), "psnr": p, "ssim": s}
+            if v.resolution in teacher and v.name != "3dgs":
+                row["psnr_vs_teacher"], row["ssim_vs_teacher"] = _metrics(outputs[v.name], teacher[v.resolution])
+            else:
+                row["psnr_vs_teacher"] = row["ssim_vs_teacher"] = None
+                if v.name == "3dgs":
+                    row["note"] = "the teacher itself"
+            if v.name.startswith(("onnx-", "pte")) and fp32_name and v.name != fp32_name and \
+                    outputs[fp32_name][0].shape == outputs[v.name][0].shape:
+                row["psnr_vs_fp32"] = _metrics(outputs[v.name], outputs[fp32_name])[0]
+            row.update(v.meta)
+            row["latency_ms"], row["latency_by_resolution"] = {}, {}
+            rows[v.name] = row
+        del outputs
+
+        # latency, interleaved within a runtime (torch's OpenMP team, onnxruntime's and ExecuTorch's
+        # pools each spin after a frame; mixing them in one round would time their contention)
+        for res in res_list:
+            for t in threads:
+                for group in groups:
+                    bar.set_postfix_str(f"latency {_runtime(group[0].name)} {_key(res)} x{t}")
+                    torch.set_num_threads(t)
+                    runners = {v.name: v.runner(res, t) for v in group}
+                    runners = {k: fn for k, fn in runners.items() if fn is not None}
+                    got = measure(runners, len(b.poses), rounds=rounds, budget_s=budget_s) if runners else {}
+                    del runners
+                    for name, st in got.items():
+                        rows[name]["latency_by_resolution"].setdefault(_key(res), {})[str(t)] = st
+                    bar.update(1)
+        for v in variants:
+            row = rows[v.name]
+            row["latency_ms"] = row["latency_by_resolution"].get(_key(v.resolution), {})
+            row["peak_mem_mb"] = peaks.get(v.name)
+
+        # where the time goes, per ONNX variant, at 1 thread
+        for v in variants:
+            if v.name.startswith("onnx"):
+                bar.set_postfix_str(f"profile {v.name}")
+                rows[v.name].update(profile_onnx(v.file, b.poses, Path(tmp) / v.name))
+                bar.update(1)
+        bar.close()
+    torch.set_num_threads(torch_threads)
+
+    how = {k: HOW[k].replace("RUN", str(run)) for k in missing}
+    if "pte" in how:
+        from budget3d.export import pte
+
+        if not pte.available():
+            how["pte"] = f"{pte.INSTALL}, then {how['pte']}"
+    result = {
+        "run": str(run), "variants": [rows[v.name] for v in variants], "missing": missing,
+        "how_to_make": how, "threads": list(threads),
+        "resolutions": [list(r) for r in res_list], "n_views": len(b.poses),
+        "views": "test" if b.views and b.views[0].name.startswith("test") else "test split (or first 3 train views)",
+        "quick": bool(quick), "cpu_count": os.cpu_count(), "seconds": round(time.perf_counter() - t_start, 1),
+        "versions": _versions(),
+    }
+    result["ratios"] = ratios(result)
+    result = _finite(result)
+    _write_json(run / "bench.json", result)
+    plot(result, run / "bench.png")
+    return result
+
+
+def _versions() -> dict:
+    import numpy
+    import torch
+
+    out = {"torch": torch.__version__, "numpy": numpy.__version__}
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        out["executorch"] = version("executorch")
+    except Exception:  # not installed
+        pass
+    return out
+
+
+def ratios(result: dict) -> dict:
+    """The figures the goals speak of, from one interleaved run: int8 and mixed latency over the
+    fp32 graph's (1 thread), their PSNR against their own fp32 and the change in PSNR to GT."""
+    v = {r["name"]: r for r in result["variants"]}
+    out = {}
+
+    def lat(name, t="1"):
+        return (v.get(name, {}).get("latency_ms", {}).get(t) or {}).get("median")
+
+    fp = v.get("onnx-fp32")
+    for q in ("onnx-int8", "onnx-mixed"):
+        if q in v and fp:
+            if lat(q) and lat("onnx-fp32"):
+                out[f"{q}_latency_vs_fp32"] = round(lat(q) / lat("onnx-fp32"), 3)
+            if v[q].get("psnr") is not None and fp.get("psnr") is not None:
+                out[f"{q}_delta_psnr_db"] = round(v[q]["psnr"] - fp["psnr"], 3)
+            if v[q].get("psnr_vs_teacher") is not None and fp.get("psnr_vs_teacher") is not None:
+                out[f"{q}_delta_psnr_vs_teacher_db"] = round(v[q]["psnr_vs_teacher"] - fp["psnr_vs_teacher"], 3)
+    if "onnx-int8" in v and "onnx-mixed" in v:
+        if lat("onnx-mixed") and lat("onnx-int8"):
+            out["mixed_latency_vs_int8"] = round(lat("onnx-mixed") / lat("onnx-int8"), 3)
+        a, c = v["onnx-mixed"].get("psnr_vs_teacher"), v["onnx-int8"].get("psnr_vs_teacher")
+        if a is not None and c is not None:
+            out["mixed_minus_int8_psnr_vs_teacher_db"] = round(a - c, 3)
+    if "3dgs" in v and "onnx-int8" in v and lat("3dgs") and lat("onnx-int8"):
+        out["onnx-int8_latency_vs_3dgs"] = round(lat("onnx-int8") / lat("3dgs"), 3)
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt(x, nd=2, w=7):
+    return f"{'-':>{w}}" if x is None else f"{x:>{w}.{nd}f}"
+
+
+def table(result: dict) -> str:
+    """Fixed-width: variant, size, PSNR (to ground truth), PSNR to the teacher, median latency at
+    1 and 2 threads (at the variant's own resolution)."""
+    lines = [f"{'variant':<11} {'res':>9} {'size MB':>8} {'PSNR':>7} {'vs tch':>7} {'1 thr ms':>9} {'2 thr ms':>9}"]
+    for r in result["variants"]:
+        lat = r.get("latency_ms", {})
+        m = lambda t: (lat.get(t) or {}).get("median")  # noqa: E731
+        lines.append(f"{r['name']:<11} {_key(r['resolution']):>9} {r['size_mb']:>8.3f} {_fmt(r.get('psnr'))} "
+                     f"{_fmt(r.get('psnr_vs_teacher'))} {_fmt(m('1'), 1, 9)} {_fmt(m('2'), 1, 9)}")
+    return "\n".join(lines)
+
+
+def _notes(result: dict) -> list:
+    out = []
+    for r in result["variants"]:
+        if r.get("top_ops"):
+            ops = ", ".join(f"{o['op']} {o['share'] * 100:.0f}%" for o in r["top_ops"][:3])
+            out.append(f"{r['name']:<11} time by operator (1 thread): {ops}")
+    ra = result.get("ratios", {})
+    if ra:
+        out.append("ratios:  " + "  ".join(f"{k} {v:+.3f}" if "delta" in k or "minus" in k else f"{k} {v:.2f}"
+                                          for k, v in ra.items()))
+    if result.get("missing"):
+        out.append("missing: " + "; ".join(f"{k} ({result['how_to_make'][k]})" for k in result["missing"]))
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    """PSNR against median latency at 1 thread and against file size, one point per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    rows = [r for r in result["variants"] if r.get("psnr") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, key, label in ((axes[0], "latency", "median latency at 1 thread (ms, log)"),
+                           (axes[1], "size", "file size (MB, log)")):
+        for r in rows:
+            x = (r.get("latency_ms", {}).get("1") or {}).get("median") if key == "latency" else r["size_mb"]
+            if not x:
+                continue
+            kind = "o" if r["name"].startswith("3dgs") else ("s" if "int8" in r["name"] or "mixed" in r["name"] else "^")
+            ax.scatter([x], [r["psnr"]], marker=kind, s=50)
+            ax.annotate(r["name"], (x, r["psnr"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}" if f"{x:.1g}"[0] in "25" else ""))
+        ax.set_xlabel(label)
+        ax.set_ylabel("test PSNR to ground truth (dB)")
+        ax.grid(alpha=0.3, which="both")
+    res = {_key(r["resolution"]) for r in rows}
+    fig.suptitle(f"{Path(result['run']).name}: quality against latency and size ({', '.join(sorted(res))}, "
+                 f"{result['n_views']} views)", fontsize=10)
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
