@@ -61,7 +61,8 @@ class DistillConfig:
     freqs: int = 6  # L positional-encoding frequencies
     n_poses: int = 2000  # size of the seeded teacher-pose pool (training poses + jittered ones)
     train_pose_frac: float = 0.25  # share of each batch drawn from the training poses
-    cache_size: int = 256  # teacher renders kept in memory (LRU), never on disk
+    cache_size: int = 0  # teacher renders kept in memory (LRU), never on disk; 0 = as many as fit in cache_mb
+    cache_mb: int = 512  # memory for the teacher cache when cache_size is 0 (the whole pool when it fits)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     backend: str = "auto"  # teacher renderer: auto | torch | cpu | cuda
@@ -258,6 +259,13 @@ class Distiller:
     net: Optional[torch.nn.Module] = None  # what trains: ``model``, or its DDP wrapper
 
     @property
+    def cache_limit(self) -> int:
+        """Teacher renders the LRU cache keeps: ``cache_size``, or the pool when it fits in ``cache_mb``."""
+        if self.cfg.cache_size > 0:
+            return self.cfg.cache_size
+        return max(1, min(len(self.poses), int(self.cfg.cache_mb * 1e6 // (self.width * self.height * 3))))
+
+    @property
     def main(self) -> bool:
         """The process that writes files, logs and evaluates."""
         return self.rank == 0
@@ -285,7 +293,7 @@ class Distiller:
             self.cache_misses += 1
             img = (self.teacher_image(self.poses.camera(pose)) * 255 + 0.5).to(torch.uint8)
             self.cache[pose] = img
-            while len(self.cache) > self.cfg.cache_size:
+            while len(self.cache) > self.cache_limit:
                 self.cache.popitem(last=False)
         else:
             self.cache_hits += 1
@@ -561,12 +569,12 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
 def _check_config(cfg: DistillConfig) -> None:
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
-    for name in ("iters", "batch", "n_points", "freqs", "cache_size", "log_every"):
+    for name in ("iters", "batch", "n_points", "freqs", "cache_mb", "log_every"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
             raise UserError(f"{name} must be a positive whole number (got {v!r})")
-    if cfg.checkpoint_every < 0 or cfg.eval_every < 0 or cfg.warmup < 0:
-        raise UserError("checkpoint_every, eval_every and warmup must be >= 0")
+    if cfg.checkpoint_every < 0 or cfg.eval_every < 0 or cfg.warmup < 0 or cfg.cache_size < 0:
+        raise UserError("checkpoint_every, eval_every, warmup and cache_size must be >= 0")
     if not cfg.lr > 0:
         raise UserError(f"lr must be positive (got {cfg.lr!r})")
 
@@ -699,7 +707,7 @@ def finish(d: Distiller, progress: bool = True) -> dict:
         "device": str(d.device),
         "backend": d.backend,
         "threads": torch.get_num_threads(),
-        "teacher_cache": {"hits": d.cache_hits, "misses": d.cache_misses, "size": d.cfg.cache_size},
+        "teacher_cache": {"hits": d.cache_hits, "misses": d.cache_misses, "size": d.cache_limit},
         **d.init_metrics,
     }
     if d.cfg.eval:
