@@ -408,7 +408,7 @@ def measure(folder, throttle: float = 4.0, frames: int = 30, browser: str = CHRO
                 page.evaluate("window.b3d.bench(3)")  # warm-up
                 nelf = page.evaluate(f"window.b3d.bench({int(frames)})")
                 page.evaluate("window.b3d.setMode('splats')")
-                splats = page.evaluate("window.b3d.splatFrames(60)")
+                splats = page.evaluate("window.b3d.splatFrames(20)")
                 cdp.send("Emulation.setCPUThrottlingRate", {"rate": 1})
                 nelf_1x = page.evaluate(f"window.b3d.bench({int(frames)})")
                 blocked = list(page.blocked)

@@ -216,6 +216,8 @@ async function start() {
     // resolves once the NeLF has drawn the camera's current pose
     async nelfIdle() { await waitFor(() => !dirty && !busy); return b3d.nelfCount; },
     nelfPixels: () => (lastOut ? Array.from(lastOut) : null),
+    // the splat canvas as a PNG data URL (the drawing buffer is preserved)
+    splatPNG: () => splatCanvas.toDataURL("image/png"),
     // n back-to-back NeLF frames at the current pose: [{ms, infer}, ...]
     async bench(n) {
       await waitFor(() => !busy);

@@ -1,0 +1,332 @@
+"""``budget3d export RUN --format web`` and ``budget3d serve``: the static folder, its page in headless
+Chromium (phone viewport, software WebGL, every non-local request aborted), the camera shared by
+the NeLF and the splats, orbit by mouse and touch, frame times under 4x CPU throttling, and the
+one-line errors."""
+
+import base64
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from budget3d.cli import main
+from budget3d.errors import UserError
+from budget3d.export import web
+
+HAVE_BROWSER = Path(web.CHROMIUM).is_file()
+try:
+    import playwright.sync_api  # noqa: F401
+except ImportError:
+    HAVE_BROWSER = False
+needs_browser = pytest.mark.skipif(not HAVE_BROWSER, reason=f"needs Playwright and Chromium at {web.CHROMIUM}")
+
+
+@pytest.fixture(scope="module")
+def web_dir(exported_run):
+    assert main(["export", str(exported_run), "--format", "web"]) == 0
+    return exported_run / "export" / "web"
+
+
+@pytest.fixture(scope="module")
+def page(web_dir):
+    """The viewer in headless Chromium (390x844 phone viewport, touch), served by our server."""
+    from playwright.sync_api import sync_playwright
+
+    server, url = web.serve_in_thread(web_dir)
+    with sync_playwright() as pw:
+        browser, pg = web.open_page(pw, url)
+        pg.url_base = url
+        yield pg
+        browser.close()
+    server.shutdown()
+    server.server_close()
+
+
+def cfg_of(web_dir):
+    return json.loads((web_dir / "config.json").read_text())
+
+
+def png_array(data_url: str, size=None) -> np.ndarray:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB")
+    if size:
+        img = img.resize(size, Image.BOX)
+    return np.asarray(img, np.float32) / 255
+
+
+def splat_image(page, background, frames=10, timeout_s=20.0, size=None) -> np.ndarray:
+    """The splat canvas after at least ``frames`` frames and once it is not the bare background
+    (Spark loads and sorts in a worker, so the first frames are empty); fails if it stays blank."""
+    page.evaluate("window.b3d.setMode('splats')")
+    page.evaluate(f"window.b3d.splatFrames({int(frames)})")
+    t0 = time.time()
+    while True:
+        img = png_array(page.evaluate("window.b3d.splatPNG()"))
+        if (np.abs(img - np.asarray(background, np.float32)).max(axis=2) > 0.1).mean() > 0.01:
+            break
+        assert time.time() - t0 < timeout_s, "the splat canvas stayed blank"
+        page.evaluate("window.b3d.splatFrames(5)")
+    return png_array(page.evaluate("window.b3d.splatPNG()"), size) if size else img
+
+
+def psnr(a, b) -> float:
+    return float(-10 * np.log10(max(np.mean((np.asarray(a, np.float64) - b) ** 2), 1e-12)))
+
+
+def orbit(c2w, target, up, angle):
+    """``c2w`` turned by ``angle`` radians about the axis through ``target`` along ``up``."""
+    u = np.asarray(up, np.float64) / np.linalg.norm(up)
+    k = np.array([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]])
+    r = np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * k @ k
+    out = np.array(c2w, np.float64)
+    out[:3, :3] = r @ out[:3, :3]
+    out[:3, 3] = r @ (out[:3, 3] - target) + target
+    return out
+
+
+def splat_reference(run, cfg, c2w, scale=4):
+    """Our own rasteriser's image of the run's Gaussians at ``c2w`` with the page's intrinsics."""
+    from budget3d.scene.camera import Camera
+    from budget3d.splat import load_ply, render
+
+    fx, fy, cx, cy = (scale * v for v in cfg["nelf"]["intrinsics"])
+    w, h = scale * cfg["nelf"]["width"], scale * cfg["nelf"]["height"]
+    cam = Camera(fx, fy, cx, cy, w, h, np.linalg.inv(np.asarray(c2w, np.float64)))
+    with torch.no_grad():
+        img = render(load_ply(run / "gaussians.ply"), cam, backend="torch",
+                     background=torch.tensor(cfg["background"], dtype=torch.float32)).image
+    return img.clamp(0, 1).numpy()
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+def test_export_writes_a_self_contained_folder(exported_run, web_dir):
+    cfg = cfg_of(web_dir)
+    for name in ("index.html", "app.js", "config.json", cfg["nelf"]["file"], cfg["splats"]["file"]):
+        assert (web_dir / name).is_file(), name
+    assert cfg["nelf"]["file"] == "nelf-int8.onnx" and cfg["splats"]["file"] == "gaussians.spz"
+    assert (web_dir / "nelf-int8.onnx").read_bytes() == (exported_run / "export" / "nelf-int8.onnx").read_bytes()
+    # the ONNX interface is read from the file: pose in, 32x32 image out for the test student
+    assert cfg["nelf"]["input"] == "c2w" and cfg["nelf"]["output"] == "image"
+    assert (cfg["nelf"]["width"], cfg["nelf"]["height"]) == (32, 32)
+    # every vendored runtime file is there, unchanged, with its licence
+    versions = json.loads((web_dir / "vendor" / "VERSIONS.json").read_text())
+    assert set(versions) == {"onnxruntime-web", "three", "@sparkjsdev/spark"}
+    import hashlib
+
+    for rec in versions.values():
+        assert rec["license"] == "MIT"
+        assert "MIT" in (web_dir / rec["folder"] / "LICENSE").read_text()
+        for name, f in rec["files"].items():
+            assert hashlib.sha256((web_dir / rec["folder"] / name).read_bytes()).hexdigest() == f["sha256"], name
+    # the page refers to nothing off the server: no absolute URLs in what it loads
+    for name in ("index.html", "app.js"):
+        assert not re.search(r"(src|href|from|import)\s*[=(]?\s*[\"']?(https?:)?//", (web_dir / name).read_text()), name
+    # the starting camera is the run's first training view (the test scene's cameras have no roll)
+    cam = cfg["camera"]
+    assert cam["source"].startswith("training view")
+    np.testing.assert_allclose(cam["c2w"], cam["train_c2w"], atol=1e-5)
+    c2w = np.asarray(cam["c2w"])
+    np.testing.assert_allclose(c2w[:3, 3] + cam["depth"] * c2w[:3, 2], cam["target"], atol=1e-5)
+
+
+def test_export_creates_missing_exports(exported_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("web", "web.tmp"))
+    (run / "export" / "gaussians.spz").unlink()
+    before = (run / "export" / "nelf-int8.onnx").stat().st_mtime_ns
+    out = web.export_web(run, run / "export")
+    assert Path(out["folder"]) == run / "export" / "web"
+    from budget3d.export.splats import load_spz
+
+    assert len(load_spz(run / "export" / "web" / "gaussians.spz")["means"]) == 80  # written from gaussians.ply
+    assert (run / "export" / "nelf-int8.onnx").stat().st_mtime_ns == before  # up to date: reused, not redone
+
+
+def test_export_errors_are_one_line(exported_run, tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nope"), "--format", "web"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such run folder" in err
+    # a trained run without a distilled NeLF: say to run distill
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(exported_run / "gaussians.ply", run)
+    shutil.copy(exported_run / "config.json", run)
+    with pytest.raises(UserError, match=r"budget3d distill"):
+        web.export_web(run, run / "export")
+    assert main(["export", str(run), "--format", "web"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nelf/student.pt" in err and f"budget3d distill {run}" in err
+    # a folder that is not a run at all
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="gaussians.ply"):
+        web.export_web(tmp_path / "empty", tmp_path / "empty" / "export")
+    # serve: not an export folder, and a port already taken
+    with pytest.raises(UserError, match=r"not a web export.*--format web"):
+        web.web_folder(run)
+    with pytest.raises(UserError, match="no such folder"):
+        web.web_folder(tmp_path / "nope")
+    assert main(["serve", str(run)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_serve_command_serves_the_folder(web_dir, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "budget3d.cli", "serve", str(web_dir.parent.parent), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        url = re.search(r"http://127\.0\.0\.1:\d+/", lines[1]).group(0)  # RUN given: it finds RUN/export/web
+        assert str(web_dir) in lines[0]
+        with urllib.request.urlopen(url) as r:
+            assert b"importmap" in r.read()
+        with urllib.request.urlopen(url + "vendor/ort/ort-wasm-simd-threaded.wasm") as r:
+            assert r.headers["Content-Type"] == "application/wasm" and r.read(4) == b"\0asm"
+        with urllib.request.urlopen(url + "vendor/three/three.module.js") as r:
+            assert r.headers["Content-Type"].startswith("text/javascript")
+        # the same port again: a one-line error naming the flag
+        with pytest.raises(UserError, match=r"cannot listen on 127\.0\.0\.1:\d+ .*--port"):
+            web.make_server(web_dir, "127.0.0.1", int(url.rsplit(":", 1)[1].strip("/")))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------------- in the browser
+
+
+@needs_browser
+def test_page_draws_both_renderers_offline(page, web_dir):
+    cfg = cfg_of(web_dir)
+    assert page.evaluate("window.b3d.state") == "ready", page.console
+    assert page.evaluate("window.b3d.splatError") is None
+    assert page.evaluate("window.b3d.numSplats") == 80
+    # NeLF: a 32x32 image that is not blank (not one colour)
+    nelf = np.asarray(page.evaluate("window.b3d.nelfPixels()"), np.float32).reshape(3, 32, 32)
+    assert nelf.std() > 0.02 and np.abs(nelf - 1.0).max() > 0.2
+    shot = png_array(page.evaluate("document.getElementById('nelf').toDataURL()"))
+    assert shot.shape == (32, 32, 3) and shot.std() > 0.02
+    # splats: the WebGL canvas holds an image that differs from the background
+    page.click("#btn-splats")
+    assert page.evaluate("window.b3d.mode") == "splats"
+    img = splat_image(page, cfg["background"])
+    assert img.shape[:2] == (390 * 2, 390 * 2)  # the phone's width at its pixel ratio, the NeLF's aspect
+    hud = page.inner_text("#hud")
+    assert "Splats" in hud and re.search(r"\d+\.\d ms/frame", hud), hud
+    page.click("#btn-nelf")
+    page.evaluate("window.b3d.nelfIdle()")
+    hud = page.inner_text("#hud")
+    assert "NeLF int8 32×32" in hud and re.search(r"\d+\.\d ms/frame", hud), hud
+    assert page.blocked == [], f"the page asked the network for {page.blocked}"
+    assert not [m for m in page.console if m.startswith(("error", "pageerror"))], page.console
+
+
+@needs_browser
+def test_one_camera_for_both_renderers(page, web_dir, exported_run, capsys):
+    """The pose the page feeds the ONNX graph is the configured one; the web NeLF equals native
+    onnxruntime at that pose; the splats Spark draws equal our rasteriser's at that pose (and
+    not at a pose turned 0.5 rad), so both renderers show the same camera."""
+    from budget3d.export import onnx as ex
+
+    cfg = cfg_of(web_dir)
+    page.evaluate("window.b3d.reset(); window.b3d.setMode('nelf')")
+    page.evaluate("window.b3d.nelfIdle()")
+    c2w = np.asarray(page.evaluate("window.b3d.c2w()"), np.float64).reshape(4, 4)
+    np.testing.assert_allclose(c2w, cfg["camera"]["c2w"], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(page.evaluate("window.b3d.lastPose")).reshape(4, 4), c2w, atol=1e-6)
+    webnelf = np.asarray(page.evaluate("window.b3d.nelfPixels()"), np.float32).reshape(1, 3, 32, 32)
+    native = ex.run_poses(ex.session(web_dir / cfg["nelf"]["file"]), [c2w.astype(np.float32)])[0]
+    assert np.abs(webnelf - native).max() < 2 / 255
+
+    shot = splat_image(page, cfg["background"], size=(128, 128))
+    same = splat_reference(exported_run, cfg, c2w)
+    turned = splat_reference(exported_run, cfg, orbit(c2w, cfg["camera"]["target"], cfg["camera"]["up"], 0.5))
+    p_same, p_turned = psnr(shot, same), psnr(shot, turned)
+    assert p_same > 22 and p_same > p_turned + 4, (p_same, p_turned)
+    with capsys.disabled():
+        print(f"\nsplats, Spark vs our rasteriser: {p_same:.1f} dB at the page's pose, {p_turned:.1f} dB turned 0.5 rad")
+    # the NeLF (distilled from these splats) looks like the splats at the same pose, more than turned
+    small = lambda a: a.reshape(32, 4, 32, 4, 3).mean((1, 3))  # noqa: E731
+    nelf_hwc = webnelf[0].transpose(1, 2, 0)
+    n_same, n_turned = psnr(nelf_hwc, small(shot)), psnr(nelf_hwc, small(turned))
+    with capsys.disabled():
+        print(f"web NeLF vs web splats: {n_same:.1f} dB at the same pose, {n_turned:.1f} dB turned")
+    assert n_same > n_turned + 1
+    page.evaluate("window.b3d.setMode('nelf')")
+
+
+@needs_browser
+def test_mouse_and_touch_orbit(page):
+    page.evaluate("window.b3d.reset(); window.b3d.setMode('nelf')")
+    page.evaluate("window.b3d.nelfIdle()")
+    cfg = page.evaluate("window.b3d.config.camera")
+    target = np.asarray(cfg["target"])
+
+    def pose():
+        return np.asarray(page.evaluate("window.b3d.c2w()"), np.float64).reshape(4, 4)
+
+    def check_orbited(before, after):
+        assert np.abs(after - before).max() > 0.05, "the camera did not move"
+        # an orbit: same distance to the centre, still looking at it
+        d0, d1 = np.linalg.norm(before[:3, 3] - target), np.linalg.norm(after[:3, 3] - target)
+        assert abs(d0 - d1) < 1e-3 * d0
+        look = (target - after[:3, 3]) / d1
+        assert look @ after[:3, 2] > 0.999
+        # and the NeLF redrew that pose
+        page.evaluate("window.b3d.nelfIdle()")
+        np.testing.assert_allclose(np.asarray(page.evaluate("window.b3d.lastPose")).reshape(4, 4), after, atol=1e-5)
+
+    box = page.locator("#view").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    before, n0 = pose(), page.evaluate("window.b3d.nelfCount")
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 60, y + 10, steps=4)
+    page.mouse.up()
+    check_orbited(before, pose())
+    assert page.evaluate("window.b3d.nelfCount") > n0
+
+    cdp = page.context.new_cdp_session(page)
+    before = pose()
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+    for i in range(1, 5):
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x - 15 * i, "y": y}]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    check_orbited(before, pose())
+    cdp.detach()
+
+
+@needs_browser
+def test_frame_times_under_4x_cpu_throttling(page, web_dir, exported_run, capsys):
+    """NeLF ms/frame recorded in the page with the CPU slowed 4x through the DevTools protocol,
+    beside native onnxruntime (1 thread) on the same file and pose."""
+    from budget3d.export import onnx as ex
+
+    cfg = cfg_of(web_dir)
+    page.evaluate("window.b3d.reset(); window.b3d.setMode('nelf')")
+    free = [f["ms"] for f in page.evaluate("window.b3d.bench(8)")]
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Emulation.setCPUThrottlingRate", {"rate": 4})
+    try:
+        throttled = page.evaluate("window.b3d.bench(8)")
+    finally:
+        cdp.send("Emulation.setCPUThrottlingRate", {"rate": 1})
+        cdp.detach()
+    ms = [f["ms"] for f in throttled]
+    assert all(0 < f["infer"] <= f["ms"] for f in throttled)
+    assert np.median(ms) > 1.5 * np.median(free), (ms, free)  # the throttling took effect
+    native = ex.latency_ms(web_dir / cfg["nelf"]["file"], np.asarray(cfg["camera"]["c2w"], np.float32), repeats=8)
+    with capsys.disabled():
+        print(f"\nweb NeLF (int8 32x32) ms/frame: {np.median(free):.2f} unthrottled, {np.median(ms):.2f} at 4x "
+              f"CPU throttling; native onnxruntime 1 thread: {native:.2f}")
