@@ -260,7 +260,7 @@ class Variant:
 class _Bench:
     """The state shared by the variants of one run: test views, cameras, poses, the student."""
 
-    def __init__(self, run: Path, tmp: Path):
+    def __init__(self, run: Path, tmp: Path, max_views: int = 0):
         import numpy as np
         import torch
 
@@ -277,7 +277,13 @@ class _Bench:
         except Exception as e:
             raise UserError(f"{run / 'config.json'}: cannot load the run's scene ({type(e).__name__}: {e}); keep the "
                             "scene folder where the run was trained") from None
-        self.views = list(scene.test) or list(scene.train[:3])
+        views = list(scene.test) or list(scene.train[:3])
+        self.split = "test" if scene.test else "first 3 train (the scene has no test split)"
+        self.n_all = len(views)
+        if max_views and len(views) > max_views:  # evenly spaced, always the first
+            views = [views[round(i * (len(views) - 1) / (max_views - 1))] for i in range(max_views)] \
+                if max_views > 1 else views[:1]
+        self.views = views
         self.cams = [v.camera for v in self.views]
         self.poses = [_c2w(c) for c in self.cams]
         self.background = torch.tensor(scene.background, dtype=torch.float32)
@@ -356,6 +362,14 @@ def _quiet_logs():
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+
+
+def _rel(path: Path, run: Path) -> str:
+    """``path`` relative to the run folder when inside it (the JSON stays true when the run moves)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(run).resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _read_json(path: Path) -> dict:
@@ -496,21 +510,29 @@ def inventory(run: Path) -> tuple[dict, list]:
 
 
 def _metrics(imgs: list, refs: list) -> tuple[float, float]:
-    from budget3d.train.metrics import psnr, ssim
+    """Mean over views of PSNR and SSIM (gaussian window 11, as budget3d.train.metrics.ssim), the
+    SSIM of all views in one batched call."""
+    import torch
+    from pytorch_msssim import ssim
+
+    from budget3d.train.metrics import psnr
 
     p = [psnr(a, r) for a, r in zip(imgs, refs)]
-    s = [ssim(a, r) for a, r in zip(imgs, refs)]
+    nchw = lambda xs: torch.stack([x.clamp(0, 1) for x in xs]).permute(0, 3, 1, 2)  # noqa: E731
+    s = ssim(nchw(imgs), nchw(refs), data_range=1.0, size_average=False)
     pm = float(sum(p) / len(p))
-    return (pm if math.isfinite(pm) else None), float(sum(s) / len(s))
+    return (pm if math.isfinite(pm) else None), float(s.mean())
 
 
-def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None, progress: bool = True) -> dict:
+def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None, progress: bool = True,
+              max_views: int = None) -> dict:
     """Measure every variant present in ``run_dir``; writes RUN/bench.json and RUN/bench.png and
     returns the JSON's dict (``variants``: one dict per variant with ``name``, ``file``,
     ``size_mb``, ``resolution``, ``psnr``, ``ssim``, ``psnr_vs_teacher``, ``ssim_vs_teacher``,
     ``latency_ms`` {"1": {"median", "p90", "n", "cpu_per_wall"}, ...} at its own resolution,
     ``latency_by_resolution`` {"WxH": {...}}, ``peak_mem_mb``, for ONNX ``top_ops``/``top_nodes``).
-    ``quick``: 5 frames per measurement, the NeLF's own size and half of it."""
+    ``quick``: 5 frames per measurement, only each variant's own size, at most 12 views.
+    ``max_views``: test views for quality (evenly spaced; default 24, quick 12)."""
     import tempfile
 
     import torch
@@ -523,9 +545,15 @@ def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None,
     present, missing = inventory(run)
     torch_threads = torch.get_num_threads()
     t_start = time.perf_counter()
+    phases, last = {}, [t_start]
+
+    def tick(name):  # seconds per phase, so a slow bench says where it went
+        now = time.perf_counter()
+        phases[name] = round(phases.get(name, 0.0) + now - last[0], 2)
+        last[0] = now
     rounds, budget_s = (5, 1.5) if quick else (30, 8.0)
     with tempfile.TemporaryDirectory(prefix="budget3d-bench-") as tmp:
-        b = _Bench(run, Path(tmp))
+        b = _Bench(run, Path(tmp), max_views=int(max_views if max_views is not None else (12 if quick else 24)))
         variants = []
         for name in ("onnx-fp32", "onnx-int8", "onnx-mixed"):
             if name in present:
@@ -557,6 +585,7 @@ def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None,
             sum(v.name.startswith("onnx") for v in variants)
         bar = tqdm(total=n_steps, desc="bench", unit="step", disable=not progress, leave=False)
 
+        tick("setup")
         # memory first, before anything of a variant is loaded: peak RSS growth for one frame
         peaks = {}
         for v in variants:
@@ -564,12 +593,15 @@ def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None,
             peaks[v.name] = _peak_growth_mb(lambda: v.runner(v.resolution, threads[0])(0))
             bar.update(1)
 
-        # quality, at each variant's own resolution, on the most threads asked for
-        torch.set_num_threads(max(threads))
+        tick("memory")
+        # quality, at each variant's own resolution, on the first thread count (on a busy machine
+        # one thread is the predictable choice)
+        qt = threads[0]
+        torch.set_num_threads(qt)
         outputs, rows = {}, {}
         for v in variants:
             bar.set_postfix_str(f"quality {v.name}")
-            fn = v.runner(v.resolution, max(threads))
+            fn = v.runner(v.resolution, qt)
             outputs[v.name] = [v.image(fn(i)).float() for i in range(len(b.poses))]
             bar.update(1)
         teacher = {}
@@ -577,13 +609,13 @@ def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None,
         if gs is not None:
             teacher[gs.resolution] = outputs["3dgs"]
             for res in {v.resolution for v in variants} - set(teacher):
-                fn = gs.runner(res, max(threads))
+                fn = gs.runner(res, qt)
                 teacher[res] = [gs.image(fn(i)).float() for i in range(len(b.poses))]
         fp32_name = "onnx-fp32" if "onnx-fp32" in outputs else ("nelf-torch" if "nelf-torch" in outputs else None)
         for v in variants:
             gt = b.gt(v.resolution)
             p, s = _metrics(outputs[v.name], gt)
-            row = {"name": v.name, "file": str(v.file), "size_mb": round(v.size_mb, 4),
+            row = {"name": v.name, "file": _rel(v.file, run), "size_mb": round(v.size_mb, 6),
                    "resolution": list(v.resolution), "psnr": p, "ssim": s}
             if v.resolution in teacher and v.name != "3dgs":
                 row["psnr_vs_teacher"], row["ssim_vs_teacher"] = _metrics(outputs[v.name], teacher[v.resolution])
@@ -599,6 +631,7 @@ def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None,
             rows[v.name] = row
         del outputs
 
+        tick("quality")
         # latency, interleaved within a runtime (torch's OpenMP team, onnxruntime's and ExecuTorch's
         # pools each spin after a frame; mixing them in one round would time their contention)
         for res in res_list:
@@ -618,6 +651,7 @@ def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None,
             row["latency_ms"] = row["latency_by_resolution"].get(_key(v.resolution), {})
             row["peak_mem_mb"] = peaks.get(v.name)
 
+        tick("latency")
         # where the time goes, per ONNX variant, at 1 thread
         for v in variants:
             if v.name.startswith("onnx"):
@@ -625,6 +659,7 @@ def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None,
                 rows[v.name].update(profile_onnx(v.file, b.poses, Path(tmp) / v.name))
                 bar.update(1)
         bar.close()
+        tick("profile")
     torch.set_num_threads(torch_threads)
 
     how = {k: HOW[k].replace("RUN", str(run)) for k in missing}
@@ -636,9 +671,9 @@ def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None,
     result = {
         "run": str(run), "variants": [rows[v.name] for v in variants], "missing": missing,
         "how_to_make": how, "threads": list(threads),
-        "resolutions": [list(r) for r in res_list], "n_views": len(b.poses),
-        "views": "test" if b.views and b.views[0].name.startswith("test") else "test split (or first 3 train views)",
-        "quick": bool(quick), "cpu_count": os.cpu_count(), "seconds": round(time.perf_counter() - t_start, 1),
+        "resolutions": [list(r) for r in res_list], "n_views": len(b.poses), "n_test_views": b.n_all,
+        "views": b.split,
+        "quick": bool(quick), "cpu_count": os.cpu_count(), "seconds": round(time.perf_counter() - t_start, 1), "seconds_by_phase": phases,
         "versions": _versions(),
     }
     result["ratios"] = ratios(result)

@@ -38,12 +38,14 @@ def require_executorch():
 
 
 def available() -> bool:
+    """Whether ExecuTorch is installed (without importing it: that takes seconds)."""
+    import importlib.util
+
     try:
-        require_executorch()
-        from executorch.runtime import Runtime  # noqa: F401
-    except (UserError, ImportError):
+        return importlib.util.find_spec("executorch") is not None and \
+            importlib.util.find_spec("executorch.runtime") is not None
+    except (ImportError, ValueError):
         return False
-    return True
 
 
 @contextlib.contextmanager
@@ -91,7 +93,7 @@ def set_threads(n: int) -> None:
 
 def load_method(path, threads: int = 1):
     """The ``forward`` method of a .pte, on ``threads`` threads; call it as ``method.execute([c2w])``."""
-    with _quiet_stderr():
+    with _quiet_stderr(), _quiet_logs():
         from executorch.runtime import Runtime
 
         set_threads(threads)
