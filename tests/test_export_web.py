@@ -229,6 +229,10 @@ def test_page_draws_both_renderers_offline(page, web_dir):
     hud = page.inner_text("#hud")
     assert "NeLF int8 32×32" in hud and re.search(r"\d+\.\d ms/frame", hud), hud
     assert page.blocked == [], f"the page asked the network for {page.blocked}"
+    served = " ".join(page.served)  # the runtimes came from the folder
+    for name in ("ort-wasm-simd-threaded.wasm", "spark.module.min.js", "three.core.js", "nelf-int8.onnx",
+                 "gaussians.spz"):
+        assert name in served, name
     assert not [m for m in page.console if m.startswith(("error", "pageerror"))], page.console
 
 

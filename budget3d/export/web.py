@@ -354,7 +354,7 @@ BROWSER_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ign
 def open_page(playwright, url: str, browser: str = CHROMIUM, query: str = ""):
     """(browser, page) of the viewer at ``url`` in headless Chromium with a phone-sized viewport and
     software WebGL; every request that is not to ``url``'s own server is aborted (and counted in
-    ``page.blocked``), so a page that works here fetches nothing from the network."""
+    ``page.blocked``; the rest in ``page.served``), so a page that works here fetches nothing from the network."""
     from urllib.parse import urlsplit
 
     if not Path(browser).is_file():
@@ -364,10 +364,11 @@ def open_page(playwright, url: str, browser: str = CHROMIUM, query: str = ""):
     ctx = b.new_context(**PHONE)
     page = ctx.new_page()
     origin = urlsplit(url).netloc
-    page.blocked = []
+    page.blocked, page.served = [], []
 
     def route(r):
         if urlsplit(r.request.url).netloc == origin or r.request.url.startswith(("data:", "blob:")):
+            page.served.append(r.request.url)
             r.continue_()
         else:
             page.blocked.append(r.request.url)

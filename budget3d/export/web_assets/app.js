@@ -158,8 +158,10 @@ async function start() {
     const recent = (xs, k) => xs.slice(-k);
     if (b3d.mode === "nelf") {
       const fr = recent(b3d.frames, 30);
+      const native = cfg.nelf.native_ms_1thread;
       return `NeLF ${cfg.nelf.variant} ${W}×${H} · ${median(fr.map((f) => f.ms)).toFixed(1)} ms/frame` +
-        ` (inference ${median(fr.map((f) => f.infer)).toFixed(1)})`;
+        ` (inference ${median(fr.map((f) => f.infer)).toFixed(1)})` +
+        (native ? `\nnative onnxruntime, 1 thread, at export: ${native.toFixed(1)} ms` : "");
     }
     return `Splats (Spark) · ${median(recent(b3d.splatTimes, 30)).toFixed(1)} ms/frame`;
   }
@@ -238,7 +240,8 @@ async function start() {
 
   const modeParam = new URLSearchParams(location.search).get("mode");
   setMode(modeParam === "splats" ? "splats" : "nelf");
-  await renderNelf(c2wFromCamera(camera));
+  b3d.warmupMs = (await renderNelf(c2wFromCamera(camera))).ms; // the first run allocates: not a frame time
+  b3d.frames.length = 0;
   dirty = b3d.mode !== "nelf";
   renderer?.setAnimationLoop(tick);
   if (!renderer) (function raf(t) { tick(t); requestAnimationFrame(raf); })(performance.now());
