@@ -103,6 +103,8 @@ async function start() {
     executionProviders: ["wasm"], graphOptimizationLevel: "all",
   });
   const image = ctx.createImageData(W, H);
+  let hudText = null;
+  const ms = (v) => (Number.isFinite(v) ? v.toFixed(1) : "–");
   let lastOut = null;
 
   async function renderNelf(pose) {
@@ -125,6 +127,7 @@ async function start() {
     const f = { ms: t2 - t0, infer: t1 - t0 };
     b3d.frames.push(f);
     if (b3d.frames.length > 2000) b3d.frames.shift();
+    if (hudText) hud.textContent = hudText();
     return f;
   }
 
@@ -154,17 +157,17 @@ async function start() {
   // ---- the loop: NeLF frames only when the camera moved; splats every animation frame
   let dirty = true, busy = false, lastT = null;
   controls.addEventListener("change", () => { dirty = true; });
-  function hudText() {
+  hudText = function () {
     const recent = (xs, k) => xs.slice(-k);
     if (b3d.mode === "nelf") {
       const fr = recent(b3d.frames, 30);
       const native = cfg.nelf.native_ms_1thread;
-      return `NeLF ${cfg.nelf.variant} ${W}×${H} · ${median(fr.map((f) => f.ms)).toFixed(1)} ms/frame` +
-        ` (inference ${median(fr.map((f) => f.infer)).toFixed(1)})` +
+      return `NeLF ${cfg.nelf.variant} ${W}×${H} · ${ms(median(fr.map((f) => f.ms)))} ms/frame` +
+        ` (inference ${ms(median(fr.map((f) => f.infer)))})` +
         (native ? `\nnative onnxruntime, 1 thread, at export: ${native.toFixed(1)} ms` : "");
     }
-    return `Splats (Spark) · ${median(recent(b3d.splatTimes, 30)).toFixed(1)} ms/frame`;
-  }
+    return `Splats (Spark) · ${ms(median(recent(b3d.splatTimes, 30)))} ms/frame`;
+  };
   function tick(t) {
     if (b3d.mode === "splats" && splatsReady) {
       renderer.render(scene, camera);
