@@ -362,7 +362,9 @@ class Nelf:
 
         key = (str(path), int(threads))
         if key not in self._sessions:
-            self._sessions[key] = ex.session(path, int(threads))
+            sess = ex.session(path, int(threads))
+            sess.run(None, {ex.INPUT: np.eye(4, dtype=np.float32)})  # warm-up: the first run allocates
+            self._sessions[key] = sess
         return self._sessions[key]
 
     def render(self, runtime: str, camera, threads: int, scale: float = 1.0) -> tuple[np.ndarray, float]:
@@ -441,7 +443,7 @@ def render_frame(run: Run, nelf: Optional[Nelf], c2w, fov_y: float, aspect: floa
                 cam = camera_for(c2w, fov_y, *nelf.torch_resolution(aspect, s.scale, budget))
             else:
                 cam = nelf.onnx_camera(s.runtime, c2w, s.scale)
-                nelf.onnx_path(s.runtime, s.scale)  # an on-demand export is not part of the frame time
+                nelf.session(nelf.onnx_path(s.runtime, s.scale), threads)  # export / warm-up: not frame time
             img, nms = nelf.render(s.runtime, cam, threads, s.scale)
             torch.set_num_threads(threads)
             splats, sms = render_splats_cpu(run, cam)

@@ -313,8 +313,8 @@ class ClientSession:
 
     def _loop(self) -> None:
         while not self.closed.is_set():
-            if not self.wake.wait(timeout=0.5):
-                continue
+            if not self.wake.wait(timeout=0.5) and self.last_frame is not None:
+                continue  # (without a frame yet, keep trying: the first camera message may predate our callback)
             self.wake.clear()
             if self.closed.is_set():
                 break
