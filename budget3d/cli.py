@@ -27,6 +27,7 @@ from budget3d.errors import UserError
 
 DEMO_BUDGET = "6000"
 DEMO_ITERS = 1500
+DEMO_DISTILL_ITERS = 1500
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     d.add_argument("--iters", type=int, default=DEMO_ITERS, help=f"training steps (default {DEMO_ITERS})")
     d.add_argument("--budget", default=DEMO_BUDGET, help=f"Gaussian budget (default {DEMO_BUDGET})")
+    d.add_argument("--distill-iters", type=int, default=DEMO_DISTILL_ITERS,
+                   help=f"steps of the tiny NeLF student distilled afterwards (default {DEMO_DISTILL_ITERS}; 0: none)")
     d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     d.add_argument("--backend", choices=["auto", "torch", "cpu", "cuda"], default="auto")
 
@@ -342,6 +345,7 @@ def bundled_scene() -> Path:
 
 
 def cmd_demo(args) -> int:
+    from budget3d.nelf.distill import DistillConfig, distill
     from budget3d.train import TrainConfig, train
 
     scene = bundled_scene()
@@ -354,12 +358,43 @@ def cmd_demo(args) -> int:
     metrics = train(cfg)
     print(f"done in {time.perf_counter() - t0:.0f} s")
     _print_summary(metrics, out)
+    if args.distill_iters > 0:
+        print(f"\ndistilling a tiny NeLF student from it ({args.distill_iters} steps) -> {out / 'nelf'}")
+        if (out / "nelf" / "checkpoint.pt").is_file():
+            import shutil
+
+            shutil.rmtree(out / "nelf")  # the demo's run was just retrained: its old student is stale
+        m = distill(DistillConfig(run=str(out), preset="tiny", iters=args.distill_iters, device=args.device,
+                                  backend=args.backend))
+        print(f"NeLF:         test PSNR {m['student_psnr']:.2f} dB (teacher {m['teacher_psnr']:.2f} dB), "
+              f"{m['student_vs_teacher_psnr']:.2f} dB against the teacher; {m['params'] / 1e3:.0f} k params, "
+              f"{m['distill_seconds']:.0f} s")
+        _demo_bench(out)
     print("\nnext:")
     print(f"  look at   {out / 'progress.png'} and {out / 'renders'}/ (ground truth left, render right)")
+    if args.distill_iters > 0:
+        print(f"            {out / 'nelf' / 'strip.png'} (ground truth | 3DGS teacher | NeLF student)")
+    print(f"  view      budget3d view {out}")
     print(f"  re-score  budget3d eval {out}")
-    print(f"  your data budget3d train --data PATH/TO/SCENE --budget 200k --out runs/mine")
+    print("  your data budget3d train --data PATH/TO/SCENE --budget 200k --out runs/mine")
     print("  compare   python scripts/bench_budget.py   (quality against budget: Taming vs its ablation and Default)")
     return 0
+
+
+def _demo_bench(run: Path) -> None:
+    """Export the student (ONNX fp32 + int8) and the splats, then a short bench table."""
+    from budget3d.export.bench import run_bench, table
+    from budget3d.export.onnx import export
+    from budget3d.export.splats import save_any
+    from budget3d.splat import load_ply
+
+    out = run / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    save_any(load_ply(run / "gaussians.ply"), out / "gaussians.splat", "splat")
+    for fmt in ("onnx", "onnx-int8"):
+        export(run, fmt, out, progress=False)
+    print(f"\nexported to {out}/; bench (quick):")
+    print(table(run_bench(run, quick=True, progress=False)))
 
 
 def cmd_distill(args) -> int:

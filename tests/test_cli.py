@@ -254,13 +254,26 @@ def test_train_flags_reach_the_run_config(capsys, tmp_path, data):
 
 def test_demo_trains_and_says_where_and_what_next(capsys, tmp_path):
     out = tmp_path / "demo"
-    code, stdout, err = run_cli(capsys, "demo", "--out", out, "--iters", 8, "--budget", 97, "--backend", "torch")
+    code, stdout, err = run_cli(capsys, "demo", "--out", out, "--iters", 8, "--budget", 97, "--backend", "torch",
+                                "--distill-iters", 30)
     assert code == 0, err
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_gaussians"] == 97
     assert (out / "progress.png").is_file() and any((out / "renders").glob("*.png"))
     assert str(out) in stdout and "next:" in stdout and f"budget3d eval {out}" in stdout
     assert "budget3d train --data" in stdout
+    # then a tiny NeLF student, both PSNRs printed, its exports and a short bench table
+    n = json.loads((out / "nelf" / "metrics.json").read_text())
+    assert n["preset"] == "tiny" and n["iters"] == 30
+    assert f"test PSNR {n['student_psnr']:.2f} dB (teacher {n['teacher_psnr']:.2f} dB)" in stdout
+    for name in ("nelf.onnx", "nelf-int8.onnx", "gaussians.splat"):
+        assert (out / "export" / name).is_file(), name
+    bench = json.loads((out / "bench.json").read_text())
+    names = {v["name"] for v in bench["variants"]}
+    assert {"3dgs", "nelf-torch", "onnx-fp32", "onnx-int8"} <= names, names
+    for name in ("onnx-int8", "3dgs"):
+        assert name in stdout
+    assert f"budget3d view {out}" in stdout
 
 
 def test_ctrl_c_during_cli_train_saves_and_resumes(capsys, tmp_path, data, monkeypatch):
