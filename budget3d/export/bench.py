@@ -63,10 +63,11 @@ WARMUP = 2
 def add_arguments(p):
     p.add_argument("run", help="run folder written by 'budget3d train' (and distill / export for the NeLF variants)")
     p.add_argument("--quick", action="store_true",
-                   help="fewer frames, only the NeLF's own resolution and half of it (well under a minute on the demo)")
+                   help="5 frames per figure, each variant's own resolution only, 12 views (~15 s on the demo)")
     p.add_argument("--threads", default="1,2", metavar="N[,N...]", help="thread counts to measure (default 1,2)")
     p.add_argument("--resolutions", metavar="WxH[,WxH...]",
                    help="output sizes for latency, besides each variant's own (default: the NeLF's size / 2 and / 4)")
+    p.add_argument("--views", type=int, metavar="N", help="test views for quality, evenly spaced (default 24, quick 12)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -80,7 +81,10 @@ def main(args) -> int:
     res = None
     if args.resolutions:
         res = [_parse_wh(t) for t in str(args.resolutions).split(",") if t.strip()]
-    result = run_bench(args.run, quick=args.quick, threads=threads, resolutions=res, progress=not args.quiet)
+    if args.views is not None and args.views < 1:
+        raise UserError(f"--views {args.views}: expected at least one view")
+    result = run_bench(args.run, quick=args.quick, threads=threads, resolutions=res, progress=not args.quiet,
+                       max_views=args.views)
     print(table(result))
     for line in _notes(result):
         print(line)
