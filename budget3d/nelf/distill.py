@@ -68,7 +68,7 @@ class DistillConfig:
     backend: str = "auto"  # teacher renderer: auto | torch | cpu | cuda
     checkpoint_every: int = 500
     log_every: int = 10
-    eval_every: int = 0  # steps between test-view evaluations for the PSNR-time curve (0 = only at the end)
+    eval_every: int = 0  # steps between test-view evaluations for the PSNR-time curve (0 = ten along the run)
     eval: bool = True  # evaluate on the test views at the end
     strip_views: int = 3  # test views in strip.png
 
@@ -376,7 +376,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             d.step = step + 1
             d.seconds += time.perf_counter() - t0
             _log(d, bar, step, loss)
-            if cfg.eval_every and d.step % cfg.eval_every == 0 and d.step < cfg.iters and d.main:
+            every = cfg.eval_every or max(1, cfg.iters // 10)
+            if cfg.eval and d.step % every == 0 and d.step < cfg.iters and d.main:  # not timed
                 d.history.append({"step": d.step, "seconds": round(d.seconds, 3),
                                   "test_psnr_vs_teacher": round(_quick_eval(d), 3)})
             stop = _any_rank(d, (on_step is not None and on_step(d)) or ctrl_c.requested)

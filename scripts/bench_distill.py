@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""PSNR against time for NeLF distillation recipes: the default and the levers tried.
+
+Each variant is ``name:key=value,key=value`` over ``DistillConfig`` fields, run on a copy of the
+run folder (``RUN/nelf`` of the original is never touched), with a test-view evaluation against
+the teacher at ``--points`` moments; the timer excludes those evaluations. Writes one JSON with
+every curve and a PNG (PSNR against the teacher vs seconds, one line per variant).
+
+    python scripts/bench_distill.py runs/demo                                 # the CPU default
+    python scripts/bench_distill.py runs/demo --iters 6000 \\
+        --variants "tiny:preset=tiny" "small:preset=small" "batch8:batch=8,lr=0.005" \\
+        --json docs/distill_levers.json --png docs/distill_levers.png
+    # variants side by side, one core each, then one plot:
+    OMP_NUM_THREADS=1 python scripts/bench_distill.py RUN --variants "a:..." --json a.json &
+    OMP_NUM_THREADS=1 python scripts/bench_distill.py RUN --variants "b:..." --json b.json; wait
+    python scripts/bench_distill.py --merge a.json,b.json --json all.json --png all.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from budget3d.errors import UserError
+from budget3d.nelf.distill import DistillConfig, distill
+
+FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, body = text.partition(":")
+    kw = {}
+    for item in filter(None, body.split(",")):
+        k, _, v = item.partition("=")
+        if k not in FIELDS:
+            raise UserError(f"variant {name!r}: {k!r} is not a DistillConfig field ({', '.join(FIELDS)})")
+        default = FIELDS[k].default
+        kw[k] = v if isinstance(default, str) or default is None else type(default)(
+            v.lower() in ("1", "true", "yes") if isinstance(default, bool) else float(v) if isinstance(default, float)
+            else int(float(v)) if isinstance(default, int) else v)
+    return name or "default", kw
+
+
+def run_variant(run: Path, name: str, kw: dict, iters: int, points: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
+        copy = Path(tmp) / "run"
+        copy.mkdir()
+        for f in ("gaussians.ply", "config.json"):
+            shutil.copy(run / f, copy / f)
+        kw = {"iters": iters, **kw}
+        cfg = DistillConfig(run=str(copy), eval_every=max(1, kw["iters"] // points), checkpoint_every=0, **kw)
+        t0 = time.time()
+        m = distill(cfg, progress=sys.stderr.isatty())
+        curve = [(h["seconds"], h["test_psnr_vs_teacher"]) for h in m["history"] if "test_psnr_vs_teacher" in h]
+        return {"name": name, "settings": kw, "curve": curve, "wall_seconds": round(time.time() - t0, 1),
+                **{k: m.get(k) for k in ("preset", "params", "macs_per_frame", "resolution", "distill_seconds",
+                                         "threads", "student_vs_teacher_psnr", "student_psnr", "teacher_psnr")}}
+
+
+def plot(rows: list, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for r in rows:
+        xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+        ax.plot(xs, ys, "o-", ms=3, label=f"{r['name']} ({r['student_vs_teacher_psnr']:.2f} dB)")
+    ax.axhline(25, color="grey", ls=":", lw=1)
+    ax.set_xlabel("distillation seconds (evaluations excluded)")
+    ax.set_ylabel("test PSNR against the teacher (dB)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", nargs="?", help="run folder written by 'budget3d train'")
+    p.add_argument("--variants", nargs="*", default=["default:"], help="name:key=value,... (DistillConfig fields)")
+    p.add_argument("--iters", type=int, default=DistillConfig.iters, help="steps unless a variant sets iters")
+    p.add_argument("--points", type=int, default=10, help="evaluations along each run")
+    p.add_argument("--merge", help="comma-separated JSON files from earlier runs, merged instead of running")
+    p.add_argument("--json", default="bench_distill.json")
+    p.add_argument("--png", default="bench_distill.png")
+    args = p.parse_args(argv)
+    if args.merge:
+        rows = [r for f in args.merge.split(",") for r in json.loads(Path(f).read_text())["variants"]]
+        source = "merged: " + args.merge
+    else:
+        if not args.run:
+            p.error("give a run folder (or --merge)")
+        run = Path(args.run)
+        if not (run / "gaussians.ply").is_file():
+            raise SystemExit(f"{run}: no gaussians.ply; give a folder written by 'budget3d train'")
+        rows = []
+        for text in args.variants:
+            name, kw = parse_variant(text)
+            rows.append(run_variant(run, name, kw, args.iters, args.points))
+            r = rows[-1]
+            print(f"{name:14s} {r['student_vs_teacher_psnr']:6.2f} dB vs teacher  {r['distill_seconds']:7.1f} s  "
+                  f"{r['threads']} threads  curve " + " ".join(f"{s:.0f}s:{v:.1f}" for s, v in r["curve"]), flush=True)
+        source = str(run)
+    Path(args.json).write_text(json.dumps({"source": source, "variants": rows}, indent=1) + "\n")
+    plot(rows, Path(args.png), f"NeLF distillation: {source}")
+    print(f"wrote {args.json} and {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
