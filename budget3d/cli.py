@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--resolution", metavar="WxH|W", help="NeLF formats: output size (default: the student's own)")
     x.add_argument("--max-mb", type=float, help="onnx-mixed: stop keeping layers in float once the file is this small")
     x.add_argument("--max-drop-db", type=float, help="onnx-mixed: PSNR drop allowed against fp32 (default 0.3)")
+    x.add_argument("--web-nelf", choices=["int8", "fp32"], default="int8",
+                   help="web: which ONNX the page runs (default int8: smaller and faster on phones)")
 
     import importlib
 
@@ -486,7 +488,7 @@ def cmd_export(args) -> int:
         elif fmt == "web":
             from budget3d.export.web import export_web
 
-            result = export_web(run, out)
+            result = export_web(run, out, variant=args.web_nelf)
             print(f"{fmt:9s} " + "  ".join(f"{k}: {v}" for k, v in (result or {}).items()))
         else:
             opts = {"resolution": args.resolution, "max_mb": args.max_mb, "max_drop_db": args.max_drop_db}
