@@ -86,6 +86,9 @@ class ViewerApp:
         server.initial_camera.look_at = tuple(self._look_at_point(c2w))
         server.initial_camera.up = tuple(float(v) for v in self.run.up)
         server.initial_camera.fov = float(fov)
+        # warm the renderers (numba kernels load, torch allocates) so the first frame is not an outlier
+        engine.render_frame(self.run, self.nelf, c2w, fov, 1.0, Settings(runtime=(self.run.runtimes() or ["torch"])[0],
+                                                                          scale=0.25))
         server.on_client_connect(self._connect)
         server.on_client_disconnect(self._disconnect)
         return self
