@@ -84,7 +84,9 @@ def main() -> int:
     summary = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM,
-                                    args=["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--no-sandbox"])
+                                    args=["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--no-sandbox",
+                                          "--disable-renderer-backgrounding", "--disable-background-timer-throttling",
+                                          "--disable-backgrounding-occluded-windows"])
 
         if args.screenshots:
             screenshots(browser, app, Path(args.screenshots))
@@ -126,6 +128,7 @@ def main() -> int:
         sessions = list(app.sessions.values())
         summary = {
             "run": str(args.run), "seconds": args.seconds, "clients": args.clients,
+            "camera_drags": step * args.clients,
             "frames_rendered": app.frames_rendered,
             "frames_shown_live_clients": sum(s.frames_sent for s in sessions),
             "frames_dropped_live_clients": sum(s.frames_dropped for s in sessions),
