@@ -77,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="distill a run's Gaussians into a MobileR2L-style neural light field (RUN/nelf/)")
     n.add_argument("run", help="run folder written by 'budget3d train'")
     n.add_argument("--preset", choices=["tiny", "small", "mobile-int8", "mobile-r2l"],
-                   help="student network (default: tiny on CPU, mobile-r2l on CUDA)")
-    n.add_argument("--iters", type=int, help="optimisation steps (default: 2000 on CPU, 20000 on CUDA)")
+                   help="student network (default: small on CPU, mobile-r2l on CUDA)")
+    n.add_argument("--iters", type=int, help="optimisation steps (default: 4000 on CPU, 20000 on CUDA)")
     n.add_argument("--resolution", metavar="WxH|W",
                    help="output size, multiples of the preset's upsampling factor (default: the scene's image size)")
     n.add_argument("--batch", type=int, help="teacher views per step (default 4; under torchrun the global batch, split over the processes)")
@@ -414,7 +414,7 @@ def cmd_distill(args) -> int:
             raise UserError(f"{args.run}/nelf already holds a distillation; continue it with --resume, "
                             "or move that folder away to start again")
         cuda = _pick_device(args.device).type == "cuda"
-        defaults = {"preset": "mobile-r2l", "iters": 20000} if cuda else {"preset": "tiny", "iters": 2000}
+        defaults = {"preset": "mobile-r2l", "iters": 20000} if cuda else {"preset": "small", "iters": 4000}
         cfg = DistillConfig(run=args.run, device=args.device, backend=args.backend, **{**defaults, **given})
     m = distill(cfg, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports

@@ -49,8 +49,8 @@ class DistillConfig:
     """Everything a distillation depends on; saved in its checkpoint (a resume reuses it)."""
 
     run: str = ""  # run folder written by 'budget3d train' (holds gaussians.ply and config.json)
-    preset: str = "tiny"  # tiny | small | mobile-int8 | mobile-r2l (budget3d.nelf.net.PRESETS)
-    iters: int = 2000  # optimisation steps
+    preset: str = "small"  # tiny | small | mobile-int8 | mobile-r2l (budget3d.nelf.net.PRESETS)
+    iters: int = 4000  # optimisation steps
     batch: int = 4  # teacher views per step (whole images)
     lr: float = 3e-3  # peak AdamW learning rate
     weight_decay: float = 1e-2  # AdamW's decoupled weight decay
