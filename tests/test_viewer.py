@@ -22,7 +22,7 @@ def wait_until(cond, timeout=30.0, what="condition"):
     t = time.time()
     while time.time() - t < timeout:
         v = cond()
-        if v:
+        if v is not None and (isinstance(v, np.ndarray) or v):
             return v
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
