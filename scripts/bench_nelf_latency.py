@@ -132,7 +132,7 @@ def main(argv=None) -> int:
                        "params": files[preset]["params"], "gmac": round(files[preset]["gmac"], 1), **stats[name],
                        "vs_paper_fp32": round(stats[name]["median"] / base, 3)}
                 if not args.no_profile:
-                    prof = profile_onnx(files[preset][dt], eval_poses, Path(tmp) / name.replace(" ", "-"), runs=1, top=3)
+                    prof = profile_onnx(files[preset][dt], eval_poses, Path(tmp) / name.replace(" ", "-"), runs=2, top=3)
                     row["top_ops"] = prof["top_ops"]
                 results["variants"][name] = row
     v = results["variants"]
