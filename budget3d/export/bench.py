@@ -86,7 +86,7 @@ def main(args) -> int:
     result = run_bench(args.run, quick=args.quick, threads=threads, resolutions=res, progress=not args.quiet,
                        max_views=args.views)
     print(table(result))
-    for line in _notes(result):
+    for line in notes(result):
         print(line)
     print(f"files:   {Path(args.run) / 'bench.json'}, {Path(args.run) / 'bench.png'}")
     return 0
@@ -271,7 +271,6 @@ class _Bench:
     """The state shared by the variants of one run: test views, cameras, poses, the student."""
 
     def __init__(self, run: Path, tmp: Path, max_views: int = 0):
-        import numpy as np
         import torch
 
         from budget3d.export.onnx import _c2w
@@ -303,7 +302,6 @@ class _Bench:
 
             self.model, self.payload = load_student(run / "nelf" / "student.pt")
         self._gt, self._calib, self._tmp_onnx = {}, None, {}
-        self.np = np
 
     # ground truth at a resolution, as distillation's _gt: area-averaged when it differs
     def gt(self, res) -> list:
@@ -761,7 +759,8 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _notes(result: dict) -> list:
+def notes(result: dict) -> list:
+    """Lines for under the table: where the ONNX time goes, the ratios, the missing variants."""
     out = []
     for r in result["variants"]:
         if r.get("top_ops"):
