@@ -787,13 +787,13 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, key, label in ((axes[0], "latency", "median latency at 1 thread (ms, log)"),
                            (axes[1], "size", "file size (MB, log)")):
-        for r in rows:
+        for i, r in enumerate(rows):
             x = (r.get("latency_ms", {}).get("1") or {}).get("median") if key == "latency" else r["size_mb"]
             if not x:
                 continue
             kind = "o" if r["name"].startswith("3dgs") else ("s" if "int8" in r["name"] or "mixed" in r["name"] else "^")
             ax.scatter([x], [r["psnr"]], marker=kind, s=50)
-            ax.annotate(r["name"], (x, r["psnr"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(r["name"], (x, r["psnr"]), textcoords="offset points", xytext=(5, 4 if i % 2 == 0 else -11), fontsize=8)  # alternate: neighbours overlap less
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}" if f"{x:.1g}"[0] in "25" else ""))
