@@ -219,3 +219,23 @@ def test_ddp_batch_must_split(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(UserError, match="multiple of 2"):
         distill(cfg_for(run, batch=3), progress=False)
+
+
+def test_crops_are_windows_of_the_whole_view(tmp_path):
+    """A crop's rays and teacher pixels are exactly the whole view's inside the window."""
+    run = make_run(tmp_path)
+    d = setup(cfg_for(run, crop=16))
+    idx = d.poses.batch(3, 4)
+    gt, cams = d.batch(3, idx)
+    assert gt.shape == (4, 16, 16, 3) and all((c.width, c.height) == (16, 16) for c in cams)
+    s = d.model.scale
+    for i, (img, cam) in enumerate(zip(gt, cams)):
+        full_cam = at_resolution(d.poses.camera(idx[i]), d.width, d.height)
+        x0, y0 = round(full_cam.cx - cam.cx), round(full_cam.cy - cam.cy)
+        assert x0 % s == 0 and y0 % s == 0 and 0 <= x0 <= 16 and 0 <= y0 <= 16
+        assert torch.equal(img, d.target(idx[i])[y0:y0 + 16, x0:x0 + 16])
+        whole = d.inputs([full_cam])[0]
+        part = d.inputs([cam], resize=False)[0]
+        assert torch.allclose(part, whole[:, y0 // s:(y0 + 16) // s, x0 // s:(x0 + 16) // s], atol=1e-5)
+    m = distill(cfg_for(run, crop=16, iters=40), progress=False)
+    assert m["student_vs_teacher_psnr"] > m["mean_colour_psnr"]

@@ -51,7 +51,8 @@ class DistillConfig:
     run: str = ""  # run folder written by 'budget3d train' (holds gaussians.ply and config.json)
     preset: str = "small"  # tiny | small | mobile-int8 | mobile-r2l (budget3d.nelf.net.PRESETS)
     iters: int = 4000  # optimisation steps
-    batch: int = 4  # teacher views per step (whole images)
+    batch: int = 4  # teacher views per step (whole images, or one crop of each)
+    crop: int = 0  # train on random crop x crop windows of the views (a multiple of the preset's scale); 0 = whole views
     lr: float = 3e-3  # peak AdamW learning rate
     weight_decay: float = 1e-2  # AdamW's decoupled weight decay
     warmup: int = 100  # steps of linear warm-up, then cosine decay to lr_final_frac * lr
@@ -300,17 +301,38 @@ class Distiller:
             self.cache.move_to_end(pose)
         return img.float() / 255.0
 
-    def inputs(self, cameras: list) -> torch.Tensor:
-        """The encoded rays (B, 3K(2L+1), H/s, W/s) of ``cameras``."""
+    def batch(self, step: int, idx: list) -> tuple:
+        """(teacher images (B, h, w, 3), cameras) of pool poses ``idx`` for ``step``: whole views at
+        the output resolution, or with ``crop`` one random window of each (on the ray grid, so a
+        crop's rays are exactly the whole view's; the window is a pure function of (seed, step, i))."""
+        cams = [at_resolution(self.poses.camera(i), self.width, self.height) for i in idx]
+        imgs = [self.target(i) for i in idx]
+        c, s = self.cfg.crop, self.model.scale
+        if not c or (c >= self.width and c >= self.height):
+            return torch.stack(imgs), cams
+        cw, ch = min(c, self.width), min(c, self.height)
+        g = np.random.default_rng([self.cfg.seed, 13, int(step)])
+        out_i, out_c = [], []
+        for img, cam in zip(imgs, cams):
+            x0 = int(g.integers(0, (self.width - cw) // s + 1)) * s
+            y0 = int(g.integers(0, (self.height - ch) // s + 1)) * s
+            out_i.append(img[y0:y0 + ch, x0:x0 + cw])
+            out_c.append(Camera(cam.fx, cam.fy, cam.cx - x0, cam.cy - y0, cw, ch, cam.world_to_camera))
+        return torch.stack(out_i), out_c
+
+    def inputs(self, cameras: list, resize: bool = True) -> torch.Tensor:
+        """The encoded rays (B, 3K(2L+1), H/s, W/s) of ``cameras``, brought to the output
+        resolution first (``resize=False``: as given, e.g. crops of it)."""
         s = self.model.scale
-        rays = [camera_rays(at_resolution(c, self.width, self.height), s, device=self.device) for c in cameras]
+        rays = [camera_rays(at_resolution(c, self.width, self.height) if resize else c, s, device=self.device)
+                for c in cameras]
         o = torch.stack([r[0] for r in rays])
         d = torch.stack([r[1] for r in rays])
         return encode(o, d, self.near, self.far, k=self.cfg.n_points, freqs=self.cfg.freqs)
 
-    def student(self, cameras: list, net: Optional[torch.nn.Module] = None) -> torch.Tensor:
+    def student(self, cameras: list, net: Optional[torch.nn.Module] = None, resize: bool = True) -> torch.Tensor:
         """(B, H, W, 3) student images of ``cameras`` (in the model's current train/eval mode)."""
-        return (net or self.model)(self.inputs(cameras)).permute(0, 2, 3, 1)
+        return (net or self.model)(self.inputs(cameras, resize)).permute(0, 2, 3, 1)
 
     def save(self) -> None:
         if not self.main:
@@ -367,8 +389,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             for g in d.optimizer.param_groups:
                 g["lr"] = lr_at(cfg, step)
             idx = d.poses.batch(step, cfg.batch)[d.rank::d.world]  # this rank's share of the global batch
-            gt = torch.stack([d.target(i) for i in idx])
-            img = d.student([d.poses.camera(i) for i in idx], d.net)
+            gt, cams = d.batch(step, idx)
+            img = d.student(cams, d.net, resize=False)
             loss = F.mse_loss(img, gt)
             d.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP: gradients averaged over the ranks here
@@ -570,6 +592,8 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
 def _check_config(cfg: DistillConfig) -> None:
     if cfg.preset not in PRESETS:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    if cfg.crop < 0:
+        raise UserError(f"crop must be >= 0 (got {cfg.crop!r}; 0 trains on whole views)")
     for name in ("iters", "batch", "n_points", "freqs", "cache_mb", "log_every"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
