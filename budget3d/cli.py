@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     n.add_argument("--backend", choices=["auto", "torch", "cpu", "cuda"], default="auto",
                    help="teacher renderer backend")
+    n.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any DistillConfig field by name, e.g. --set crop=64 --set lr=0.005 (repeatable; "
+                        "budget3d/nelf/distill.py lists them)")
     n.add_argument("--resume", action="store_true", help="continue the distillation in RUN/nelf from its checkpoint")
     n.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -196,13 +199,15 @@ def _converter(tp):
     return convert
 
 
-def _config_fields() -> dict:
-    """{name: (converter, default)} of every settable TrainConfig field, read now (fields may be added)."""
-    from budget3d.train import TrainConfig
+def _config_fields(cls=None) -> dict:
+    """{name: (converter, default)} of every settable field of ``cls`` (TrainConfig by default),
+    read now (fields may be added)."""
+    if cls is None:
+        from budget3d.train import TrainConfig as cls
 
-    hints = typing.get_type_hints(TrainConfig)
+    hints = typing.get_type_hints(cls)
     out = {}
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         if f.name in NOT_SETTABLE or f.name.startswith("_"):
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -250,7 +255,7 @@ def _field_name(key: str, fields: dict, where: str) -> str:
     if name not in fields:
         close = difflib.get_close_matches(name, list(fields), n=3)
         hint = f"did you mean {', '.join(close)}?" if close else "see: budget3d train --help"
-        raise UserError(f"{where}unknown training setting {key!r}; {hint}")
+        raise UserError(f"{where}unknown setting {key!r}; {hint}")
     return name
 
 
@@ -404,6 +409,8 @@ def cmd_distill(args) -> int:
     from budget3d.train.trainer import _pick_device
 
     given = {k: getattr(args, k) for k in ("preset", "iters", "resolution", "batch") if getattr(args, k) is not None}
+    given.update(_parse_sets(args.set, {k: v for k, v in _config_fields(DistillConfig).items()
+                                        if k not in ("run", "device", "backend")}))
     if args.resume:
         if given:
             flags = ", ".join("--" + k for k in sorted(given))

@@ -239,3 +239,12 @@ def test_crops_are_windows_of_the_whole_view(tmp_path):
         assert torch.allclose(part, whole[:, y0 // s:(y0 + 16) // s, x0 // s:(x0 + 16) // s], atol=1e-5)
     m = distill(cfg_for(run, crop=16, iters=40), progress=False)
     assert m["student_vs_teacher_psnr"] > m["mean_colour_psnr"]
+
+
+def test_cli_set_reaches_the_config(tmp_path):
+    run = make_run(tmp_path)
+    assert main(["distill", str(run), "--preset", "tiny", "--iters", "12", "--resolution", "32x32", "--backend", "cpu",
+                 "--set", "crop=16", "--set", "lr=0.004", "--quiet"]) == 0
+    saved = torch.load(run / "nelf" / "checkpoint.pt", weights_only=False)["config"]
+    assert saved["crop"] == 16 and saved["lr"] == 0.004 and saved["iters"] == 12
+    assert main(["distill", str(run), "--set", "nope=1"]) == 2
