@@ -248,3 +248,19 @@ def test_cli_set_reaches_the_config(tmp_path):
     saved = torch.load(run / "nelf" / "checkpoint.pt", weights_only=False)["config"]
     assert saved["crop"] == 16 and saved["lr"] == 0.004 and saved["iters"] == 12
     assert main(["distill", str(run), "--set", "nope=1"]) == 2
+
+
+def test_real_image_fine_tune_draws_training_photos(tmp_path):
+    run = make_run(tmp_path)
+    d = setup(cfg_for(run, iters=40, real_steps=10))
+    assert all(i < d.poses.n_train for s in range(30, 40) for i in d.poses.batch(s, 4, real=True))
+    gt, _ = d.batch(35, [0, 1])
+    from budget3d.nelf.distill import _gt
+
+    photo = (_gt(d, d.scene.train[0]) * 255 + 0.5).to(torch.uint8).float() / 255
+    assert torch.equal(gt[0], photo)  # the photo itself, not the teacher's render
+    assert ("real", 0) in d.cache and 0 not in d.cache
+    m = distill(cfg_for(run, iters=40, real_steps=10), progress=False)
+    assert m["student_psnr"] > m["mean_colour_psnr"]
+    with pytest.raises(UserError, match="real_steps"):
+        distill(cfg_for(tmp_path, iters=10, real_steps=11), progress=False)

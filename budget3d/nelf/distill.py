@@ -52,6 +52,7 @@ class DistillConfig:
     preset: str = "small"  # tiny | small | mobile-int8 | mobile-r2l (budget3d.nelf.net.PRESETS)
     iters: int = 4000  # optimisation steps
     batch: int = 4  # teacher views per step (whole images, or one crop of each)
+    real_steps: int = 0  # the last real_steps steps fine-tune on the real training images (training poses only)
     crop: int = 0  # train on random crop x crop windows of the views (a multiple of the preset's scale); 0 = whole views
     lr: float = 3e-3  # peak AdamW learning rate
     weight_decay: float = 1e-2  # AdamW's decoupled weight decay
@@ -175,12 +176,13 @@ class PoseSampler:
             w2c = _look_at(eye, target, self.up)
         return Camera(base.fx, base.fy, base.cx, base.cy, base.width, base.height, w2c)
 
-    def batch(self, step: int, size: int) -> list[int]:
-        """The pose indices of ``step``: a pure function of (seed, step), so a resume draws the same."""
+    def batch(self, step: int, size: int, real: bool = False) -> list[int]:
+        """The pose indices of ``step``: a pure function of (seed, step), so a resume draws the same.
+        ``real``: training poses only (their photos are the targets)."""
         g = np.random.default_rng([self.seed, 11, int(step)])
         out = []
         for _ in range(size):
-            if self.n_poses == self.n_train or g.random() < self.train_frac:
+            if real or self.n_poses == self.n_train or g.random() < self.train_frac:
                 out.append(int(g.integers(self.n_train)))
             else:
                 out.append(int(g.integers(self.n_train, self.n_poses)))
@@ -301,12 +303,22 @@ class Distiller:
             self.cache.move_to_end(pose)
         return img.float() / 255.0
 
+    def real(self, pose: int) -> torch.Tensor:
+        """Training view ``pose``'s ground-truth image at the output resolution (cached like the teacher's)."""
+        key = ("real", pose)
+        if key not in self.cache:
+            self.cache[key] = (_gt(self, self.scene.train[pose]) * 255 + 0.5).to(torch.uint8)
+        return self.cache[key].float() / 255.0
+
     def batch(self, step: int, idx: list) -> tuple:
         """(teacher images (B, h, w, 3), cameras) of pool poses ``idx`` for ``step``: whole views at
         the output resolution, or with ``crop`` one random window of each (on the ray grid, so a
         crop's rays are exactly the whole view's; the window is a pure function of (seed, step, i))."""
         cams = [at_resolution(self.poses.camera(i), self.width, self.height) for i in idx]
-        imgs = [self.target(i) for i in idx]
+        if step >= self.cfg.iters - self.cfg.real_steps:  # fine-tune on the photos themselves
+            imgs = [self.real(i) for i in idx]
+        else:
+            imgs = [self.target(i) for i in idx]
         c, s = self.cfg.crop, self.model.scale
         if not c or (c >= self.width and c >= self.height):
             return torch.stack(imgs), cams
@@ -388,7 +400,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             d.net.train()
             for g in d.optimizer.param_groups:
                 g["lr"] = lr_at(cfg, step)
-            idx = d.poses.batch(step, cfg.batch)[d.rank::d.world]  # this rank's share of the global batch
+            idx = d.poses.batch(step, cfg.batch, real=step >= cfg.iters - cfg.real_steps)[d.rank::d.world]
             gt, cams = d.batch(step, idx)
             img = d.student(cams, d.net, resize=False)
             loss = F.mse_loss(img, gt)
@@ -594,6 +606,8 @@ def _check_config(cfg: DistillConfig) -> None:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     if cfg.crop < 0:
         raise UserError(f"crop must be >= 0 (got {cfg.crop!r}; 0 trains on whole views)")
+    if not 0 <= cfg.real_steps <= cfg.iters:
+        raise UserError(f"real_steps must be between 0 and iters ({cfg.iters}), got {cfg.real_steps!r}")
     for name in ("iters", "batch", "n_points", "freqs", "cache_mb", "log_every"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < 1:
