@@ -343,9 +343,11 @@ class Nelf:
                     ex.export_torch(ex.pose_model(self.model, self.payload, res), fp32)
                 path = d / ONNX_FILES[runtime]
                 if runtime != "onnx" and not path.is_file():
-                    enc, _ = ex.encoding_nodes(fp32)
-                    floats = list(self.sidecars.get(runtime, {}).get("float_convs", []))
-                    ex.quantize(fp32, path, self._calibration_poses(), exclude=list(enc) + floats)
+                    variant = "onnx-int8" if runtime == "onnx-int8" else "onnx-mixed"
+                    exclude = ex.recipe_exclude(fp32, self.sidecars.get(runtime, {}), variant)
+                    if exclude is None:  # the sidecar does not say: its head float, as the int8 export does
+                        exclude = ex.recipe_exclude(fp32, {}, "onnx-int8")
+                    ex.quantize(fp32, path, self._calibration_poses(), exclude=exclude)
             self._files[key] = path
             return path
 

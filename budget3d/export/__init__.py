@@ -1,12 +1,19 @@
-"""Exports for devices: splat files (ply / splat / spz, and readers of other tools' files) here;
-the NeLF's ONNX export lives in ``budget3d.export.onnx`` (imported on demand)."""
+"""Exports for devices: splat files (ply / splat / spz, and readers of other tools' files) in
+``budget3d.export.splats``; the NeLF's ONNX export in ``budget3d.export.onnx``; ``pte``, ``web``
+and ``bench`` beside them. Names are imported on first use, so ``budget3d --help`` (which imports
+the bench and web modules for their flags) does not load torch."""
 
-from budget3d.export.splats import (
-    FORMATS, importance, load_any, load_compressed_ply, load_splat, load_spz, look_at, orbit_cameras, orbit_scores,
-    read_spz_streams, reprune, run_scores, save_any, save_splat, save_spz, sniff,
-)
-
-__all__ = [
+_SPLATS = (
     "FORMATS", "importance", "load_any", "load_compressed_ply", "load_splat", "load_spz", "look_at", "orbit_cameras",
     "orbit_scores", "read_spz_streams", "reprune", "run_scores", "save_any", "save_splat", "save_spz", "sniff",
-]
+)
+
+__all__ = list(_SPLATS)
+
+
+def __getattr__(name):
+    if name in _SPLATS:
+        from budget3d.export import splats
+
+        return getattr(splats, name)
+    raise AttributeError(f"module 'budget3d.export' has no attribute {name!r}")

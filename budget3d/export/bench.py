@@ -328,7 +328,7 @@ class _Bench:
     def onnx_at(self, variant: str, sidecar: dict, res) -> Path:
         """A temporary ONNX file of ``variant`` at ``res``: exported from student.pt, quantized
         with the float convs its sidecar records (None when that cannot be reproduced)."""
-        from budget3d.export.onnx import encoding_nodes, export_torch, pose_model, quantize
+        from budget3d.export.onnx import export_torch, pose_model, quantize, recipe_exclude
 
         if self.model is None:
             return None
@@ -341,13 +341,12 @@ class _Bench:
                 export_torch(pose_model(self.model, self.payload, res), fp32)
             path = fp32
             if variant != "onnx-fp32":
-                enc, convs = encoding_nodes(fp32)
-                floats = sidecar.get("float_convs", [convs[0]] if variant == "onnx-int8" else None)
-                if floats is None or any(c not in convs for c in floats):
+                exclude = recipe_exclude(fp32, sidecar, variant)
+                if exclude is None:
                     path = None
                 else:
                     path = self.tmp / f"{variant}-{_key(res)}.onnx"
-                    quantize(fp32, path, self.calib(), exclude=list(enc) + list(floats))
+                    quantize(fp32, path, self.calib(), exclude=exclude)
         self._tmp_onnx[key] = path
         return path
 

@@ -234,6 +234,51 @@ def encoding_nodes(model_path) -> tuple[list, list]:
     return sorted(seen), [n.name for n in convs]
 
 
+def tail_nodes(model_path) -> list:
+    """Names of the last conv (the 1x1 conv to RGB) and every node after it (sigmoid, layout):
+    a handful of MACs whose int8 rounding lands straight on the output pixels."""
+    import onnx
+
+    g = onnx.load(str(model_path), load_external_data=False).graph
+    convs = [n for n in g.node if n.op_type in CONV_OPS]
+    consumers = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out, stack = {convs[-1].name}, list(convs[-1].output)
+    while stack:
+        for n in consumers.get(stack.pop(), []):
+            if n.name not in out:
+                out.add(n.name)
+                stack.extend(n.output)
+    return sorted(out)
+
+
+def recipe_exclude(fp32_path, sidecar: dict, variant: str) -> Optional[list]:
+    """The nodes to keep float when re-quantizing ``fp32_path`` (the same student, exported at
+    another size) as the quantized file described by ``sidecar`` (its .json) was; None when the
+    sidecar does not say. Files from before the tail was kept float record no quantize_tail."""
+    enc, convs = encoding_nodes(fp32_path)
+    floats = sidecar.get("float_convs", [convs[0]] if variant == "onnx-int8" else None)
+    if floats is None or any(c not in convs for c in floats):
+        return None
+    tail = [] if sidecar.get("quantize_tail", True) else tail_nodes(fp32_path)
+    return list(enc) + tail + list(floats)
+
+
+def strip_metadata(path) -> None:
+    """Drop the exporter's per-node doc strings and metadata (~0.2 MB on mobile-int8; same outputs)."""
+    import onnx
+
+    m = onnx.load(str(path))
+    for n in m.graph.node:
+        n.doc_string = ""
+        del n.metadata_props[:]
+    tmp = Path(path).with_name(Path(path).stem + ".strip.onnx")
+    onnx.save(m, str(tmp))
+    os.replace(tmp, path)
+
+
 def quantize(fp32_path, out_path, calib_poses: list, *, exclude: list = (), only: Optional[list] = None,
              per_channel: bool = True) -> None:
     """quantize_static, QDQ, per-channel weights, QUInt8 activations and QInt8 weights.
@@ -246,6 +291,7 @@ def quantize(fp32_path, out_path, calib_poses: list, *, exclude: list = (), only
                     per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     nodes_to_exclude=list(exclude), nodes_to_quantize=list(only) if only else None,
                     calibrate_method=CalibrationMethod.MinMax)
+    strip_metadata(tmp)
     os.replace(tmp, out_path)
 
 
@@ -389,6 +435,10 @@ def export(run_dir: Path, fmt: str, out_dir: Path, **opts) -> dict:
         else:
             enc, convs = encoding_nodes(src)
             quantize_head = bool(opts.get("quantize_head", False))
+            quantize_tail = bool(opts.get("quantize_tail", False))
+            tail = [] if quantize_tail else tail_nodes(src)
+            enc = list(enc) + tail  # the RGB conv and what follows stay float in every variant by default
+            result["quantize_tail"] = quantize_tail
             if fmt == "onnx-int8":
                 keep = list(enc) + ([] if quantize_head else [convs[0]])
                 quantize(src, path, calib, exclude=keep)
@@ -449,6 +499,7 @@ def _mixed(src, path, calib, evals, teacher, enc, convs, max_drop_db, max_mb, pr
         one = Path(tmp) / "one.onnx"
         from tqdm import tqdm
 
+        convs = [c for c in convs if c not in enc]  # the tail, when kept float, is not a choice
         for name in tqdm(convs, desc="per-layer sensitivity", unit="conv", disable=not progress, leave=False):
             quantize(src, one, calib, exclude=enc, only=[name])
             table.append({"node": name, "module": modules.get(name, name), "params": params.get(name, 0),
@@ -467,8 +518,13 @@ def _mixed(src, path, calib, evals, teacher, enc, convs, max_drop_db, max_mb, pr
             quantize(src, trial, calib, exclude=list(enc) + floats + [r["node"]])
             if max_mb is not None and size_mb(trial) > float(max_mb):
                 break
+            d_trial = drop(trial)
+            if d_trial > d_cur - 0.01:  # keeping this one float did not help: leave it int8
+                steps.append({"float": list(floats), "tried": r["node"], "drop_db": d_trial, "size_mb": size_mb(trial),
+                              "kept": False})
+                continue
             floats.append(r["node"])
-            cur, d_cur = trial, drop(trial)
+            cur, d_cur = trial, d_trial
             steps.append({"float": list(floats), "drop_db": d_cur, "size_mb": size_mb(trial)})
         os.replace(cur, path)
     for r in table:

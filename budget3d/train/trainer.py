@@ -33,64 +33,7 @@ from budget3d.train.metrics import evaluate, peak_memory_mb, plot_progress, psnr
 from budget3d.train.optim import VisibleAdam, exp_decay
 
 STRATEGIES = ("taming", "default", "mcmc")
-SCORES = ("full", "grad")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on. ``None`` schedule fields are 'auto' (scaled to ``iters``)."""
-
-    data: str = ""  # scene folder (Blender, nerfstudio, COLMAP, LLFF)
-    out: str = "runs/run"  # run folder
-    budget: Optional[str] = None  # "200000", "200k", "15x", "30MB"; not needed for strategy "default"
-    iters: int = 3000
-    device: str = "auto"  # auto | cpu | cuda
-    backend: str = "auto"  # auto | torch | cpu | cuda (budget3d.splat.render)
-    downscale: int = 1
-    sh_degree: int = 3
-    strategy: str = "taming"  # taming | default | mcmc
-    seed: int = 0
-    # initialisation (budget3d/train/init.py): the scene's points, else random ones
-    init_points: int = 5000  # random points when the scene has none
-    init_opacity: float = 0.1  # opacity of the first Gaussians
-    init_bg_fraction: float = 0.5  # points behind the foreground, x max(scene points, init_points) (photos only)
-    # learning rates (3DGS); means are scaled by the scene extent and decay exponentially
-    means_lr: float = 1.6e-4  # x the scene scale, decaying exponentially to means_lr_final
-    means_lr_final: float = 1.6e-6  # x the scene scale, at the last step
-    scales_lr: float = 5e-3  # Adam learning rates of the other parameters (3DGS's)
-    quats_lr: float = 1e-3
-    opacities_lr: float = 5e-2
-    sh0_lr: float = 2.5e-3
-    shN_lr: float = 2.5e-3 / 20
-    ssim_lambda: float = 0.2  # loss = (1 - l) L1 + l (1 - SSIM)
-    random_background: bool = False
-    # schedules (None = auto from iters)
-    sh_up_every: Optional[int] = None  # raise the SH degree every k steps (3DGS: 1000 of 30k)
-    densify_start: Optional[int] = None  # 10% of iters
-    densify_stop: Optional[int] = None  # 60% of iters
-    densify_every: Optional[int] = None  # ~15 densification steps in the window
-    opacity_reset_every: Optional[int] = None  # 3DGS's 3000 in runs of 10k+ steps, else 0 = never
-    # Taming
-    score: str = "full"  # full | grad (ablation: positional gradient only)
-    recycle_frac: float = 0.1  # lowest-score fraction removed and re-grown at each densification step (0 = off)
-    # fast paths
-    visible_adam: bool = True  # Adam only on rows visible in the step (else torch.optim.Adam)
-    shN_every: int = 4  # update higher-order SH every k steps; their gradient is skipped in between
-    # bookkeeping
-    checkpoint_every: int = 1000
-    log_every: int = 10  # steps between progress records (history, progress.png)
-    eval_max_views: int = 0  # test views to evaluate; 0 = every test view
-    save_renders: bool = True  # write renders/ (ground truth | render) for the test views
-    resolved: bool = field(default=False, repr=False)
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+from budget3d.train.config import DEVICES, SCORES, TrainConfig  # noqa: E402,F401
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
