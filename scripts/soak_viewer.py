@@ -92,7 +92,8 @@ def main() -> int:
             screenshots(browser, app, Path(args.screenshots))
 
         def open_tab():
-            page = browser.new_page(viewport={"width": 400, "height": 300})
+            # wide enough that viser's control panel (right) leaves the canvas on the left to drag in
+            page = browser.new_page(viewport={"width": 1000, "height": 640})
             page.goto(app.url)
             page.wait_for_selector("text=NeLF latency:", timeout=120000)
             return page
@@ -105,7 +106,7 @@ def main() -> int:
             el = time.time() - t0
             for k, page in enumerate(pages):  # each tab orbits a little
                 a = 0.35 * step + k
-                x, y = 200 + 60 * math.cos(a), 200 + 30 * math.sin(a)
+                x, y = 300 + 80 * math.cos(a), 320 + 60 * math.sin(a)
                 page.mouse.move(x, y)
                 page.mouse.down()
                 page.mouse.move(x + 25, y + 6, steps=2)
