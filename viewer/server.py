@@ -11,6 +11,7 @@ serialised across clients (``engine.COMPUTE_LOCK``) so each reported latency is 
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import socket
 import threading
@@ -372,17 +373,44 @@ class ClientSession:
         else:
             shown, label = f.splats, f"3DGS CPU · {f.camera.width}x{f.camera.height}"
         u8 = to_u8(shown)
-        with self.client.atomic():
-            self.image.image = u8
-            self.image.label = label
-            if self.full_view:
-                full = f.nelf if (f.nelf is not None and self.view != VIEWS[1]) else f.splats
-                self.client.scene.set_background_image(
-                    to_u8(engine.fit_aspect(full, aspect, self.run.background)), format="jpeg", jpeg_quality=90)
+        bg = None
+        if self.full_view:
+            full = f.nelf if (f.nelf is not None and self.view != VIEWS[1]) else f.splats
+            bg = to_u8(engine.fit_aspect(full, aspect, self.run.background))
+        stats = time.time() - self._last_stats >= STATS_EVERY_S
+
+        def send():
+            with self.client.atomic():
+                self.image.image = u8
+                self.image.label = label
+                if bg is not None:
+                    self.client.scene.set_background_image(bg, format="jpeg", jpeg_quality=90)
+            if stats:
+                self._update_stats(f)
+
+        self._on_viser_loop(send)
         self.last_sent = time.time()
-        if time.time() - self._last_stats >= STATS_EVERY_S:
+        if stats:
             self._last_stats = time.time()
-            self._update_stats(f)
+
+    def _on_viser_loop(self, fn) -> None:
+        """Run ``fn`` (GUI updates) on viser's event-loop thread and wait for it. viser 1.1 pulses an
+        asyncio.Event from the calling thread when a message is queued, which races with the loop
+        (seen as "RuntimeError: deque mutated during iteration" with several render threads)."""
+        loop = getattr(self.app.server, "_event_loop", None)
+        if loop is None or not loop.is_running():
+            fn()
+            return
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            try:
+                done.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the render thread
+                done.set_exception(e)
+
+        loop.call_soon_threadsafe(run)
+        done.result(timeout=30)
 
     def stats(self) -> dict:
         """The figures the stats panel shows, as numbers."""
