@@ -319,15 +319,20 @@ def test_frame_times_under_4x_cpu_throttling(page, web_dir, exported_run, capsys
 
     cfg = cfg_of(web_dir)
     page.evaluate("window.b3d.reset(); window.b3d.setMode('nelf')")
-    free = [f["ms"] for f in page.evaluate("window.b3d.bench(8)")]
     cdp = page.context.new_cdp_session(page)
-    cdp.send("Emulation.setCPUThrottlingRate", {"rate": 4})
     try:
-        throttled = page.evaluate("window.b3d.bench(8)")
+        for attempt in range(3):  # a busy machine (CI neighbours) can blur one pair of samples
+            free = [f["ms"] for f in page.evaluate("window.b3d.bench(12)")]
+            cdp.send("Emulation.setCPUThrottlingRate", {"rate": 4})
+            page.evaluate("window.b3d.bench(2)")  # let the throttling settle
+            throttled = page.evaluate("window.b3d.bench(12)")
+            cdp.send("Emulation.setCPUThrottlingRate", {"rate": 1})
+            ms = [f["ms"] for f in throttled]
+            if np.median(ms) > 1.5 * np.median(free):
+                break
     finally:
         cdp.send("Emulation.setCPUThrottlingRate", {"rate": 1})
         cdp.detach()
-    ms = [f["ms"] for f in throttled]
     assert all(0 < f["infer"] <= f["ms"] for f in throttled)
     assert np.median(ms) > 1.5 * np.median(free), (ms, free)  # the throttling took effect
     native = ex.latency_ms(web_dir / cfg["nelf"]["file"], np.asarray(cfg["camera"]["c2w"], np.float32), repeats=8)
