@@ -27,7 +27,7 @@ from budget3d.errors import UserError
 
 DEMO_BUDGET = "6000"
 DEMO_ITERS = 1500
-DEMO_DISTILL_ITERS = 1500
+DEMO_DISTILL_ITERS = 3000
 
 
 class _Parser(argparse.ArgumentParser):
