@@ -30,6 +30,7 @@ import torch
 from budget3d.export.bench import measure, ort_session, profile_onnx
 from budget3d.export.onnx import INPUT, encoding_nodes, export_torch, pose_model, quantize, size_mb, tail_nodes
 from budget3d.nelf.net import build, count_params, macs_per_frame
+from budget3d.scene.camera import look_at_w2c
 
 PRESETS = ("mobile-r2l", "mobile-int8")
 N_POINTS, FREQS = 8, 6
@@ -37,16 +38,7 @@ N_POINTS, FREQS = 8, 6
 
 def look_at_c2w(eye, target=(0.0, 0.0, 0.0)) -> np.ndarray:
     """OpenCV-axes camera-to-world looking from ``eye`` at ``target`` (z up in the world)."""
-    eye, target = np.asarray(eye, np.float64), np.asarray(target, np.float64)
-    z = target - eye
-    z /= np.linalg.norm(z)
-    x = np.cross(z, [0.0, 0.0, 1.0])
-    x /= np.linalg.norm(x)
-    y = np.cross(z, x)
-    c2w = np.eye(4)
-    c2w[:3, :3] = np.stack([x, y, z], axis=1)
-    c2w[:3, 3] = eye
-    return c2w.astype(np.float32)
+    return np.linalg.inv(look_at_w2c(eye, target, (0.0, 0.0, 1.0))).astype(np.float32)
 
 
 def poses(n: int, radius: float = 4.0) -> list:

@@ -242,11 +242,11 @@ class Run:
         for split in ("test", "train"):
             if self.cameras[split]:
                 return np.linalg.inv(np.asarray(self.cameras[split][0][1].world_to_camera, np.float64))
-        from budget3d.nelf.distill import _look_at
+        from budget3d.scene.camera import look_at_w2c
 
         ext = float(np.percentile(np.linalg.norm(self.gaussians["means"].numpy() - self.centre, axis=1), 90))
         eye = self.centre + np.array([0.0, -2.5, 1.0]) * max(ext, 1e-3)
-        return np.linalg.inv(_look_at(eye, self.centre, self.up))
+        return np.linalg.inv(look_at_w2c(eye, self.centre, self.up))
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -388,6 +388,20 @@ def _parse_resolution(text, payload: dict, scale: int) -> tuple[int, int]:
     return w, h
 
 
+def prepare(run_dir, out_dir, opts: dict) -> tuple:
+    """What every NeLF export starts from: (options without Nones, run folder, output folder
+    (created), student, payload, output (width, height)); one-line errors."""
+    opts = {k: v for k, v in opts.items() if v is not None}
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    model, payload = load_run(run_dir)
+    res = _parse_resolution(opts.get("resolution"), payload, model.scale)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out_dir}: cannot create the folder ({e.strerror})") from None
+    return opts, run_dir, out_dir, model, payload, res
+
+
 def export(run_dir: Path, fmt: str, out_dir: Path, **opts) -> dict:
     """Export ``RUN/nelf/student.pt`` as ``fmt`` ("onnx", "onnx-int8", "onnx-mixed") into
     ``out_dir``; returns what was written and measured (also saved beside it as JSON):
@@ -404,14 +418,7 @@ def export(run_dir: Path, fmt: str, out_dir: Path, **opts) -> dict:
     its flags through); None means the default."""
     if fmt not in FORMATS:
         raise UserError(f"unknown ONNX format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    opts = {k: v for k, v in opts.items() if v is not None}
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    model, payload = load_run(run_dir)
-    res = _parse_resolution(opts.get("resolution"), payload, model.scale)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out_dir}: cannot create the folder ({e.strerror})") from None
+    opts, run_dir, out_dir, model, payload, res = prepare(run_dir, out_dir, opts)
     evals, calib, cams = held_out_poses(run_dir, n_jitter=int(opts.get("calib_poses", 8)))
     t0 = time.perf_counter()
     module = pose_model(model, payload, res)

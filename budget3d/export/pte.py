@@ -121,17 +121,10 @@ def export_pte(run_dir, fmt, out_dir, **opts) -> dict:
     import numpy as np
     import torch
 
-    from budget3d.export.onnx import (_finite, _parse_resolution, _write_json, held_out_poses, load_run,
-                                      mean_psnr, pose_model, size_mb, teacher_images, torch_poses)
+    from budget3d.export.onnx import (_finite, _write_json, held_out_poses, mean_psnr, pose_model, prepare,
+                                      size_mb, teacher_images, torch_poses)
 
-    opts = {k: v for k, v in opts.items() if v is not None}
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    model, payload = load_run(run_dir)
-    res = _parse_resolution(opts.get("resolution"), payload, model.scale)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out_dir}: cannot create the folder ({e.strerror})") from None
+    opts, run_dir, out_dir, model, payload, res = prepare(run_dir, out_dir, opts)
     evals, _, cams = held_out_poses(run_dir, n_jitter=0)
     t0 = time.perf_counter()
     module = pose_model(model, payload, res)

@@ -571,18 +571,11 @@ def run_scores(run_dir, params, n_views: int = 8, max_side: int = 400, backend: 
 
 def look_at(eye, target, size: int = 256, fov_deg: float = 50.0):
     """A square pinhole ``Camera`` at ``eye`` looking at ``target`` (OpenCV axes, world -y up)."""
-    from budget3d.scene.camera import Camera
+    from budget3d.scene.camera import Camera, look_at_w2c
 
     eye, target = np.asarray(eye, np.float64), np.asarray(target, np.float64)
-    z = target - eye
-    z /= max(np.linalg.norm(z), 1e-12)
-    up = np.array([0.0, -1.0, 0.0]) if abs(z[1]) < 0.9 else np.array([1.0, 0.0, 0.0])
-    x = np.cross(z, up)
-    x /= np.linalg.norm(x)
-    y = np.cross(z, x)
-    w2c = np.eye(4)
-    w2c[:3, :3] = np.stack([x, y, z])
-    w2c[:3, 3] = -w2c[:3, :3] @ eye
+    z = (target - eye) / max(np.linalg.norm(target - eye), 1e-12)
+    w2c = look_at_w2c(eye, target, [0.0, -1.0, 0.0] if abs(z[1]) < 0.9 else [1.0, 0.0, 0.0])
     f = 0.5 * size / math.tan(math.radians(fov_deg) / 2)
     return Camera(f, f, size / 2, size / 2, size, size, w2c)
 

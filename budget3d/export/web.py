@@ -225,15 +225,9 @@ def look_at_c2w(eye, target, up):
     pose three.js's ``camera.lookAt`` gives (then converted to OpenCV axes)."""
     import numpy as np
 
-    eye, target, up = (np.asarray(v, np.float64) for v in (eye, target, up))
-    zg = eye - target
-    zg /= np.linalg.norm(zg)
-    xg = np.cross(up, zg)
-    xg /= np.linalg.norm(xg)
-    yg = np.cross(zg, xg)
-    c2w = np.eye(4)
-    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = xg, -yg, -zg, eye
-    return c2w
+    from budget3d.scene.camera import look_at_w2c
+
+    return np.linalg.inv(look_at_w2c(eye, target, up))
 
 
 def initial_camera(run_dir: Path, payload: dict) -> dict:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from budget3d.errors import UserError
 from budget3d.nelf.net import PRESETS, build, count_params, macs_per_frame
 from budget3d.nelf.rays import camera_rays, encode, scene_bounds
-from budget3d.scene.camera import Camera
+from budget3d.scene.camera import Camera, look_at_w2c
 
 NELF_DIR = "nelf"
 CHECKPOINT = "checkpoint.pt"
@@ -88,21 +88,6 @@ class DistillInterrupted(KeyboardInterrupt):
 
 
 # ----------------------------------------------------------------------------- poses
-
-
-def _look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """OpenCV world-to-camera (x right, y down, z forward) at ``eye`` looking at ``target``."""
-    z = target - eye
-    z = z / np.linalg.norm(z)
-    x = np.cross(z, up)
-    if np.linalg.norm(x) < 1e-6:  # looking straight along up: any right vector will do
-        x = np.cross(z, np.array([1.0, 0.0, 0.0]) if abs(z[0]) < 0.9 else np.array([0.0, 1.0, 0.0]))
-    x = x / np.linalg.norm(x)
-    y = np.cross(z, x)
-    w2c = np.eye(4)
-    w2c[:3, :3] = np.stack([x, y, z])
-    w2c[:3, 3] = -w2c[:3, :3] @ eye
-    return w2c
 
 
 class PoseSampler:
@@ -173,7 +158,7 @@ class PoseSampler:
             r = g.uniform(*self.r_band)
             eye = self.centre + r * (np.cos(el) * (np.cos(az) * self.e1 + np.sin(az) * self.e2) + np.sin(el) * self.up)
             target = self.centre + g.normal(0.0, 0.05 * self.half, 3)
-            w2c = _look_at(eye, target, self.up)
+            w2c = look_at_w2c(eye, target, self.up)
         return Camera(base.fx, base.fy, base.cx, base.cy, base.width, base.height, w2c)
 
     def batch(self, step: int, size: int, real: bool = False) -> list[int]:

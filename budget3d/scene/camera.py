@@ -18,6 +18,23 @@ import numpy as np
 import torch
 
 
+def look_at_w2c(eye, target, up) -> np.ndarray:
+    """OpenCV world-to-camera (x right, y down, z forward) of a camera at ``eye`` looking at
+    ``target`` with ``up`` up (any right vector when looking straight along ``up``)."""
+    eye, target, up = (np.asarray(v, dtype=np.float64) for v in (eye, target, up))
+    z = target - eye
+    z = z / np.linalg.norm(z)
+    x = np.cross(z, up)
+    if np.linalg.norm(x) < 1e-6:
+        x = np.cross(z, np.array([1.0, 0.0, 0.0]) if abs(z[0]) < 0.9 else np.array([0.0, 1.0, 0.0]))
+    x = x / np.linalg.norm(x)
+    y = np.cross(z, x)
+    w2c = np.eye(4)
+    w2c[:3, :3] = np.stack([x, y, z])
+    w2c[:3, 3] = -w2c[:3, :3] @ eye
+    return w2c
+
+
 @dataclass
 class Camera:
     fx: float
