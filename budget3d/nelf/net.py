@@ -45,8 +45,8 @@ def sr_stage(cin: int, cout: int, sr: str, act: str) -> nn.Sequential:
     """One x2 upsampling stage. "convT" is the paper's; "pixelshuffle" has an int8 kernel."""
     if sr == "convT":
         up = [nn.ConvTranspose2d(cin, cout, 4, 2, 1)]
-    elif sr == "pixelshuffle":
-        up = [nn.Conv2d(cin, cout * 4, 3, padding=1), nn.PixelShuffle(2)]
+    elif sr == "pixelshuffle":  # the activation before the shuffle (they commute): it fuses into the int8 conv
+        return nn.Sequential(nn.Conv2d(cin, cout * 4, 3, padding=1), ACTS[act](), nn.PixelShuffle(2))
     else:
         raise ValueError(f"unknown super-resolution kind {sr!r}: expected 'convT' or 'pixelshuffle'")
     return nn.Sequential(*up, ACTS[act]())

@@ -24,10 +24,12 @@ def rays_from_c2w(c2w: torch.Tensor, K: torch.Tensor, width: int, height: int, s
     dtype, device = c2w.dtype, c2w.device
     u = (torch.arange(w, dtype=dtype, device=device) + 0.5) * scale
     v = (torch.arange(h, dtype=dtype, device=device) + 0.5) * scale
-    x = ((u - K[0, 2]) / K[0, 0])[None, :].expand(h, w)
-    y = ((v - K[1, 2]) / K[1, 1])[:, None].expand(h, w)
-    d_cam = torch.stack([x, y, torch.ones_like(x)], dim=-1)  # (h, w, 3)
-    d = d_cam @ c2w[:3, :3].transpose(0, 1)
+    x = (u - K[0, 2]) / K[0, 0]
+    y = (v - K[1, 2]) / K[1, 1]
+    # the camera ray (x, y, 1) rotated to the world as a sum of R's columns: no (h, w, 3) grid
+    # constant, so an exported graph stays small at any resolution
+    R = c2w[:3, :3]
+    d = x[None, :, None] * R[:, 0] + y[:, None, None] * R[:, 1] + R[:, 2]  # (h, w, 3)
     d = d / torch.linalg.vector_norm(d, dim=-1, keepdim=True)
     o = c2w[:3, 3].expand(h, w, 3)
     return o, d
