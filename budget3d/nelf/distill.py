@@ -342,6 +342,7 @@ class Distiller:
             "seconds": self.seconds,
             "init_metrics": dict(self.init_metrics),
             "config": self.cfg.to_json(),
+            "arch": dict(self.model.arch),
             "rng": torch.get_rng_state(),
         }
         _atomic_save(ckpt, self.out_dir / CHECKPOINT)
@@ -550,7 +551,8 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
     teacher = {k: v.to(device).float() for k, v in load_ply(run_dir / "gaussians.ply").items()}
     sh = saved.get("sh_degree")
     torch.manual_seed(cfg.seed)
-    model = build(cfg.preset, in_ch=3 * cfg.n_points * (2 * cfg.freqs + 1)).to(device)
+    model = build(cfg.preset, in_ch=3 * cfg.n_points * (2 * cfg.freqs + 1),
+                  arch=None if ckpt is None else _saved_arch(ckpt.get("arch"), cfg.preset)).to(device)
     if world > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch (CUDA only in torch)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     width, height = parse_resolution(cfg.resolution, scene.train[0].camera, model.scale)
@@ -684,7 +686,7 @@ def student_payload(d: Distiller) -> dict:
     return {
         "state_dict": {k: v.detach().cpu() for k, v in d.model.state_dict().items()},
         "preset": d.cfg.preset,
-        "arch": dict(PRESETS[d.cfg.preset]),
+        "arch": dict(d.model.arch),
         "in_ch": d.model.in_ch,
         "scale": d.model.scale,
         "resolution": [d.width, d.height],
@@ -697,6 +699,15 @@ def student_payload(d: Distiller) -> dict:
     }
 
 
+def _saved_arch(arch, preset: str) -> dict:
+    """The network fields a student was distilled with: its saved record (older files lack
+    ``block``: they were all "add"), or the preset's fields as they were before records."""
+    arch = dict(arch) if arch is not None else {k: v for k, v in PRESETS[preset].items() if k != "block"}
+    arch.setdefault("block", "add")
+    arch["sr_channels"] = tuple(arch["sr_channels"])
+    return arch
+
+
 def load_student(path) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, payload) from a student.pt written by ``distill``."""
     path = Path(path)
@@ -704,7 +715,7 @@ def load_student(path) -> tuple[torch.nn.Module, dict]:
         raise UserError(f"{path}: no such file; distill the run first (budget3d distill RUN)")
     try:
         p = torch.load(path, map_location="cpu", weights_only=False)
-        model = build(p["preset"], in_ch=p["in_ch"])
+        model = build(p["preset"], in_ch=p["in_ch"], arch=_saved_arch(p.get("arch"), p["preset"]))
         model.load_state_dict(p["state_dict"])
     except Exception as e:
         raise UserError(f"{path}: not a readable NeLF student ({type(e).__name__}); distill the run again") from None

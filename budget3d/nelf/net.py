@@ -19,8 +19,10 @@ ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
 PRESETS = {
     # the paper's net (~4.1 M params, x8): GELU and ConvTranspose2d SR
     "mobile-r2l": dict(width=256, n_blocks=28, act="gelu", sr="convT", sr_channels=(64, 64, 16)),
-    # same body, built for int8: ReLU (fuses into int8 convs) and PixelShuffle SR
-    "mobile-int8": dict(width=256, n_blocks=28, act="relu", sr="pixelshuffle", sr_channels=(64, 64, 16)),
+    # same size, built for int8: ReLU (fuses into int8 convs), PixelShuffle SR, and blocks that end
+    # in relu(x + f(x)) so the residual stream stays in one uint8 range (see ResBlock)
+    "mobile-int8": dict(width=256, n_blocks=28, act="relu", sr="pixelshuffle", sr_channels=(64, 64, 16),
+                        block="post"),
     # laptop-CPU sizes (x4): quick to distil and to run at 1 thread
     "small": dict(width=96, n_blocks=4, act="relu", sr="pixelshuffle", sr_channels=(32, 16)),
     "tiny": dict(width=48, n_blocks=2, act="relu", sr="pixelshuffle", sr_channels=(16, 8)),
@@ -28,17 +30,26 @@ PRESETS = {
 
 
 class ResBlock(nn.Module):
-    """(1x1 conv + BN + act) x2 with an identity skip."""
+    """1x1 conv + BN + act, twice, with an identity skip.
 
-    def __init__(self, width: int, act: str):
+    block="add": x + f(x), f ending in the activation (the first presets). With ReLU every block
+    only adds, so the stream grows with depth: in a 28-block student it reached 0..268 while each
+    block's own output spans about +-11, and one uint8 scale for it lost 5.4 dB.
+    block="post": act(x + f(x)), f ending in the second BN (ResNet's block): the stream stays
+    in the range of one block's output, and the activation fuses into the int8 add."""
+
+    def __init__(self, width: int, act: str, block: str = "add"):
         super().__init__()
+        if block not in ("add", "post"):
+            raise ValueError(f"unknown residual block {block!r}: expected 'add' or 'post'")
         layers = []
         for _ in range(2):
             layers += [nn.Conv2d(width, width, 1), nn.BatchNorm2d(width), ACTS[act]()]
-        self.f = nn.Sequential(*layers)
+        self.f = nn.Sequential(*layers[:-1]) if block == "post" else nn.Sequential(*layers)
+        self.post = ACTS[act]() if block == "post" else nn.Identity()
 
     def forward(self, x):
-        return x + self.f(x)
+        return self.post(x + self.f(x))
 
 
 def sr_stage(cin: int, cout: int, sr: str, act: str) -> nn.Sequential:
@@ -56,10 +67,10 @@ class NeLF(nn.Module):
     """Encoded rays (1, in_ch, h, w) -> RGB (1, 3, h * scale, w * scale), scale = 2 ** len(sr_channels)."""
 
     def __init__(self, in_ch=312, width=256, n_blocks=28, act="gelu", sr="convT", out_act="sigmoid",
-                 sr_channels=(64, 64, 16)):
+                 sr_channels=(64, 64, 16), block="add"):
         super().__init__()
         self.head = nn.Sequential(nn.Conv2d(in_ch, width, 1), ACTS[act]())
-        self.body = nn.Sequential(*[ResBlock(width, act) for _ in range(n_blocks)])
+        self.body = nn.Sequential(*[ResBlock(width, act, block) for _ in range(n_blocks)])
         chans = (width, *sr_channels)
         self.sr = nn.Sequential(*[sr_stage(a, b, sr, act) for a, b in zip(chans[:-1], chans[1:])])
         self.tail = nn.Conv2d(chans[-1], 3, 1)
@@ -73,10 +84,14 @@ class NeLF(nn.Module):
         return self.out_act(self.tail(self.sr(h + self.body(h))))
 
 
-def build(preset: str, in_ch: int = 312) -> NeLF:
+def build(preset: str, in_ch: int = 312, arch: dict = None) -> NeLF:
+    """The preset's network; ``arch`` (a student.pt's record of the preset's fields when it was
+    distilled) overrides the preset's current fields, so older students rebuild as they were."""
     if preset not in PRESETS:
         raise ValueError(f"unknown NeLF preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    model = NeLF(in_ch=in_ch, **PRESETS[preset])
+    arch = dict(arch) if arch is not None else dict(PRESETS[preset])
+    model = NeLF(in_ch=in_ch, **arch)
+    model.arch = arch
     model.preset = preset
     return model
 
