@@ -14,6 +14,7 @@ from budget3d.errors import UserError
 from budget3d.nelf.distill import (DistillConfig, DistillInterrupted, PoseSampler, at_resolution, distill,
                                    load_student, lr_at, parse_resolution, setup)
 from budget3d.scene.camera import Camera
+from budget3d.nelf.net import PRESETS, build
 from budget3d.splat import save_ply
 from test_train import truth_gaussians, write_blender_scene
 
@@ -80,6 +81,24 @@ def test_student_pt_rebuilds_the_student(done):
         ref = d.model.eval()(d.inputs([view.camera]))
         out = model(d.inputs([view.camera]))
     assert torch.allclose(ref, out, atol=1e-6)
+
+
+def test_students_rebuild_with_the_arch_they_were_distilled_with(done, tmp_path):
+    """student.pt records the network's fields; a file from before the residual block was a
+    choice (no ``block``, or no ``arch`` at all) rebuilds with the old x + f(x) block, even for a
+    preset whose current default is "post"."""
+    run, _ = done
+    p = torch.load(run / "nelf" / "student.pt", weights_only=False)
+    assert p["arch"]["block"] == "add" and load_student(run / "nelf" / "student.pt")[0].arch == p["arch"]
+    old = dict(p, preset="mobile-int8", arch=None)  # as if distilled as mobile-int8 before the change
+    arch = {**PRESETS["tiny"], "block": "add"}
+    old["arch"] = {k: v for k, v in arch.items() if k != "block"}
+    torch.save(old, tmp_path / "old.pt")
+    model, _ = load_student(tmp_path / "old.pt")
+    assert model.arch["block"] == "add" and isinstance(model.body[0].post, torch.nn.Identity)
+    post = build("mobile-int8", in_ch=24)
+    assert post.arch["block"] == "post" and isinstance(post.body[0].post, torch.nn.ReLU)
+    assert not isinstance(post.body[0].f[-1], torch.nn.ReLU)  # f ends in BatchNorm; the ReLU is after the add
 
 
 def test_resume_continues_the_same_trajectory(done, tmp_path):

@@ -89,7 +89,7 @@ def build(preset: str, in_ch: int = 312, arch: dict = None) -> NeLF:
     distilled) overrides the preset's current fields, so older students rebuild as they were."""
     if preset not in PRESETS:
         raise ValueError(f"unknown NeLF preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    arch = dict(arch) if arch is not None else dict(PRESETS[preset])
+    arch = {"block": "add", **(arch if arch is not None else PRESETS[preset])}
     model = NeLF(in_ch=in_ch, **arch)
     model.arch = arch
     model.preset = preset
