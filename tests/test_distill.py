@@ -84,9 +84,9 @@ def test_student_pt_rebuilds_the_student(done):
 
 
 def test_students_rebuild_with_the_arch_they_were_distilled_with(done, tmp_path):
-    """student.pt records the network's fields; a file from before the residual block was a
-    choice (no ``block``, or no ``arch`` at all) rebuilds with the old x + f(x) block, even for a
-    preset whose current default is "post"."""
+    """student.pt records the network's fields; a file from before the residual block and the
+    output activation were choices rebuilds with the old x + f(x) block and plain sigmoid, even
+    for a preset whose current defaults differ."""
     run, _ = done
     p = torch.load(run / "nelf" / "student.pt", weights_only=False)
     assert p["arch"]["block"] == "add" and load_student(run / "nelf" / "student.pt")[0].arch == p["arch"]
@@ -96,8 +96,10 @@ def test_students_rebuild_with_the_arch_they_were_distilled_with(done, tmp_path)
     torch.save(old, tmp_path / "old.pt")
     model, _ = load_student(tmp_path / "old.pt")
     assert model.arch["block"] == "add" and isinstance(model.body[0].post, torch.nn.Identity)
+    assert isinstance(model.out_act, torch.nn.Sigmoid)
     post = build("mobile-int8", in_ch=24)
     assert post.arch["block"] == "post" and isinstance(post.body[0].post, torch.nn.ReLU)
+    assert post.arch["out_act"] == "wide-sigmoid"
     assert not isinstance(post.body[0].f[-1], torch.nn.ReLU)  # f ends in BatchNorm; the ReLU is after the add
 
 

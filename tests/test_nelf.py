@@ -140,3 +140,16 @@ def test_convert_whole_model_exact():
     # the converted paper net has the int8 preset's layout (state_dict loads into it)
     big = net.convert_to_pixelshuffle(net.build("mobile-r2l"))
     net.build("mobile-int8").load_state_dict(big.state_dict())
+
+
+def test_wide_sigmoid_reaches_the_ends_at_a_finite_logit():
+    from budget3d.nelf.net import WideSigmoid
+
+    f = WideSigmoid(1e-3)
+    z = torch.tensor([-8.0, 0.0, 8.0])
+    f.train()
+    y = f(z)
+    assert y[0] < 0 < 1 < y[2] and abs(float(y[1]) - 0.5) < 1e-6  # overshoots, so targets 0 and 1 are met
+    f.eval()
+    f.eval()
+    assert float(f(z).min()) == 0.0 and float(f(z).max()) == 1.0

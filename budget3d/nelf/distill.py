@@ -701,9 +701,12 @@ def student_payload(d: Distiller) -> dict:
 
 def _saved_arch(arch, preset: str) -> dict:
     """The network fields a student was distilled with: its saved record (older files lack
-    ``block``: they were all "add"), or the preset's fields as they were before records."""
-    arch = dict(arch) if arch is not None else {k: v for k, v in PRESETS[preset].items() if k != "block"}
+    ``block`` and ``out_act``: they were all "add" and "sigmoid"), or the preset's fields as they
+    were before records."""
+    arch = dict(arch) if arch is not None else {k: v for k, v in PRESETS[preset].items()
+                                                if k not in ("block", "out_act")}
     arch.setdefault("block", "add")
+    arch.setdefault("out_act", "sigmoid")
     arch["sr_channels"] = tuple(arch["sr_channels"])
     return arch
 

@@ -22,7 +22,7 @@ PRESETS = {
     # same size, built for int8: ReLU (fuses into int8 convs), PixelShuffle SR, and blocks that end
     # in relu(x + f(x)) so the residual stream stays in one uint8 range (see ResBlock)
     "mobile-int8": dict(width=256, n_blocks=28, act="relu", sr="pixelshuffle", sr_channels=(64, 64, 16),
-                        block="post"),
+                        block="post", out_act="wide-sigmoid"),
     # laptop-CPU sizes (x4): quick to distil and to run at 1 thread
     "small": dict(width=96, n_blocks=4, act="relu", sr="pixelshuffle", sr_channels=(32, 16)),
     "tiny": dict(width=48, n_blocks=2, act="relu", sr="pixelshuffle", sr_channels=(16, 8)),
@@ -63,6 +63,26 @@ def sr_stage(cin: int, cout: int, sr: str, act: str) -> nn.Sequential:
     return nn.Sequential(*up, ACTS[act]())
 
 
+class WideSigmoid(nn.Module):
+    """sigmoid(x) * (1 + 2 eps) - eps (mip-NeRF's padded sigmoid), clamped to [0, 1] in eval mode.
+
+    A plain sigmoid reaches a pure white or black target only at an infinite logit, so training
+    keeps pushing those pixels' logits up: a 28-block student had logits up to ~1000 and SR
+    activations in the thousands, so uint8 steps were too coarse for every other pixel. Padded,
+    the target is met at |logit| ~ ln(1 / eps) and the activations stay bounded."""
+
+    def __init__(self, eps: float = 1e-3):
+        super().__init__()
+        self.eps = float(eps)
+
+    def forward(self, x):
+        y = torch.sigmoid(x) * (1.0 + 2.0 * self.eps) - self.eps
+        return y if self.training else y.clamp(0.0, 1.0)
+
+
+OUT_ACTS = {"sigmoid": nn.Sigmoid, "wide-sigmoid": WideSigmoid, "none": nn.Identity}
+
+
 class NeLF(nn.Module):
     """Encoded rays (1, in_ch, h, w) -> RGB (1, 3, h * scale, w * scale), scale = 2 ** len(sr_channels)."""
 
@@ -74,7 +94,9 @@ class NeLF(nn.Module):
         chans = (width, *sr_channels)
         self.sr = nn.Sequential(*[sr_stage(a, b, sr, act) for a, b in zip(chans[:-1], chans[1:])])
         self.tail = nn.Conv2d(chans[-1], 3, 1)
-        self.out_act = nn.Sigmoid() if out_act == "sigmoid" else nn.Identity()
+        if out_act not in OUT_ACTS:
+            raise ValueError(f"unknown output activation {out_act!r}: expected one of {', '.join(OUT_ACTS)}")
+        self.out_act = OUT_ACTS[out_act]()
         self.in_ch = in_ch
         self.scale = 2 ** len(sr_channels)  # the ray grid is at 1/scale of the output
         self.preset = "custom"
@@ -89,7 +111,7 @@ def build(preset: str, in_ch: int = 312, arch: dict = None) -> NeLF:
     distilled) overrides the preset's current fields, so older students rebuild as they were."""
     if preset not in PRESETS:
         raise ValueError(f"unknown NeLF preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    arch = {"block": "add", **(arch if arch is not None else PRESETS[preset])}
+    arch = {"block": "add", "out_act": "sigmoid", **(arch if arch is not None else PRESETS[preset])}
     model = NeLF(in_ch=in_ch, **arch)
     model.arch = arch
     model.preset = preset
