@@ -16,6 +16,7 @@ from budget3d.errors import UserError
 from budget3d.scene.camera import Camera, Scene, View
 from budget3d.splat import random_init, render
 from budget3d.train import TrainConfig, TrainingInterrupted, VisibleAdam, evaluate_run, train
+from budget3d.train.trainer import resolve_config
 
 SIZE = 32
 
@@ -551,6 +552,11 @@ def test_the_budget_is_reached_by_the_schedule_on_the_bundled_scene(tmp_path):
 
 
 def test_default_capped_at_a_budget_ends_exactly_there(tmp_path, scene):
-    m = train(tiny_config(tmp_path, strategy="default", budget="70", iters=200, backend="auto"), scene=scene,
-              progress=False)
+    cfg = tiny_config(tmp_path, strategy="default", budget="70", iters=200, backend="auto", log_every=1)
+    m = train(cfg, scene=scene, progress=False)
     assert m["num_gaussians"] == 70 and m["strategy"] == "default"
+    # it lands on the count at its last refinement, so the rest of the run trains what was split
+    c = resolve_config(cfg)
+    last = (c.densify_stop - 1) // c.densify_every * c.densify_every
+    hist = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["history"]
+    assert last < 200 - 50 and all(h["count"] == 70 for h in hist if h["step"] > last)
