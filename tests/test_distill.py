@@ -99,7 +99,7 @@ def test_students_rebuild_with_the_arch_they_were_distilled_with(done, tmp_path)
     assert isinstance(model.out_act, torch.nn.Sigmoid)
     post = build("mobile-int8", in_ch=24)
     assert post.arch["block"] == "post" and isinstance(post.body[0].post, torch.nn.ReLU)
-    assert post.arch["out_act"] == "wide-sigmoid"
+    assert post.arch["out_act"] == "linear"
     assert not isinstance(post.body[0].f[-1], torch.nn.ReLU)  # f ends in BatchNorm; the ReLU is after the add
 
 
