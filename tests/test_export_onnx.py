@@ -127,6 +127,7 @@ def test_int8_is_smaller_and_close_to_fp32(run, fp32, int8):
     g = onnx.load(str(path)).graph
     ops = [n.op_type for n in g.node]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    assert "DepthToSpace" not in ops  # the shuffles are NHWC reshape / transpose (ShuffleNHWC)
     # rays and encoding stay float: nothing upstream of the first conv is quantized
     enc, convs = ex.encoding_nodes(run / "export" / "nelf.onnx")
     by_name = {n.name: n for n in g.node}
