@@ -23,7 +23,10 @@ Two graph forms make int8 fast and exact (``pose_model``): each super-resolution
 by its ReLU and then the pixel shuffle (they commute), so the ReLU fuses into the int8 conv and
 the shuffle carries the conv's own scale; and the shuffle is written in NHWC (``ShuffleNHWC``),
 not as DepthToSpace, whose onnxruntime kernel is NCHW-only and slow on uint8. Together, on the
-default small student: int8's drop against the teacher 1.65 -> 0.36 dB, 7.1 -> 5.9 ms.
+default small student: int8's drop against the teacher 1.65 -> 0.36 dB, 7.1 -> 5.9 ms. What int8
+cannot fix is a network whose activations span thousands: students with a sigmoid output drive
+overshooting logits far out (its gradient vanishes there), which cost a 28-block student 5.4 dB;
+``mobile-int8`` therefore has a linear output clamped to [0, 1] (0.03 dB; README, "Quality of int8").
 
 Mixed precision (the MixDQ idea): the drop of a variant is PSNR(fp32 vs teacher) - PSNR(variant
 vs teacher) on the held-out views (the teacher is the run's gaussians.ply). Quantize one conv at
