@@ -345,8 +345,8 @@ class Nelf:
                 if runtime != "onnx" and not path.is_file():
                     variant = "onnx-int8" if runtime == "onnx-int8" else "onnx-mixed"
                     exclude = ex.recipe_exclude(fp32, self.sidecars.get(runtime, {}), variant)
-                    if exclude is None:  # the sidecar does not say: its head float, as the int8 export does
-                        exclude = ex.recipe_exclude(fp32, {}, "onnx-int8")
+                    if exclude is None:  # the sidecar does not say: the int8 export's current recipe
+                        exclude = ex.recipe_exclude(fp32, {"float_convs": [], "quantize_tail": False}, "onnx-int8")
                     ex.quantize(fp32, path, self._calibration_poses(), exclude=exclude)
             self._files[key] = path
             return path

@@ -4,8 +4,8 @@ The graph takes a (4, 4) float32 camera-to-world matrix (OpenCV axes, as ``Camer
 returns the (1, 3, H, W) image in [0, 1]. Intrinsics and the output resolution are fixed at
 export; the rays (``rays_from_c2w``) and the point encoding (``encode``) are computed inside the
 graph from plain torch ops, so a device only has to supply a pose. BatchNorm is folded into the
-convs before export, so the graph holds only Conv / Relu / Add / DepthToSpace / Sigmoid after
-the encoding.
+convs before export, so after the encoding the graph holds only Conv / Relu / Add, the pixel
+shuffles as Reshape / Transpose, and the output activation (Sigmoid, or Clip for a linear output).
 
 int8 is ``onnxruntime.quantization.quantize_static``: QDQ, per-channel weights, unsigned
 activations (QUInt8; signed ran ~2x slower here), calibrated on held-out poses (the run's test
