@@ -1,8 +1,8 @@
 """NeLF latency goals, side by side in one process: the paper net (mobile-r2l: GELU, ConvTranspose
 super-resolution) against the int8-friendly one (mobile-int8: ReLU, conv + PixelShuffle), each as
 ONNX fp32 and int8 (budget3d.export.onnx's recipe: QDQ, per-channel, QUInt8 activations, the
-encoding and the RGB tail in float, NHWC pixel shuffles), at 800x800 and 1 thread, random weights (latency does not depend
-on the values). The sessions run interleaved, one frame each per round, so a busy neighbour
+encoding and the RGB tail in float, NHWC pixel shuffles), at 800x800 and 1 thread, random weights
+(latency does not depend on the values). The sessions run interleaved, one frame each per round, so a busy neighbour
 slows them alike and the ratios hold even when the absolute numbers do not.
 
     python scripts/bench_nelf_latency.py                     # 800x800, 1 thread, ~3-5 min on 2 cores

@@ -705,10 +705,8 @@ def _saved_arch(arch, preset: str) -> dict:
     were before records."""
     arch = dict(arch) if arch is not None else {k: v for k, v in PRESETS[preset].items()
                                                 if k not in ("block", "out_act")}
-    arch.setdefault("block", "add")
-    arch.setdefault("out_act", "sigmoid")
     arch["sr_channels"] = tuple(arch["sr_channels"])
-    return arch
+    return arch  # ``build`` fills the missing fields with the old defaults
 
 
 def load_student(path) -> tuple[torch.nn.Module, dict]:

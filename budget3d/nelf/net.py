@@ -19,8 +19,8 @@ ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
 PRESETS = {
     # the paper's net (~4.1 M params, x8): GELU and ConvTranspose2d SR
     "mobile-r2l": dict(width=256, n_blocks=28, act="gelu", sr="convT", sr_channels=(64, 64, 16)),
-    # same size, built for int8: ReLU (fuses into int8 convs), PixelShuffle SR, and blocks that end
-    # in relu(x + f(x)) so the residual stream stays in one uint8 range (see ResBlock)
+    # same size, built for int8: ReLU (fuses into int8 convs), PixelShuffle SR, ResNet blocks
+    # relu(x + f(x)) and a linear RGB output (README, "Quality of int8")
     "mobile-int8": dict(width=256, n_blocks=28, act="relu", sr="pixelshuffle", sr_channels=(64, 64, 16),
                         block="post", out_act="linear"),
     # laptop-CPU sizes (x4): quick to distil and to run at 1 thread
@@ -32,11 +32,11 @@ PRESETS = {
 class ResBlock(nn.Module):
     """1x1 conv + BN + act, twice, with an identity skip.
 
-    block="add": x + f(x), f ending in the activation (the first presets). With ReLU every block
-    only adds, so the stream grows with depth: in a 28-block student it reached 0..268 while each
-    block's own output spans about +-11, and one uint8 scale for it lost 5.4 dB.
-    block="post": act(x + f(x)), f ending in the second BN (ResNet's block): the stream stays
-    in the range of one block's output, and the activation fuses into the int8 add."""
+    block="add": x + f(x), f ending in the activation (the first presets).
+    block="post": act(x + f(x)), f ending in the second BN (ResNet's block); the activation fuses
+    into the int8 add. On a 28-block student (1,500 CPU steps, bundled scene) it trained to
+    22.39 dB against the teacher vs 21.76 for "add"; it did not by itself fix int8 (the sigmoid
+    output did, see ``LinearClamp``)."""
 
     def __init__(self, width: int, act: str, block: str = "add"):
         super().__init__()
