@@ -310,6 +310,30 @@ def test_qualifying_gaussians_grow_first():
     assert sorted(torch.cdist(new, before).argmin(1).tolist()) == list(range(10))
 
 
+def test_gaussians_large_on_screen_are_pruned_and_regrown():
+    """A Gaussian whose screen radius reached ``prune_scale2d`` of the image since the last
+    densification (a floater in front of a camera) is pruned, and the step still ends on its target."""
+    torch.manual_seed(0)
+    params = {k: torch.nn.Parameter(v) for k, v in random_params(40, 5).items()}
+    params["opacities"].data[:] = 3.0  # nothing is a low-opacity candidate
+    marker = params["means"].detach()[[3, 17]].clone()
+    for frac, gone in ((0.15, True), (0.0, False)):
+        p = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
+        optimizers = make_optimizers(p)
+        strategy = TamingStrategy(TamingConfig(budget=40, start=0, stop=1, interval=1, reset_every=0, grow_grad2d=1.0,
+                                               prune_scale2d=frac, recycle_frac=0.0), score_views=None,
+                                  render_fn=render_fn)
+        state = strategy.initialize_state()
+        strategy._ensure_state(p, state)
+        state["max_radii"][:] = 0.05
+        state["max_radii"][[3, 17]] = 0.4
+        state["count"][:] = 1.0
+        strategy._densify(p, optimizers, state, 1, 40)
+        assert p["means"].shape[0] == 40 and state["last"]["pruned"] == (2 if gone else 0)
+        still = (marker[:, None] - p["means"].detach()[None]).norm(dim=-1).min(1).values < 1e-6
+        assert (not still.any()) if gone else still.all()
+
+
 def test_pruning_never_empties_the_model():
     """Every Gaussian below the pruning opacity (right after an opacity reset in a scene where
     nothing fits yet): at most half go, and the step still meets its target."""

@@ -69,6 +69,9 @@ class TamingConfig:
     recycle_frac: float = 0.1  # fraction of the lowest-score Gaussians removed and re-grown each step
     prune_scale3d: float = 0.1  # after the first opacity reset, also prune Gaussians larger than this
     #                             x scene scale (as 3DGS does); 0 = off
+    prune_scale2d: float = 0.15  # also prune Gaussians whose screen radius reached this fraction of
+    #                             the image since the last densification (floaters in front of the
+    #                             cameras); 0 = off
     reset_every: int = 3000  # opacity reset period while densifying; 0 = off
     revised_opacity: bool = False  # gsplat's split option (arXiv:2404.06109)
     verbose: bool = False
@@ -361,6 +364,8 @@ class TamingStrategy(Strategy):
         bad = torch.sigmoid(params["opacities"].detach().reshape(n0, -1)[:, 0]) < cfg.prune_opa
         if cfg.prune_scale3d > 0 and cfg.reset_every and step > cfg.reset_every:
             bad |= torch.exp(params["scales"].detach()).amax(-1) > cfg.prune_scale3d * state["scene_scale"]
+        if cfg.prune_scale2d > 0:
+            bad |= state["max_radii"] > cfg.prune_scale2d
         cand = torch.nonzero(bad).flatten() if prune_low_opacity else bad.new_zeros(0, dtype=torch.long)
         k = min(int(round(len(cand) * min(max(cfg.prune_frac, 0.0), 1.0))), max(0, n0 - floor))
         n_recycle = 0

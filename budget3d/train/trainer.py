@@ -257,7 +257,7 @@ def _make_strategy(s: Session):
                            n_score_views=0)
         tcfg = TamingConfig(budget=s.budget, start=cfg.densify_start, stop=cfg.densify_stop,
                             interval=cfg.densify_every, reset_every=cfg.opacity_reset_every,
-                            recycle_frac=cfg.recycle_frac, **weights)
+                            recycle_frac=cfg.recycle_frac, prune_scale2d=cfg.prune_scale2d, **weights)
         return TamingStrategy(tcfg, score_views=lambda k: _score_views(s, k), render_fn=s.render)
     if cfg.strategy == "mcmc":
         if s.device.type != "cuda":
