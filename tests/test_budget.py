@@ -317,7 +317,7 @@ def test_gaussians_large_on_screen_are_pruned_and_regrown():
     params = {k: torch.nn.Parameter(v) for k, v in random_params(40, 5).items()}
     params["opacities"].data[:] = 3.0  # nothing is a low-opacity candidate
     marker = params["means"].detach()[[3, 17]].clone()
-    for frac, gone in ((0.15, True), (0.0, False)):
+    for frac, gone in ((0.5, True), (0.0, False)):
         p = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
         optimizers = make_optimizers(p)
         strategy = TamingStrategy(TamingConfig(budget=40, start=0, stop=1, interval=1, reset_every=0, grow_grad2d=1.0,
@@ -325,8 +325,8 @@ def test_gaussians_large_on_screen_are_pruned_and_regrown():
                                   render_fn=render_fn)
         state = strategy.initialize_state()
         strategy._ensure_state(p, state)
-        state["max_radii"][:] = 0.05
-        state["max_radii"][[3, 17]] = 0.4
+        state["max_radii"][:] = 0.3
+        state["max_radii"][[3, 17]] = 0.6
         state["count"][:] = 1.0
         strategy._densify(p, optimizers, state, 1, 40)
         assert p["means"].shape[0] == 40 and state["last"]["pruned"] == (2 if gone else 0)

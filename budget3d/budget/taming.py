@@ -69,9 +69,9 @@ class TamingConfig:
     recycle_frac: float = 0.1  # fraction of the lowest-score Gaussians removed and re-grown each step
     prune_scale3d: float = 0.1  # after the first opacity reset, also prune Gaussians larger than this
     #                             x scene scale (as 3DGS does); 0 = off
-    prune_scale2d: float = 0.15  # also prune Gaussians whose screen radius reached this fraction of
-    #                             the image since the last densification (floaters in front of the
-    #                             cameras); 0 = off
+    prune_scale2d: float = 0.5  # also prune Gaussians whose screen radius reached this fraction of
+    #                            the image since the last densification (haze in front of a camera;
+    #                            0.15 also took the background of tight budgets); 0 = off
     reset_every: int = 3000  # opacity reset period while densifying; 0 = off
     revised_opacity: bool = False  # gsplat's split option (arXiv:2404.06109)
     verbose: bool = False

@@ -47,7 +47,7 @@ class TrainConfig:
     opacity_reset_every: Optional[int] = None  # 3DGS's 3000 in runs of 10k+ steps, else 0 = never
     # Taming
     score: str = "full"  # full | grad (ablation: positional gradient only)
-    prune_scale2d: float = 0.15  # prune Gaussians whose screen radius reaches this fraction of the image (floaters)
+    prune_scale2d: float = 0.5  # prune Gaussians whose screen radius reaches this fraction of the image (floaters)
     recycle_frac: float = 0.1  # lowest-score fraction removed and re-grown at each densification step (0 = off)
     # fast paths
     visible_adam: bool = True  # Adam only on rows visible in the step (else torch.optim.Adam)
