@@ -2,10 +2,10 @@
 
 A gsplat-shaped strategy (``initialize_state`` / ``check_sanity`` / ``step_pre_backward`` /
 ``step_post_backward``) so it can run in our trainer or in gsplat's. Every ``interval`` steps
-from ``start`` to ``stop`` it scores every Gaussian, prunes low-opacity ones (probability
-proportional to 1/score) and grows the most useful ones (probability proportional to score,
-without replacement: clone when small, split when large) so that the count follows
-``budget_schedule`` and, after the last densification step (or ``finalize``), is exactly the budget.
+from ``start`` to ``stop`` it scores every Gaussian, prunes low-opacity ones and ones grown to
+half a view on screen (probability proportional to 1/score) and grows the most useful ones
+(probability proportional to score, without replacement: clone when small, split when large) so
+that the count follows ``budget_schedule`` and, after the last densification step (or ``finalize``), is exactly the budget.
 
 The score (``compute_scores``), per Gaussian i, with ``n(x) = min(x / median(x), norm_clip)``:
 
@@ -348,9 +348,10 @@ class TamingStrategy(Strategy):
     def _densify(self, params, optimizers, state, step, target: int, prune_low_opacity: bool = True):
         """One decision per densification step, ending at exactly ``target`` Gaussians:
 
-        1. prune low-opacity (after a reset also oversized) Gaussians, chosen by 1/score, but never
-           so many that fewer than half of min(count, target) survive (regrowing from a handful of
-           survivors is what emptied forward-facing scenes after an opacity reset);
+        1. prune low-opacity, screen-filling (``prune_scale2d``) and, after a reset, oversized
+           Gaussians, chosen by 1/score, but never so many that fewer than half of min(count,
+           target) survive (regrowing from a handful of survivors is what emptied forward-facing
+           scenes after an opacity reset);
         2. recycle: when more Gaussians pass the gradient test than the target has room for, up to
            ``recycle_frac`` of the survivors with the lowest scores go too, so their slots are
            re-grown where the score is high (a tight budget moves to where it helps);
