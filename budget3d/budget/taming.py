@@ -5,7 +5,8 @@ A gsplat-shaped strategy (``initialize_state`` / ``check_sanity`` / ``step_pre_b
 from ``start`` to ``stop`` it scores every Gaussian, prunes low-opacity ones and ones grown to
 half a view on screen (probability proportional to 1/score) and grows the most useful ones
 (probability proportional to score, without replacement: clone when small, split when large) so
-that the count follows ``budget_schedule`` and, after the last densification step (or ``finalize``), is exactly the budget.
+that the count follows ``budget_schedule`` and, after the last densification step (or
+``finalize``), is exactly the budget.
 
 The score (``compute_scores``), per Gaussian i, with ``n(x) = min(x / median(x), norm_clip)``:
 
