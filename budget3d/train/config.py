@@ -44,7 +44,7 @@ class TrainConfig:
     densify_start: Optional[int] = None  # 10% of iters
     densify_stop: Optional[int] = None  # 60% of iters
     densify_every: Optional[int] = None  # ~15 densification steps in the window
-    opacity_reset_every: Optional[int] = None  # 3DGS's 3000 in runs of 10k+ steps, else 0 = never
+    opacity_reset_every: Optional[int] = None  # 3DGS's 3000 in runs of 10k+ steps, else one at iters // 3; 0 = never
     # Taming
     score: str = "full"  # full | grad (ablation: positional gradient only)
     prune_scale2d: float = 0.5  # prune Gaussians whose screen radius reaches this fraction of the image (floaters)

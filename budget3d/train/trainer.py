@@ -64,8 +64,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         c.densify_stop = max(c.densify_start + 1, round(0.6 * n))
     if c.densify_every is None:
         c.densify_every = max(1, (c.densify_stop - c.densify_start) // 15)
-    if c.opacity_reset_every is None:  # short runs cannot afford the recovery (README, "Real captures")
-        c.opacity_reset_every = 3000 if n >= 10_000 else 0
+    if c.opacity_reset_every is None:  # short runs: one reset, a third of the way (README, "Real captures")
+        c.opacity_reset_every = 3000 if n >= 10_000 else max(1, n // 3)
     if c.score not in SCORES:
         raise UserError(f"unknown score {c.score!r}; choose one of {', '.join(SCORES)}")
     c.resolved = True
