@@ -403,6 +403,25 @@ def test_opacity_reset():
     assert torch.sigmoid(params["opacities"]).max() > 0.5
 
 
+def test_large_gaussians_survive_the_densification_after_a_reset():
+    """No 3D-size prune after a reset (3DGS prunes Gaussians larger than 0.1 x the scene scale
+    then, which took the background of forward-facing scenes): large, faint Gaussians just after
+    a reset are neither pruned nor regrown when the count already meets the schedule."""
+    torch.manual_seed(0)
+    params = {k: torch.nn.Parameter(v) for k, v in random_params(100, 3).items()}
+    params["scales"].data.fill_(0.0)  # 1.0 = 10 x the 3D-size threshold at scene scale 1
+    optimizers = make_optimizers(params)
+    cfg = TamingConfig(budget=100, start=0, stop=2, interval=1, reset_every=1, prune_scale2d=0.0, recycle_frac=0.0)
+    strategy = TamingStrategy(cfg, score_views=None, render_fn=render_fn)
+    state = strategy.initialize_state(scene_scale=1.0)
+    before = params["means"].detach().clone()
+    strategy.step_post_backward(params, optimizers, state, 1, {"radii": None, "width": 8, "height": 8})
+    assert torch.sigmoid(params["opacities"]).max() <= 0.011  # the reset happened at step 1
+    strategy.step_post_backward(params, optimizers, state, 2, {"radii": None, "width": 8, "height": 8})
+    assert state["last"]["step"] == 2 and state["last"]["pruned"] == 0
+    assert torch.equal(params["means"].detach(), before)
+
+
 def test_strategy_reads_gsplat_shaped_info():
     """gsplat's trainers hand strategies [C, N, ...] tensors and a ``means2d`` whose .grad is
     filled by backward; the strategy accumulates from that and still lands on the budget."""

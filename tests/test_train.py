@@ -551,6 +551,16 @@ def test_the_budget_is_reached_by_the_schedule_on_the_bundled_scene(tmp_path):
     assert 0 <= m["last_step_added"] < 0.05 * (6000 - 4000), m["last_step_added"]
 
 
+def test_short_runs_get_one_opacity_reset_a_third_of_the_way():
+    """Under 10k steps: one reset at iters // 3, inside the densification window (10%-60%);
+    longer runs reset every 3,000 steps as 3DGS; an explicit 0 stays off."""
+    c = resolve_config(TrainConfig(data="", out="x", budget="100", iters=3000))
+    assert c.opacity_reset_every == 1000 and c.densify_start < 1000 < c.densify_stop < 2000
+    assert resolve_config(TrainConfig(data="", out="x", budget="100", iters=30_000)).opacity_reset_every == 3000
+    assert resolve_config(TrainConfig(data="", out="x", budget="100", iters=3000,
+                                      opacity_reset_every=0)).opacity_reset_every == 0
+
+
 def test_default_capped_at_a_budget_ends_exactly_there(tmp_path, scene):
     cfg = tiny_config(tmp_path, strategy="default", budget="70", iters=200, backend="auto", log_every=1)
     m = train(cfg, scene=scene, progress=False)
