@@ -45,6 +45,7 @@ def page(web_dir):
     server, url = web.serve_in_thread(web_dir)
     with sync_playwright() as pw:
         browser, pg = web.open_page(pw, url)
+        pg.set_default_timeout(120_000)  # waits hold on a loaded 2-core machine
         pg.url_base = url
         yield pg
         browser.close()
@@ -65,7 +66,7 @@ def png_array(data_url: str, size=None) -> np.ndarray:
     return np.asarray(img, np.float32) / 255
 
 
-def splat_image(page, background, frames=10, timeout_s=20.0, size=None) -> np.ndarray:
+def splat_image(page, background, frames=10, timeout_s=120.0, size=None) -> np.ndarray:
     """The splat canvas after at least ``frames`` frames and once it is not the bare background
     (Spark loads and sorts in a worker, so the first frames are empty); fails if it stays blank."""
     page.evaluate("window.b3d.setMode('splats')")

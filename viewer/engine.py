@@ -142,14 +142,14 @@ class Run:
     exports: dict = field(default_factory=dict)  # file name -> Path (the RUN/export files that exist)
 
     @classmethod
-    def open(cls, path) -> "Run":
+    def open(cls, path, data=None) -> "Run":
         import torch
 
         from budget3d.splat import load_ply
 
-        path = Path(path)
-        if not path.is_dir():
-            raise UserError(f"{path}: no such run folder; give a folder written by 'budget3d train --out'")
+        from budget3d.runfolder import check_run_dir
+
+        path = check_run_dir(path)
         ply = path / "gaussians.ply"
         if not ply.is_file():
             raise UserError(f"{path}: no gaussians.ply; not a finished run folder (train one with 'budget3d train')")
@@ -162,15 +162,15 @@ class Run:
                 raise UserError(f"{path / 'config.json'}: not valid JSON; the run folder is damaged") from None
         sh = cfg.get("sh_degree")
         cams, note, bg = {"train": [], "test": []}, "", (1.0, 1.0, 1.0)
-        if cfg.get("data"):
+        if cfg.get("data") or data:
             try:
-                from budget3d.scene import load_scene
+                from budget3d.runfolder import load_run_scene
 
-                scene = load_scene(cfg["data"], downscale=int(cfg.get("downscale", 1) or 1))
+                scene = load_run_scene(path, cfg, data)
                 cams = {"train": [(v.name, v.camera) for v in scene.train], "test": [(v.name, v.camera) for v in scene.test]}
                 bg = tuple(float(c) for c in scene.background)
             except Exception as e:  # a moved scene folder only costs the camera buttons
-                note = f"scene {cfg['data']} not loadable ({type(e).__name__}); no camera buttons"
+                note = f"scene {data or cfg['data']} not loadable ({e}); no camera buttons (pass --data PATH)"
         else:
             note = "config.json names no scene; no camera buttons"
         student = None
@@ -181,6 +181,12 @@ class Run:
             student = load_student(st)
             bg = tuple(float(c) for c in student[1].get("background", bg))
         exports = {n: path / "export" / n for n in DOWNLOADS if (path / "export" / n).is_file()}
+        if student is not None:  # a damaged ONNX file is an error now, not a failure mid-session
+            from budget3d.export.onnx import session
+
+            for n in exports:
+                if n.endswith(".onnx"):
+                    session(exports[n])
         allcams = [c for _, c in cams["train"] + cams["test"]]
         if allcams:
             R = np.stack([np.asarray(c.world_to_camera, np.float64)[:3, :3] for c in allcams])

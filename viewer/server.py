@@ -44,8 +44,9 @@ def check_port(host: str, port: int) -> None:
     try:
         s.bind((host, port))
     except OSError as e:
-        reason = "is in use" if e.errno in (98, 48, 10048) else f"cannot be bound ({e.strerror})"
-        raise UserError(f"port {port} on {host} {reason}; pass another --port (or --port 0 for any free one)") from None
+        from budget3d.export.web import listen_error
+
+        raise UserError(f"cannot listen on {host}:{port} ({listen_error(e)})") from None
     finally:
         s.close()
 
@@ -57,8 +58,8 @@ def to_u8(img: np.ndarray) -> np.ndarray:
 class ViewerApp:
     """``ViewerApp(run_dir).start()`` serves the viewer; ``sessions`` holds the live clients."""
 
-    def __init__(self, run_dir, host: str = "127.0.0.1", port: int = 8080, verbose: bool = False):
-        self.run = Run.open(run_dir)
+    def __init__(self, run_dir, host: str = "127.0.0.1", port: int = 8080, verbose: bool = False, data=None):
+        self.run = Run.open(run_dir, data)
         self.nelf = Nelf(self.run) if self.run.student is not None else None
         self.host, self.port, self.verbose = host, int(port), verbose
         self.sessions: dict = {}
@@ -161,6 +162,7 @@ class ClientSession:
         self.last_frame: Optional[engine.Frame] = None
         self.last_sent = 0.0
         self._last_stats = 0.0
+        self._stats_pending = False  # the last frame's figures are not on the panel yet
         self.budget = 1.0  # torch runtime: resolution factor the latency target allows
         self.view = VIEWS[0] if self.nelf is not None else VIEWS[1]
         self.full_view = False
@@ -317,7 +319,8 @@ class ClientSession:
 
     def _loop(self) -> None:
         while not self.closed.is_set():
-            if not self.wake.wait(timeout=0.5) and self.last_frame is not None:
+            if not self.wake.wait(timeout=STATS_EVERY_S) and self.last_frame is not None:
+                self._flush_stats()  # the last frame came too soon after a refresh: show its figures now
                 continue  # (without a frame yet, keep trying: the first camera message may predate our callback)
             self.wake.clear()
             if self.closed.is_set():
@@ -392,6 +395,21 @@ class ClientSession:
         self.last_sent = time.time()
         if stats:
             self._last_stats = time.time()
+        self._stats_pending = not stats
+
+    def _flush_stats(self) -> None:
+        """Refresh the stats panel for the last frame when its own send skipped it (a frame within
+        ``STATS_EVERY_S`` of the last refresh), so the panel never keeps an older frame's figures."""
+        if not self._stats_pending or self.last_frame is None or self.closed.is_set():
+            return
+        self._stats_pending = False
+        f = self.last_frame
+        try:
+            self._on_viser_loop(lambda: self._update_stats(f))
+        except Exception:
+            if not self.closed.is_set():
+                self.app.record_error(self.client.client_id, traceback.format_exc())
+        self._last_stats = time.time()
 
     def _on_viser_loop(self, fn) -> None:
         """Run ``fn`` (GUI updates) on viser's event-loop thread and wait for it. viser 1.1 pulses an

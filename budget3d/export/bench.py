@@ -68,6 +68,8 @@ def add_arguments(p):
     p.add_argument("--resolutions", metavar="WxH[,WxH...]",
                    help="output sizes for latency, besides each variant's own (default: the NeLF's size / 2 and / 4)")
     p.add_argument("--views", type=int, metavar="N", help="test views for quality, evenly spaced (default 24, quick 12)")
+    p.add_argument("--data", metavar="PATH", help="the run's scene folder, when it moved (default: the one the run's "
+                                                  "config.json names)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -84,7 +86,7 @@ def main(args) -> int:
     if args.views is not None and args.views < 1:
         raise UserError(f"--views {args.views}: expected at least one view")
     result = run_bench(args.run, quick=args.quick, threads=threads, resolutions=res, progress=not args.quiet,
-                       max_views=args.views)
+                       max_views=args.views, data=args.data)
     print(table(result))
     for line in notes(result):
         print(line)
@@ -164,19 +166,9 @@ def measure(runners: dict, n_views: int, *, rounds: int, min_rounds: int = 3, bu
 
 
 def ort_session(path, threads: int, profile_prefix=None):
-    """onnxruntime session on exactly ``threads`` intra-op threads, no inter-op parallelism
-    (as ``budget3d.export.onnx.session``), optionally profiling."""
-    import onnxruntime as ort
+    from budget3d.export.onnx import session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    if profile_prefix is not None:
-        so.enable_profiling = True
-        so.profile_file_prefix = str(profile_prefix)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return session(path, threads, profile_prefix)
 
 
 def profile_onnx(path, poses: list, prefix: Path, runs: int = 5, top: int = 5) -> dict:
@@ -270,22 +262,16 @@ class Variant:
 class _Bench:
     """The state shared by the variants of one run: test views, cameras, poses, the student."""
 
-    def __init__(self, run: Path, tmp: Path, max_views: int = 0):
+    def __init__(self, run: Path, tmp: Path, max_views: int = 0, data=None):
         import torch
 
         from budget3d.export.onnx import _c2w
-        from budget3d.scene import load_scene
+        from budget3d.runfolder import load_run_scene
 
         self.run, self.tmp = run, tmp
         self.config = _read_json(run / "config.json")
-        try:
-            scene = load_scene(self.config["data"], downscale=int(self.config.get("downscale", 1) or 1))
-        except UserError as e:
-            raise UserError(f"{run / 'config.json'}: cannot load the run's scene ({e}); keep the scene folder where "
-                            "the run was trained") from None
-        except Exception as e:
-            raise UserError(f"{run / 'config.json'}: cannot load the run's scene ({type(e).__name__}: {e}); keep the "
-                            "scene folder where the run was trained") from None
+        self.data = data
+        scene = load_run_scene(run, self.config, data)
         views = list(scene.test) or list(scene.train[:3])
         self.split = "test" if scene.test else "first 3 train (the scene has no test split)"
         self.n_all = len(views)
@@ -322,7 +308,7 @@ class _Bench:
         if self._calib is None:
             from budget3d.export.onnx import held_out_poses
 
-            self._calib = held_out_poses(self.run)[1]
+            self._calib = held_out_poses(self.run, data=self.data)[1]
         return self._calib
 
     def onnx_at(self, variant: str, sidecar: dict, res) -> Path:
@@ -491,11 +477,10 @@ def _pte_variant(b: _Bench, path: Path) -> Variant:
 
 
 def _check_run(run_dir) -> Path:
+    from budget3d.runfolder import read_config
+
     run = Path(run_dir)
-    if not run.is_dir():
-        raise UserError(f"{run}: no such run folder; give a folder written by 'budget3d train --out'")
-    if not (run / "config.json").is_file():
-        raise UserError(f"{run}: not a run folder (no config.json); give a folder written by 'budget3d train --out'")
+    read_config(run)
     if not (run / "gaussians.ply").is_file() and not (run / "nelf" / "student.pt").is_file():
         raise UserError(f"{run}: nothing to measure (no gaussians.ply, no nelf/student.pt); finish 'budget3d train' "
                         "on it first")
@@ -532,7 +517,7 @@ def _metrics(imgs: list, refs: list) -> tuple[float, float]:
 
 
 def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None, progress: bool = True,
-              max_views: int = None) -> dict:
+              max_views: int = None, data=None) -> dict:
     """Measure every variant present in ``run_dir``; writes RUN/bench.json and RUN/bench.png and
     returns the JSON's dict (``variants``: one dict per variant with ``name``, ``file``,
     ``size_mb``, ``resolution``, ``psnr``, ``ssim``, ``psnr_vs_teacher``, ``ssim_vs_teacher``,
@@ -560,7 +545,8 @@ def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None,
         last[0] = now
     rounds, budget_s = (5, 1.5) if quick else (30, 8.0)
     with tempfile.TemporaryDirectory(prefix="budget3d-bench-") as tmp:
-        b = _Bench(run, Path(tmp), max_views=int(max_views if max_views is not None else (12 if quick else 24)))
+        b = _Bench(run, Path(tmp), max_views=int(max_views if max_views is not None else (12 if quick else 24)),
+                   data=data)
         variants = []
         for name in ("onnx-fp32", "onnx-int8", "onnx-mixed"):
             if name in present:

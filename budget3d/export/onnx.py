@@ -207,14 +207,25 @@ def export_torch(module: PoseToImage, path: Path, dynamo: Optional[bool] = None)
 # ----------------------------------------------------------------------------- onnxruntime side
 
 
-def session(path, threads: int = 1):
+def session(path, threads: int = 1, profile_prefix=None):
+    """onnxruntime session on exactly ``threads`` intra-op threads, no inter-op parallelism,
+    optionally profiling. A file onnxruntime cannot load is a one-line error naming it."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own types for missing, truncated or foreign files
+        why = " ".join(str(e).split(":")[-1].split()) or type(e).__name__
+        raise UserError(f"{path}: not a readable ONNX model ({why}); export it again "
+                        "(budget3d export RUN --format onnx,onnx-int8)") from None
 
 
 def run_poses(sess, poses: list) -> list:
@@ -373,24 +384,16 @@ def load_run(run_dir: Path):
     return load_student(path)
 
 
-def held_out_poses(run_dir: Path, n_jitter: int = 8, seed: int = 1234) -> tuple[list, list, list]:
+def held_out_poses(run_dir: Path, n_jitter: int = 8, seed: int = 1234, data=None) -> tuple[list, list, list]:
     """(evaluation poses, calibration poses, evaluation cameras); poses are (4, 4) float32 c2w.
     Evaluation: the scene's test cameras (held out from training; the first 3 training views
     when it has none). Calibration: those plus ``n_jitter`` poses of a seeded ``PoseSampler``
     pool (a seed unlike distillation's) in the training band, so the activation ranges cover
     the views a user will ask for, not only the test ones."""
     from budget3d.nelf.distill import PoseSampler
-    from budget3d.scene import load_scene
+    from budget3d.runfolder import load_run_scene
 
-    cfg_path = Path(run_dir) / "config.json"
-    try:
-        saved = json.loads(cfg_path.read_text())
-        scene = load_scene(saved["data"], downscale=int(saved.get("downscale", 1) or 1))
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{cfg_path}: cannot load the run's scene for held-out poses ({type(e).__name__}: {e}); "
-                        "keep the scene folder where the run was trained") from None
+    scene = load_run_scene(run_dir, override=data)
     cams = [v.camera for v in (list(scene.test) or list(scene.train[:3]))]
     evals = [_c2w(c) for c in cams]
     calib = list(evals)
@@ -481,7 +484,7 @@ def export(run_dir: Path, fmt: str, out_dir: Path, **opts) -> dict:
     if fmt not in FORMATS:
         raise UserError(f"unknown ONNX format {fmt!r}; choose one of {', '.join(FORMATS)}")
     opts, run_dir, out_dir, model, payload, res = prepare(run_dir, out_dir, opts)
-    evals, calib, cams = held_out_poses(run_dir, n_jitter=int(opts.get("calib_poses", 8)))
+    evals, calib, cams = held_out_poses(run_dir, n_jitter=int(opts.get("calib_poses", 8)), data=opts.get("data"))
     t0 = time.perf_counter()
     module = pose_model(model, payload, res)
     ref = torch_poses(pose_model(model, payload, res, fold=False), evals)  # the student as distilled

@@ -125,7 +125,7 @@ def export_pte(run_dir, fmt, out_dir, **opts) -> dict:
                                       size_mb, teacher_images, torch_poses)
 
     opts, run_dir, out_dir, model, payload, res = prepare(run_dir, out_dir, opts)
-    evals, _, cams = held_out_poses(run_dir, n_jitter=0)
+    evals, _, cams = held_out_poses(run_dir, n_jitter=0, data=opts.get("data"))
     t0 = time.perf_counter()
     module = pose_model(model, payload, res)
     with _quiet_logs(), torch.no_grad():

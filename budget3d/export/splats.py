@@ -527,7 +527,7 @@ def reprune(params, n: int, scores: Optional[torch.Tensor] = None) -> dict[str, 
     return {k: v.detach()[keep].clone() for k, v in params.items()}
 
 
-def run_scores(run_dir, params, n_views: int = 8, max_side: int = 400, backend: str = "cpu"
+def run_scores(run_dir, params, n_views: int = 8, max_side: int = 400, backend: str = "cpu", data=None
                ) -> tuple[Optional[torch.Tensor], str]:
     """The Taming score (``budget3d.budget.taming.compute_scores``: opacity, volume, depth, screen
     size, pixels covered and error/edge-weighted blending weight; no positional-gradient term, as no
@@ -537,14 +537,13 @@ def run_scores(run_dir, params, n_views: int = 8, max_side: int = 400, backend: 
 
     from budget3d.budget.taming import TamingConfig, compute_scores
     from budget3d.splat import render
-    from budget3d.train.trainer import TrainConfig, _load_scene
+    from budget3d.runfolder import load_run_scene
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         return None, "the run has no config.json to find its scene"
     try:
-        cfg = TrainConfig.from_json(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
-        scene = _load_scene(cfg)
+        scene = load_run_scene(run_dir, override=data)
         train = scene.train
         if not train:
             return None, "the run's scene has no training views"

@@ -97,7 +97,7 @@ def web_folder(path) -> Path:
 # ----------------------------------------------------------------------------- export
 
 
-def export_web(run_dir, out_dir, variant: str = "int8", splat_format: str = "spz") -> dict:
+def export_web(run_dir, out_dir, variant: str = "int8", splat_format: str = "spz", data=None) -> dict:
     """Write the static viewer into ``out_dir/web`` (``out_dir`` is normally RUN/export). Reuses
     ``out_dir/nelf-int8.onnx`` (or ``nelf.onnx`` for ``variant="fp32"``) and
     ``out_dir/gaussians.spz`` when they are newer than what they were made from, and writes them
@@ -122,8 +122,10 @@ def export_web(run_dir, out_dir, variant: str = "int8", splat_format: str = "spz
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out_dir}: cannot create the folder ({e.strerror})") from None
+    if not (out_dir / WEB_DIR).exists() and (out_dir / (WEB_DIR + ".old")).is_dir():
+        os.replace(out_dir / (WEB_DIR + ".old"), out_dir / WEB_DIR)  # killed mid-swap last time: the old folder
 
-    onnx_path, onnx_meta = _nelf_file(run_dir, out_dir, variant, student)
+    onnx_path, onnx_meta = _nelf_file(run_dir, out_dir, variant, student, data)
     splat_path = _splat_file(run_dir, out_dir, splat_format)
 
     from budget3d.nelf.distill import load_student
@@ -134,7 +136,7 @@ def export_web(run_dir, out_dir, variant: str = "int8", splat_format: str = "spz
     w0, h0 = (int(v) for v in payload["resolution"])
     fx, fy, cx, cy = (float(v) for v in payload["intrinsics"])
     intr = [fx * width / w0, fy * height / h0, cx * width / w0, cy * height / h0]
-    cam = initial_camera(run_dir, payload)
+    cam = initial_camera(run_dir, payload, data)
 
     web = out_dir / WEB_DIR
     tmp = out_dir / (WEB_DIR + ".tmp")
@@ -161,9 +163,13 @@ def export_web(run_dir, out_dir, variant: str = "int8", splat_format: str = "spz
         "runtime": {k: v["version"] for k, v in versions.items()},
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    old = out_dir / (WEB_DIR + ".old")  # the swap: web -> web.old, web.tmp -> web (two renames)
+    if old.exists():
+        shutil.rmtree(old)
     if web.exists():
-        shutil.rmtree(web)
+        os.replace(web, old)
     os.replace(tmp, web)
+    shutil.rmtree(old, ignore_errors=True)
     total = sum(p.stat().st_size for p in web.rglob("*") if p.is_file())
     return {"folder": str(web), "nelf": onnx_path.name, "splats": splat_path.name,
             "size_mb": round(total / 1e6, 2), "resolution": f"{width}x{height}",
@@ -171,14 +177,14 @@ def export_web(run_dir, out_dir, variant: str = "int8", splat_format: str = "spz
             "serve": f"budget3d serve {web}"}
 
 
-def _nelf_file(run_dir: Path, out_dir: Path, variant: str, student: Path) -> tuple[Path, dict]:
+def _nelf_file(run_dir: Path, out_dir: Path, variant: str, student: Path, data=None) -> tuple[Path, dict]:
     from budget3d.export import onnx as ex
 
     fmt = VARIANTS[variant]
     path = out_dir / ex.FILENAMES[fmt]
     meta_path = path.with_suffix(".json")
     if not path.is_file() or path.stat().st_mtime < student.stat().st_mtime:
-        ex.export(run_dir, fmt, out_dir, progress=False)
+        ex.export(run_dir, fmt, out_dir, progress=False, data=data)
     meta = {}
     if meta_path.is_file():
         try:
@@ -230,7 +236,7 @@ def look_at_c2w(eye, target, up):
     return np.linalg.inv(look_at_w2c(eye, target, up))
 
 
-def initial_camera(run_dir: Path, payload: dict) -> dict:
+def initial_camera(run_dir: Path, payload: dict, data=None) -> dict:
     """The page's starting camera: the run's first training pose; the orbit centre on its optical
     axis, at the depth nearest to all training cameras' axes (where a 360 capture looks), or
     mid-way between the student's near and far when that is ill-posed (forward-facing); "up" the
@@ -240,10 +246,9 @@ def initial_camera(run_dir: Path, payload: dict) -> dict:
 
     poses, source = [], None
     try:
-        saved = json.loads((Path(run_dir) / "config.json").read_text())
-        from budget3d.scene import load_scene
+        from budget3d.runfolder import load_run_scene
 
-        scene = load_scene(saved["data"], downscale=int(saved.get("downscale", 1) or 1))
+        scene = load_run_scene(run_dir, override=data)
         views = list(scene.train) or list(scene.test)
         poses = [np.linalg.inv(np.asarray(v.camera.world_to_camera, np.float64)) for v in views]
         source = f"training view {views[0].name}"
@@ -309,11 +314,25 @@ def make_server(folder, host: str = "127.0.0.1", port: int = 8000, quiet: bool =
             if not quiet:
                 sys.stderr.write(f"{self.address_string()} {fmt % a}\n")
 
+    if not 0 <= int(port) <= 65535:
+        raise UserError(f"--port {port}: expected 0..65535 (0 picks a free one)")
     try:
         return ThreadingHTTPServer((host, port), partial(Handler, directory=str(folder)))
     except OSError as e:
-        hint = "; choose another --port (0 picks a free one)" if e.errno in (98, 48, 10048) else ""
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}){hint}") from None
+        raise UserError(f"cannot listen on {host}:{port} ({listen_error(e)})") from None
+
+
+def listen_error(e: OSError) -> str:
+    """Why a port could not be bound, and what to do, for ``serve`` and ``view``."""
+    import errno
+
+    if e.errno == errno.EADDRINUSE:
+        return "address already in use by another program; choose another --port (0 picks a free one)"
+    if e.errno == errno.EACCES:
+        return "permission denied: ports below 1024 need administrator rights; choose --port 8000 or another above 1023"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return f"{e.strerror}: this machine has no such address; check --host"
+    return f"{e.strerror}; check --host and --port"
 
 
 def serve_in_thread(folder, host: str = "127.0.0.1", port: int = 0):

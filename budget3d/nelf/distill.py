@@ -49,6 +49,7 @@ class DistillConfig:
     """Everything a distillation depends on; saved in its checkpoint (a resume reuses it)."""
 
     run: str = ""  # run folder written by 'budget3d train' (holds gaussians.ply and config.json)
+    data: str = ""  # the run's scene folder when it moved ("": the one the run's config.json names)
     preset: str = "small"  # tiny | small | mobile-int8 | mobile-r2l (budget3d.nelf.net.PRESETS)
     iters: int = 4000  # optimisation steps
     batch: int = 4  # teacher views per step (whole images, or one crop of each)
@@ -489,29 +490,18 @@ def _log(d: Distiller, bar, step: int, loss) -> None:
 
 def _read_run(run_dir: Path) -> dict:
     """The run's training config (scene path, downscale, sh_degree), checked: one-line errors."""
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run folder; give a folder written by 'budget3d train --out'")
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{run_dir}: not a run folder (no config.json); "
-                        "give a folder written by 'budget3d train --out'")
-    try:
-        saved = json.loads(cfg_path.read_text())
-        if not isinstance(saved, dict):
-            raise TypeError("not a JSON object")
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
-        raise UserError(f"{cfg_path}: not a readable run config ({e}); retrain the run") from None
+    from budget3d.runfolder import read_config
+
+    saved = read_config(run_dir)
     if not (run_dir / "gaussians.ply").is_file():
         raise UserError(f"{run_dir}: no gaussians.ply (the teacher); finish the run first "
                         f"(budget3d train --out {run_dir} --resume)")
-    if not saved.get("data"):
-        raise UserError(f"{cfg_path}: names no scene ('data'); give a run folder written by 'budget3d train'")
     return saved
 
 
 def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
     """Build (or restore from RUN/nelf/checkpoint.pt) everything the loop needs."""
-    from budget3d.scene import load_scene
+    from budget3d.runfolder import load_run_scene
     from budget3d.splat import load_ply
     from budget3d.train.trainer import _pick_backend, _pick_device
 
@@ -530,7 +520,7 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
         except Exception as e:  # torch raises many types for truncated / foreign files
             raise UserError(f"{path}: not a readable distillation checkpoint ({type(e).__name__}); "
                             "start again without --resume") from None
-        cfg = dataclasses.replace(old, run=str(run_dir), device=cfg.device, backend=cfg.backend)
+        cfg = dataclasses.replace(old, run=str(run_dir), device=cfg.device, backend=cfg.backend, data=cfg.data)
     _check_config(cfg)
     rank, world, local_rank = _world()
     device = _pick_device(cfg.device)
@@ -545,9 +535,9 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
         _join(device, world)
     backend = _pick_backend(cfg.backend, device)
-    scene = load_scene(saved["data"], downscale=int(saved.get("downscale", 1) or 1))
+    scene = load_run_scene(run_dir, saved, cfg.data or None)
     if not scene.train:
-        raise UserError(f"{saved['data']}: the scene has no training views")
+        raise UserError(f"{saved.get('data')}: the scene has no training views")
     teacher = {k: v.to(device).float() for k, v in load_ply(run_dir / "gaussians.ply").items()}
     sh = saved.get("sh_degree")
     torch.manual_seed(cfg.seed)
@@ -588,21 +578,37 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
     return d
 
 
+FLAGS = ("preset", "iters", "batch", "resolution")  # DistillConfig fields with a flag of their own
+
+
+def flag(name: str, value) -> str:
+    """How the user typed a setting: "--iters -5" or "--set crop=-1"."""
+    return f"--{name} {value}" if name in FLAGS else f"--set {name}={value}"
+
+
 def _check_config(cfg: DistillConfig) -> None:
+    """Every setting checked before any work, each error in the words the user typed."""
     if cfg.preset not in PRESETS:
-        raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
-    if cfg.crop < 0:
-        raise UserError(f"crop must be >= 0 (got {cfg.crop!r}; 0 trains on whole views)")
-    if not 0 <= cfg.real_steps <= cfg.iters:
-        raise UserError(f"real_steps must be between 0 and iters ({cfg.iters}), got {cfg.real_steps!r}")
+        raise UserError(f"{flag('preset', cfg.preset)}: unknown preset; choose one of {', '.join(PRESETS)}")
     for name in ("iters", "batch", "n_points", "freqs", "cache_mb", "log_every"):
         v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 1:
-            raise UserError(f"{name} must be a positive whole number (got {v!r})")
-    if cfg.checkpoint_every < 0 or cfg.eval_every < 0 or cfg.warmup < 0 or cfg.cache_size < 0:
-        raise UserError("checkpoint_every, eval_every, warmup and cache_size must be >= 0")
-    if not cfg.lr > 0:
-        raise UserError(f"lr must be positive (got {cfg.lr!r})")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"{flag(name, v)}: must be a positive whole number")
+    for name in ("crop", "checkpoint_every", "eval_every", "warmup", "cache_size", "real_steps", "strip_views"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise UserError(f"{flag(name, v)}: must be a whole number >= 0")
+    if cfg.real_steps > cfg.iters:
+        raise UserError(f"{flag('real_steps', cfg.real_steps)}: must be at most the number of steps "
+                        f"({flag('iters', cfg.iters)})")
+    for name in ("lr", "weight_decay", "lr_final_frac", "train_pose_frac"):
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 \
+                or (name == "lr" and v == 0) or (name in ("lr_final_frac", "train_pose_frac") and v > 1):
+            raise UserError(f"{flag(name, v)}: " + ("must be a positive number" if name in ("lr", "weight_decay")
+                                                    else "must be between 0 and 1"))
+    if cfg.n_poses < 1:
+        raise UserError(f"{flag('n_poses', cfg.n_poses)}: must be a positive whole number")
 
 
 # ----------------------------------------------------------------------------- evaluation and outputs
