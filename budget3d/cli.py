@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     e.add_argument("--backend", choices=["auto", "torch", "cpu", "cuda"], default="auto")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.add_argument("--data", metavar="PATH", help="the run's scene folder, when it moved (default: the one the run's config.json names)")
 
     d = sub.add_parser("demo", help="train on the bundled scene in a few minutes and show where the results are")
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
@@ -89,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any DistillConfig field by name, e.g. --set crop=64 --set lr=0.005 (repeatable; "
                         "budget3d/nelf/distill.py lists them)")
+    n.add_argument("--data", metavar="PATH", help="the run's scene folder, when it moved (default: the one the run's config.json names)")
     n.add_argument("--resume", action="store_true", help="continue the distillation in RUN/nelf from its checkpoint")
     n.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -106,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--max-drop-db", type=float, help="onnx-mixed: PSNR drop allowed against fp32 (default 0.3)")
     x.add_argument("--web-nelf", choices=["int8", "fp32"], default="int8",
                    help="web: which ONNX the page runs (default int8: smaller and faster on phones)")
+    x.add_argument("--data", metavar="PATH", help="the run's scene folder, when it moved (NeLF formats and --budget "
+                                                  "use its views; splat formats need no scene)")
 
     import importlib
 
@@ -170,7 +174,7 @@ TRAIN_FLAGS = {
 }
 NOT_SETTABLE = ("out", "resolved")  # --out names the run folder; resolved is the trainer's own mark
 CLI_NAMES = ("command", "set", "config", "resume", "quiet")  # a field of one of these names gets only --set
-RESUME_OVERRIDES = ("device", "backend")  # runtime choices that do not change the result's recipe
+RESUME_OVERRIDES = ("device", "backend", "data")  # runtime choices that do not change the result's recipe
 _TRUE, _FALSE, _NONE = ("true", "1", "yes"), ("false", "0", "no"), ("auto", "none", "null")
 
 
@@ -320,7 +324,8 @@ def train_config(args):
             raise UserError(f"--resume continues {args.out} with its saved config; drop {', '.join(fixed)} "
                             "(or start a new run in another --out folder)")
         given = {**flags, **sets}
-        return TrainConfig(out=args.out, device=given.get("device", "auto"), backend=given.get("backend", "auto"))
+        return TrainConfig(out=args.out, device=given.get("device", "auto"), backend=given.get("backend", "auto"),
+                           data=given.get("data") or "")
     given = {**(_read_config(args.config, fields) if args.config else {}), **flags, **sets}
     if not given.get("data"):
         raise UserError("train needs --data PATH (a scene folder), or --resume to continue a run")
@@ -331,7 +336,7 @@ def train_config(args):
 def cmd_eval(args) -> int:
     from budget3d.train import evaluate_run
 
-    metrics = evaluate_run(args.run, device=args.device, backend=args.backend)
+    metrics = evaluate_run(args.run, device=args.device, backend=args.backend, data=args.data)
     if args.json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "per_view"}))
     else:
@@ -411,12 +416,16 @@ def cmd_distill(args) -> int:
 
     given = {k: getattr(args, k) for k in ("preset", "iters", "resolution", "batch") if getattr(args, k) is not None}
     given.update(_parse_sets(args.set, {k: v for k, v in _config_fields(DistillConfig).items()
-                                        if k not in ("run", "device", "backend")}))
+                                        if k not in ("run", "device", "backend", "data")}))
+    from budget3d.nelf.distill import _check_config
+
+    if not args.resume:  # the flags first, in the words they were typed
+        _check_config(DistillConfig(**given))
     if args.resume:
         if given:
             flags = ", ".join("--" + k for k in sorted(given))
             raise UserError(f"--resume continues {args.run}/nelf with its saved settings; drop {flags}")
-        cfg = DistillConfig(run=args.run, device=args.device, backend=args.backend)
+        cfg = DistillConfig(run=args.run, device=args.device, backend=args.backend, data=args.data or "")
     else:
         if (Path(args.run) / "nelf" / "checkpoint.pt").is_file():
             raise UserError(f"{args.run}/nelf already holds a distillation; continue it with --resume, "
@@ -425,7 +434,8 @@ def cmd_distill(args) -> int:
         # CPU: measured on the bundled scene (README, "Distilling"): 64x64 crops, 16 a step, learn faster
         defaults = {"preset": "mobile-r2l", "iters": 20000} if cuda else \
             {"preset": "small", "iters": 4000, "crop": 64, "batch": 16}
-        cfg = DistillConfig(run=args.run, device=args.device, backend=args.backend, **{**defaults, **given})
+        cfg = DistillConfig(run=args.run, device=args.device, backend=args.backend, data=args.data or "",
+                            **{**defaults, **given})
     m = distill(cfg, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
         return 0
@@ -469,12 +479,16 @@ def cmd_export(args) -> int:
     if unknown or not fmts:
         raise UserError(f"--format {args.format}: unknown format {', '.join(unknown) or '(none)'}; "
                         f"choose from {', '.join(EXPORT_FORMATS)}")
-    if not run.is_dir():
-        raise UserError(f"{run}: no such run folder; give a folder written by 'budget3d train'")
+    from budget3d.runfolder import check_run_dir
+
+    check_run_dir(run)
     if any(f in SPLAT_FORMATS for f in fmts) and not (run / "gaussians.ply").is_file():
         raise UserError(f"{run}: no gaussians.ply; this is not a finished run folder (train it with 'budget3d train')")
     out = Path(args.out) if args.out else run / "export"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the output folder ({e.strerror}); choose another --out") from None
     budget = _parse_count(args.budget, "--budget") if args.budget is not None else None
     params = None
     for fmt in fmts:
@@ -486,7 +500,7 @@ def cmd_export(args) -> int:
                 params = load_ply(run / "gaussians.ply")
                 before = len(params["means"])
                 if budget is not None and budget < before:
-                    scores, what = run_scores(run, params)
+                    scores, what = run_scores(run, params, data=args.data)
                     if scores is None:
                         scores = orbit_scores(params)
                         what = f"Taming score over 8 orbit views of itself, as {what}"
@@ -498,10 +512,11 @@ def cmd_export(args) -> int:
         elif fmt == "web":
             from budget3d.export.web import export_web
 
-            result = export_web(run, out, variant=args.web_nelf)
+            result = export_web(run, out, variant=args.web_nelf, data=args.data)
             print(f"{fmt:9s} " + "  ".join(f"{k}: {v}" for k, v in (result or {}).items()))
         else:
-            opts = {"resolution": args.resolution, "max_mb": args.max_mb, "max_drop_db": args.max_drop_db}
+            opts = {"resolution": args.resolution, "max_mb": args.max_mb, "max_drop_db": args.max_drop_db,
+                    "data": args.data}
             if fmt == "pte":
                 from budget3d.export.pte import export_pte as export
             else:
@@ -558,13 +573,26 @@ def main(argv: Optional[list] = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
         return 1
     except UserError as e:
+        _clear_progress_bars()
         msg = " ".join(str(e).split())  # one line, always
         print(f"budget3d: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        msg = " ".join(str(e).split()) or "interrupted"
-        print(f"\nbudget3d: {msg}", file=sys.stderr)
+        _clear_progress_bars()
+        msg = " ".join(str(e).split()) or "interrupted; nothing half-written was left behind"
+        print(f"budget3d: {msg}", file=sys.stderr)
         return 130
+
+
+def _clear_progress_bars() -> None:
+    """Erase the progress bars still on screen, so the error is the one line left on stderr."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.leave = False
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass
 
 
 if __name__ == "__main__":

@@ -332,7 +332,7 @@ def check_downscale(downscale) -> float:
     except (TypeError, ValueError):
         d = float("nan")
     if not np.isfinite(d) or d < 1:
-        raise UserError(f"downscale must be a number >= 1 (got {downscale!r}); use e.g. 1, 2, 4 or 8")
+        raise UserError(f"--downscale {downscale}: must be a number >= 1; use e.g. 1, 2, 4 or 8")
     return int(d) if d.is_integer() else d
 
 

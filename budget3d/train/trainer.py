@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from budget3d.errors import UserError
+from budget3d.runfolder import check_run_dir, read_config, scene_path
 from budget3d.train.checkpoint import CHECKPOINT, CONFIG, load_checkpoint, save_checkpoint, set_rng_state
 from budget3d.train.metrics import evaluate, peak_memory_mb, plot_progress, psnr
 from budget3d.train.optim import VisibleAdam, exp_decay
@@ -285,7 +286,10 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None) -> Session:
         _check_run_dir(run_dir, need_checkpoint=True)
         ckpt = load_checkpoint(run_dir / CHECKPOINT)
         saved = TrainConfig.from_json(ckpt["config"])
-        cfg = dataclasses.replace(saved, out=str(run_dir), device=cfg.device, backend=cfg.backend)
+        data = str(scene_path(run_dir, {"data": saved.data}, cfg.data or None)) if scene is None else saved.data
+        cfg = dataclasses.replace(saved, out=str(run_dir), device=cfg.device, backend=cfg.backend, data=data)
+    elif cfg.data and scene is None:  # stored absolute, so the run folder works from any directory
+        cfg = dataclasses.replace(cfg, data=os.path.abspath(os.path.expanduser(cfg.data)))
     cfg = resolve_config(cfg)
     device = _pick_device(cfg.device)
     backend = _pick_backend(cfg.backend, device)
@@ -353,8 +357,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _check_run_dir(run_dir: Path, need_checkpoint: bool) -> None:
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run folder; give a folder written by 'budget3d train --out'")
+    check_run_dir(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise UserError(f"{run_dir}: not a run folder (no {CONFIG}); give a folder written by 'budget3d train --out'")
     if need_checkpoint and not (run_dir / CHECKPOINT).is_file():
@@ -610,20 +613,19 @@ def _evaluate(s: Session) -> dict:
                         progress=s.progress)
 
 
-def evaluate_run(run_dir, *, device: str = "auto", backend: str = "auto", progress: bool = True) -> dict:
+def evaluate_run(run_dir, *, device: str = "auto", backend: str = "auto", progress: bool = True,
+                 data: Optional[str] = None) -> dict:
     """Re-evaluate a finished run folder (its checkpoint, else gaussians.ply) on its test split;
     rewrites the evaluation part of metrics.json and returns the whole metrics dict."""
     from budget3d.splat import load_ply
 
     run_dir = Path(run_dir)
-    _check_run_dir(run_dir, need_checkpoint=False)
+    saved = read_config(run_dir)
     try:
-        saved = json.loads((run_dir / CONFIG).read_text())
-        if not isinstance(saved, dict):
-            raise TypeError("not a JSON object")
         cfg = TrainConfig.from_json(saved)
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+    except TypeError as e:
         raise UserError(f"{run_dir / CONFIG}: not a readable run config ({e}); retrain the run") from None
+    cfg = dataclasses.replace(cfg, data=str(scene_path(run_dir, saved, data)))
     dev = _pick_device(device)
     if (run_dir / "gaussians.ply").is_file():
         params = load_ply(run_dir / "gaussians.ply")
