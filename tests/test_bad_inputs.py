@@ -80,7 +80,9 @@ CASES = [
     ("serve-missing", "serve {tmp}/nope", ["{tmp}/nope", "no such folder"], None, True),
     ("view-missing", "view {tmp}/nope", ["{tmp}/nope", "no such run folder"], None, True),
     ("train-resume-missing", "train --out {tmp}/nope --resume", ["{tmp}/nope", "no such run folder"], None, True),
+    ("process-missing", "process {tmp}/nope --out {tmp}/s", ["{tmp}/nope"], None, True),
     # a file where a folder is expected
+    ("process-file", "process {root}/afile --out {tmp}/s", ["{root}/afile"], None, True),
     ("inspect-file", "inspect {root}/afile", ["{root}/afile", "scene folder"], None, True),
     ("train-file", "train --data {root}/afile --out {tmp}/o --budget 100", ["{root}/afile", "scene folder"], None, True),
     ("eval-file", "eval {root}/afile", ["{root}/afile", "is a file"], None, True),
@@ -315,7 +317,8 @@ def finish(proc, seen="") -> tuple[int, list]:
     _, err = proc.communicate(timeout=300)
     err = seen + err
     lines = [ln.split("\r")[-1] for ln in err.split("\n")]
-    return proc.returncode, [ln for ln in lines if ln.strip()]
+    bar = re.compile(r"^\s*[\w ]+:\s+\d+%\|.*\| \d+/\d+ \[")  # a progress bar's line (stderr is a pipe here)
+    return proc.returncode, [ln for ln in lines if ln.strip() and not bar.match(ln)]
 
 
 DISTILL = ["--preset", "tiny", "--batch", "4", "--resolution", "32x32", "--backend", "cpu", "--set", "lr=0.01",

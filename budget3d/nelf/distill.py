@@ -405,6 +405,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             if stop or (cfg.checkpoint_every and d.step % cfg.checkpoint_every == 0):
                 d.save()
             if stop and d.step < cfg.iters:
+                bar.leave = False  # the message below says where it stopped
                 bar.close()
                 _leave(d)
                 raise DistillInterrupted(
