@@ -120,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
 
 # subcommands whose arguments and code live in their own module (add_arguments + main)
 PLUGINS = {
+    "process": ("budget3d.capture.build",
+                "photos or a video -> a COLMAP scene folder (pycolmap structure from motion) to train"),
     "bench": ("budget3d.export.bench",
               "measure every variant in a run (3DGS, NeLF torch/ONNX fp32/int8/mixed): latency, size, quality"),
     "serve": ("budget3d.export.web", "serve a folder written by 'budget3d export --format web' (127.0.0.1 by default)"),

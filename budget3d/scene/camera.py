@@ -68,13 +68,17 @@ class Camera:
 
 @dataclass
 class View:
-    """One posed image. ``load`` returns the uint8 (H, W, 3) image; ``image()`` caches it."""
+    """One posed image. ``load`` returns the uint8 (H, W, 3) image; ``image()`` caches it.
+    ``load_mask`` (optional) returns a bool (H, W) mask: True where the pixel counts, False where
+    training ignores it (a person walking through, the photographer's shadow)."""
 
     name: str
     camera: Camera
     load: Callable[[], np.ndarray]
     cache: bool = True
     _image: Optional[np.ndarray] = field(default=None, repr=False)
+    load_mask: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False)
+    _mask: Optional[np.ndarray] = field(default=None, repr=False)
 
     def image(self) -> np.ndarray:
         if self._image is not None:
@@ -83,6 +87,15 @@ class View:
         if self.cache:
             self._image = img
         return img
+
+    def mask(self) -> Optional[np.ndarray]:
+        """The bool (H, W) mask (True = keep), or None when the view has none."""
+        if self._mask is not None or self.load_mask is None:
+            return self._mask
+        m = self.load_mask()
+        if self.cache:
+            self._mask = m
+        return m
 
 
 @dataclass

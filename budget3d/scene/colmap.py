@@ -4,6 +4,8 @@
       sparse/0/{cameras,images,points3D}.{bin,txt}   (or sparse/, or the scene folder itself)
       images/        full-resolution images, named as in images.bin/txt
       images_N/      optional downscaled copies, used for downscale=N
+      masks/         optional <image name>.png (or the image's own name): black pixels are ignored
+                     by training (``View.mask``); ``budget3d process --masks`` writes them
 
 COLMAP's qvec (w, x, y, z) and tvec are already world-to-camera in OpenCV axes. Non-pinhole
 models are undistorted with OpenCV to a pinhole camera with the same fx, fy, cx, cy. Images that
@@ -293,6 +295,8 @@ def load_colmap(root: Path, *, downscale=1, background=(1.0, 1.0, 1.0), test_eve
     images_dir = find_images_dir(root, model_dir)
     small_dir = images_dir.parent / f"images_{int(downscale)}" if float(downscale).is_integer() and downscale > 1 else None
     use_small = small_dir is not None and small_dir.is_dir()
+    masks_dir = images_dir.parent / "masks"
+    masks_dir = masks_dir if masks_dir.is_dir() else None
 
     intr = {}
     views, n_skipped, example = [], 0, ""
@@ -317,7 +321,11 @@ def load_colmap(root: Path, *, downscale=1, background=(1.0, 1.0, 1.0), test_eve
         w2c[:3, :3] = qvec_to_rotmat(im.qvec)
         w2c[:3, 3] = im.tvec
         camera = Camera(float(fx), float(fy), float(cx), float(cy), cam.width, cam.height, w2c)
-        views.append(make_view(im.name, path, camera, downscale=downscale, background=background, cache=cache, undistort=und, prescaled=prescaled))
+        mask = None
+        if masks_dir is not None:
+            mask = next((m for m in (masks_dir / (im.name + ".png"), masks_dir / im.name) if m.is_file()), None)
+        views.append(make_view(im.name, path, camera, downscale=downscale, background=background, cache=cache,
+                               undistort=und, prescaled=prescaled, mask_path=mask))
     if not views:
         raise UserError(
             f"{images_file}: none of its {len(ordered)} images are in {images_dir} (e.g. {example}); put the images there"
@@ -333,5 +341,7 @@ def load_colmap(root: Path, *, downscale=1, background=(1.0, 1.0, 1.0), test_eve
         colors=rgb,
         background=tuple(background),
         n_skipped=n_skipped,
-        meta={"model_dir": str(model_dir), "model_format": ext[1:]},
+        meta={"model_dir": str(model_dir), "model_format": ext[1:],
+              **({"masks": sum(v.load_mask is not None for v in views)} if masks_dir is not None else {}),
+              **({"processed": True} if (root / "process.json").is_file() else {})},
     )

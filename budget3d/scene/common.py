@@ -230,11 +230,14 @@ def make_view(
     cache: bool,
     undistort: Optional[Callable[[np.ndarray], np.ndarray]] = None,
     prescaled: bool = False,
+    mask_path: Optional[Path] = None,
 ) -> View:
     """A lazily loaded view. ``camera`` is at source resolution; the view's camera is downscaled.
 
     ``prescaled``: the file is an already downscaled copy (``images_N/``), so it must be about
     ``camera.width / downscale`` wide (rounding either way is accepted) instead of full size.
+    ``mask_path``: a grey image at the camera's source size, 0 (black) where training ignores the
+    pixel; resized to the view (a pixel counts where most of its area does).
     """
     out_cam = camera.scaled(downscale) if downscale != 1 else camera
     tw, th = out_cam.width, out_cam.height
@@ -257,7 +260,20 @@ def make_view(
             img = cv2.resize(img, (tw, th), interpolation=interp)
         return np.ascontiguousarray(img)
 
-    return View(name=name, camera=out_cam, load=load, cache=cache)
+    def load_mask() -> np.ndarray:
+        m = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        if m is None:
+            raise UserError(f"{mask_path}: mask is not a readable image; replace it (black = ignore) or remove it")
+        if (m.shape[1], m.shape[0]) != (camera.width, camera.height):
+            raise UserError(f"{mask_path}: mask is {m.shape[1]}x{m.shape[0]} but its image's camera is "
+                            f"{camera.width}x{camera.height}; masks must have the full image size")
+        if undistort is not None:
+            m = undistort(m)
+        if (m.shape[1], m.shape[0]) != (tw, th):
+            m = cv2.resize(m, (tw, th), interpolation=cv2.INTER_AREA)
+        return m >= 128
+
+    return View(name=name, camera=out_cam, load=load, cache=cache, load_mask=load_mask if mask_path else None)
 
 
 def find_image(root: Path, rel: str, *, downscale: float = 1) -> tuple[Optional[Path], bool]:

@@ -9,6 +9,8 @@ sh0 (N,1,3), shN (N,K,3). Backends:
 - "auto":  "cuda" for CUDA tensors, "cpu" otherwise.
 Colours come from our SH evaluation on every backend, so features are plain channels and
 extra per-Gaussian channels ride along (the score trick: d/dc_i sum_p w_p C_p = sum_p w_p a_i T_i).
+``viewmat`` (a (4, 4) tensor) replaces the camera's pose; when it requires grad, its gradient is
+computed on every backend (camera pose refinement).
 """
 
 from __future__ import annotations
@@ -74,16 +76,19 @@ def render(
     extra: Optional[torch.Tensor] = None,
     near: float = 0.01,
     far: float = 1e10,
+    viewmat: Optional[torch.Tensor] = None,
 ) -> RenderOutput:
     """Render one view. ``background`` (3,) is added where alpha < 1; ``extra`` (N, K) channels
-    are composited with the same weights. ``sh_degree`` defaults to the highest stored."""
+    are composited with the same weights. ``sh_degree`` defaults to the highest stored.
+    ``viewmat``: a world-to-camera (4, 4) tensor used instead of ``camera.world_to_camera``
+    (the intrinsics and size stay the camera's); gradients reach it when it requires grad."""
     means = params["means"]
     dev, dt = means.device, means.dtype
     backend = resolve_backend(backend, dev)
     shN = params["shN"]
     max_deg = int(round((shN.shape[1] + 1) ** 0.5)) - 1
     deg = max_deg if sh_degree is None else min(sh_degree, max_deg)
-    viewmat = camera.viewmat(dev, dt)
+    viewmat = camera.viewmat(dev, dt) if viewmat is None else viewmat.to(dev, dt)
     K = camera.K(dev, dt)
     W, H = camera.width, camera.height
     scales = torch.exp(params["scales"])
@@ -93,8 +98,17 @@ def render(
     if backend == "cpu" and cpu_fused:
         from budget3d.splat.cpu import project_sh_cpu
 
-        m2d, conics, depths, radii, rgb = project_sh_cpu(means, quats, scales, opacities, params["sh0"], shN, viewmat,
-                                                         K, W, H, near, far, deg)
+        if viewmat.requires_grad:  # pose refinement: see _pose_grad_through_gaussians
+            m_geo, q_geo, m_sh = _pose_grad_through_gaussians(means, quats, viewmat)
+            viewmat = viewmat.detach()
+            m2d, conics, depths, radii, rgb = project_sh_cpu(m_geo, q_geo, scales, opacities, params["sh0"], shN,
+                                                             viewmat, K, W, H, near, far, 0)
+            if deg > 0:
+                rgb = project_sh_cpu(m_sh, quats, scales, opacities, params["sh0"], shN, viewmat, K, W, H, near, far,
+                                     deg)[4]
+        else:
+            m2d, conics, depths, radii, rgb = project_sh_cpu(means, quats, scales, opacities, params["sh0"], shN,
+                                                             viewmat, K, W, H, near, far, deg)
         p = Projected(m2d, conics, depths, radii)
     elif deg > 0:
         cam_center = -viewmat[:3, :3].T @ viewmat[:3, 3]
@@ -126,6 +140,41 @@ def render(
     else:
         img, alpha, n_pixels = rasterize_torch(p.means2d, p.conics, opacities, features, p.depths, p.radii, W, H, bg)
     return _finish(img, alpha, p.means2d, p.radii, n_pixels, p.depths, extra is not None)
+
+
+def _pose_grad_through_gaussians(means, quats, viewmat):
+    """The fused CPU kernels take the camera as constants, so a pose's gradient goes round them.
+    Camera V sees the world as camera V0 = V.detach() sees it moved by E = V0^-1 V: V0 (E x) = V x.
+    E is the identity in value, so the Gaussians moved by E are the same numbers, but they carry
+    V's gradient: exact for the projection (means and covariances) along rigid motions of the camera
+    (rotation and translation, what pose refinement moves; not along a general 4x4 perturbation).
+    The SH colours see the camera only through its centre c: their viewing direction m - c gets its
+    gradient from means shifted by c0 - c (zero in value), in a second, colour-only projection.
+    Returns (means and quats for the geometry, means for the colours)."""
+    V0 = viewmat.detach()
+    E = torch.linalg.solve(V0, viewmat)
+    dE = E - E.detach()  # zero in value, E's gradient
+    m0 = means.detach()
+    m_geo = means + m0 @ dE[:3, :3].T + dE[:3, 3]
+    qe = _rotmat_to_quat(E[:3, :3])
+    q0 = quats.detach()
+    q_geo = quats + _quat_mul(qe, q0) - _quat_mul(qe.detach(), q0)
+    c = -viewmat[:3, :3].T @ viewmat[:3, 3]
+    return m_geo, q_geo, means + (c.detach() - c)
+
+
+def _rotmat_to_quat(R: torch.Tensor) -> torch.Tensor:
+    """wxyz quaternion of a rotation near the identity (w > 0.5)."""
+    w = 0.5 * torch.sqrt((1.0 + R[0, 0] + R[1, 1] + R[2, 2]).clamp_min(1e-8))
+    return torch.stack([w, (R[2, 1] - R[1, 2]) / (4 * w), (R[0, 2] - R[2, 0]) / (4 * w), (R[1, 0] - R[0, 1]) / (4 * w)])
+
+
+def _quat_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hamilton product a * b of a (4,) and (N, 4) wxyz quaternions: R(a * b) = R(a) R(b)."""
+    aw, ax, ay, az = a.unbind(-1)
+    bw, bx, by, bz = b.unbind(-1)
+    return torch.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
+                        aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], -1)
 
 
 def _finish(img, alpha, means2d, radii, n_pixels, depths, has_extra) -> RenderOutput:

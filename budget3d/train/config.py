@@ -49,6 +49,12 @@ class TrainConfig:
     score: str = "full"  # full | grad (ablation: positional gradient only)
     prune_scale2d: float = 0.5  # prune Gaussians whose screen radius reaches this fraction of the image (floaters)
     recycle_frac: float = 0.1  # lowest-score fraction removed and re-grown at each densification step (0 = off)
+    # per-training-view corrections (budget3d/train/refine.py); test views are rendered without them
+    appearance: Optional[bool] = None  # per-image affine colour (exposure, white balance); auto: on for real captures, off for Blender
+    appearance_lr: float = 0.01  # Adam learning rate of the per-image log-gains and offsets
+    pose_opt: Optional[bool] = None  # per-camera SE(3) pose corrections; auto: on for scenes made by 'budget3d process'
+    pose_lr: float = 1e-3  # Adam learning rate of the corrections (rad; scene-scale units), decaying to 1%
+    pose_start: Optional[int] = None  # first step that moves the cameras (10% of iters)
     # fast paths
     visible_adam: bool = True  # Adam only on rows visible in the step (else torch.optim.Adam)
     shN_every: int = 4  # update higher-order SH every k steps; their gradient is skipped in between

@@ -96,18 +96,24 @@ class Session:
     other_bg: tuple = (0.0, 0.0, 0.0)
     progress: bool = True
     init: str = ""  # where the first Gaussians came from, in words
+    appearance: Optional[object] = None  # refine.Appearance (per training image), or None
+    poses: Optional[object] = None  # refine.PoseRefine (per training camera), or None
 
-    def render(self, params, camera, extra=None, background=None):
+    def render(self, params, camera, extra=None, background=None, viewmat=None):
         from budget3d.splat import render
 
         bg = self.background() if background is None else background
-        return render(params, camera, backend=self.backend, sh_degree=self.sh_now, background=bg, extra=extra)
+        return render(params, camera, backend=self.backend, sh_degree=self.sh_now, background=bg, extra=extra,
+                      viewmat=viewmat)
 
     def background(self):
         return torch.tensor(self.scene.background, dtype=torch.float32, device=self.device)
 
     def save(self) -> None:
         extra = {"budget": self.budget, "train_seconds": self.train_seconds, "init": self.init}
+        for k in ("appearance", "poses"):
+            if getattr(self, k) is not None:
+                extra[k] = getattr(self, k).state_dict()
         save_checkpoint(self.run_dir / CHECKPOINT, params=self.params, optimizers=self.optimizers,
                         strategy_state=self.state, step=self.step, history=self.history,
                         config=self.cfg.to_json(), extra=extra)
@@ -127,7 +133,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
     ``scene`` overrides loading ``cfg.data``; ``on_step(session)`` runs after every step and may
     return True to stop as Ctrl-C does (checkpoint, then ``TrainingInterrupted``).
     """
-    s = setup(cfg, resume=resume, scene=scene)
+    s = setup(cfg, resume=resume, scene=scene, progress=progress)
     s.progress, cfg = progress, s.cfg
     if s.backend == "cpu":
         _compile_cpu_kernels(s)
@@ -142,13 +148,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
             s.params["shN"].requires_grad_(step % cfg.shN_every == 0)
             bg = torch.rand(3, device=s.device) if cfg.random_background else s.background()
             gt = _target(s, view_idx, bg)
-            out = s.render(s.params, view.camera, background=bg)
-            loss = _loss(out.image, gt, cfg.ssim_lambda) + _regulariser(s)
+            out = s.render(s.params, view.camera, background=bg, viewmat=_viewmat(s, view_idx, step))
+            img = _corrected(s, view_idx, out.image, gt)
+            loss = _loss(img, gt, cfg.ssim_lambda) + _regulariser(s)
             info = _strategy_info(s, out, view.camera)
             s.strategy.step_pre_backward(s.params, s.optimizers, s.state, step, info)
             loss.backward()
             _after_backward(s, info, out)
             _optimizer_step(s, out.visible)
+            _refine_step(s, view_idx, step)
             _strategy_post_backward(s, step, info)
             if s.params["means"].shape[0] == 0:
                 bar.close()
@@ -159,7 +167,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
             s.step = step + 1
             s.train_seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
-            _log(s, bar, step, loss, out.image, gt)
+            _log(s, bar, step, loss, img, gt)
             stop = (on_step is not None and on_step(s)) or ctrl_c.requested
             if stop or (cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0):
                 s.save()
@@ -278,7 +286,7 @@ def _init_strategy_state(s: Session) -> dict:
     return s.strategy.initialize_state(scene_scale=s.extent)
 
 
-def setup(cfg: TrainConfig, *, resume: bool = False, scene=None) -> Session:
+def setup(cfg: TrainConfig, *, resume: bool = False, scene=None, progress: bool = True) -> Session:
     """Build (or restore from the run folder's checkpoint) everything the loop needs."""
     run_dir = Path(cfg.out)
     ckpt = None
@@ -293,7 +301,12 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None) -> Session:
     cfg = resolve_config(cfg)
     device = _pick_device(cfg.device)
     backend = _pick_backend(cfg.backend, device)
+    if not resume and scene is None and cfg.data:  # a folder of photos or a video: make it a scene first
+        from budget3d.capture import maybe_process
+
+        cfg = dataclasses.replace(cfg, data=maybe_process(cfg.data, run_dir, progress))
     scene = scene if scene is not None else _load_scene(cfg)
+    cfg = _resolve_for_scene(cfg, scene)
     if not scene.train:
         raise UserError(f"{cfg.data}: the scene has no training views")
     if ckpt is not None:
@@ -310,6 +323,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None) -> Session:
     s = Session(cfg=cfg, run_dir=run_dir, scene=scene, device=device, backend=backend, params=params,
                 optimizers=optimizers, strategy=None, state={}, budget=budget, extent=extent,
                 init=ckpt["extra"].get("init", "") if ckpt is not None else init_what)
+    _make_refiners(s, ckpt)
     s.strategy = _make_strategy(s)
     s.strategy.check_sanity(s.params, s.optimizers)
     s.state = _init_strategy_state(s)
@@ -412,6 +426,82 @@ def _regulariser(s: Session):
     return 0.01 * torch.sigmoid(p["opacities"]).mean() + 0.01 * torch.exp(p["scales"]).mean()
 
 
+# ----------------------------------------------------------------------------- per-view corrections
+
+
+def _resolve_for_scene(cfg: TrainConfig, scene) -> TrainConfig:
+    """The auto (None) settings that depend on the scene: appearance on for real captures (every
+    format but Blender-synthetic), pose refinement on for scenes made by 'budget3d process'."""
+    c = dataclasses.replace(cfg)
+    if c.appearance is None:
+        c.appearance = scene.format != "blender"
+    if c.pose_opt is None:
+        c.pose_opt = bool(getattr(scene, "meta", {}).get("processed", False))
+    if c.pose_start is None:
+        c.pose_start = round(0.1 * c.iters)
+    return c
+
+
+def _make_refiners(s: Session, ckpt) -> None:
+    from budget3d.train.refine import Appearance, PoseRefine
+
+    n = len(s.scene.train)
+    saved = ckpt["extra"] if ckpt is not None else {}
+    if s.cfg.appearance:
+        s.appearance = Appearance(n, s.cfg.appearance_lr, s.device)
+    if s.cfg.pose_opt:
+        s.poses = PoseRefine(n, s.cfg.pose_lr, s.extent, s.device)
+    for k in ("appearance", "poses"):
+        if getattr(s, k) is not None and k in saved:
+            getattr(s, k).load_state_dict(saved[k])
+
+
+def _viewmat(s: Session, k: int, step: int):
+    """Training camera ``k``'s corrected pose (differentiable) once pose refinement has started, else None."""
+    if s.poses is None or step < s.cfg.pose_start:
+        return None
+    return s.poses.viewmat(k, s.scene.train[k].camera)
+
+
+def _train_camera(s: Session, k: int):
+    """Training camera ``k`` with its current pose correction (a plain Camera, for scoring)."""
+    cam = s.scene.train[k].camera
+    if s.poses is None:
+        return cam
+    return dataclasses.replace(cam, world_to_camera=s.poses.world_to_camera(k, cam))
+
+
+def _corrected(s: Session, k: int, img: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """The render as the loss sees it: with image ``k``'s appearance, and the ground truth itself
+    where the view's mask says to ignore the pixel (no error there, so no gradient)."""
+    if s.appearance is not None:
+        img = s.appearance.apply(k, img)
+    mask = s.scene.train[k].mask()
+    if mask is not None:
+        img = torch.where(torch.as_tensor(mask, device=img.device)[..., None], img, gt)
+    return img
+
+
+def _canonical(s: Session, k: int, gt: torch.Tensor) -> torch.Tensor:
+    """Training image ``k`` brought to the Gaussians' own appearance (its correction undone), so
+    that Taming's error maps measure geometry rather than exposure."""
+    if s.appearance is None:
+        return gt
+    with torch.no_grad():
+        g = s.appearance.param[k]
+        return ((gt - g[3:]) * torch.exp(-g[:3])).clamp(0, 1)
+
+
+def _refine_step(s: Session, k: int, step: int) -> None:
+    from budget3d.train.refine import lr_at
+
+    if s.appearance is not None:
+        s.appearance.step(k)
+    if s.poses is not None:
+        s.poses.opt.param_groups[0]["lr"] = lr_at(step, s.cfg.pose_start, s.cfg.iters, s.cfg.pose_lr)
+        s.poses.step(k)
+
+
 def _strategy_info(s: Session, out, camera) -> dict:
     """What the strategy reads. gsplat's strategies want [C, N, ...] tensors and a means2d
     tensor whose .grad they read; ours gets plain (N, ...) tensors and the gradient itself."""
@@ -456,7 +546,7 @@ def _score_views(s: Session, k: int) -> list:
     n = len(s.scene.train)
     idx = torch.randperm(n)[: max(1, min(k, n))].tolist()
     bg = s.background()
-    return [(s.scene.train[i].camera, _target(s, i, bg)) for i in idx]
+    return [(_train_camera(s, i), _canonical(s, i, _target(s, i, bg))) for i in idx]
 
 
 def _progress_bar(s: Session, enabled: bool):
@@ -591,6 +681,8 @@ def _train_metrics(s: Session) -> dict:
         "init": s.init,
         **_last_growth(s),
         **peak_memory_mb(s.device),
+        **({"appearance": s.appearance.summary()} if s.appearance is not None else {}),
+        **({"pose_refinement": s.poses.summary()} if s.poses is not None else {}),
         "scene": str(s.cfg.data),
     }
 
