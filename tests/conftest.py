@@ -33,6 +33,16 @@ def _restore_threads():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_is_not_leaked():
+    """A test (or the code it calls) that leaves autograd switched off breaks every later test that
+    trains (CI once failed 85 tests this way): fail the test that leaked it, and switch it back on."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("autograd was left disabled (torch.set_grad_enabled(False) outside a with-block)")
+
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 

@@ -202,7 +202,6 @@ class Run:
             up = np.array([0.0, 0.0, 1.0])
             centre = gauss["means"].median(0).values.double().numpy()
         up = up / max(np.linalg.norm(up), 1e-12) if np.linalg.norm(up) > 1e-6 else np.array([0.0, 0.0, 1.0])
-        torch.set_grad_enabled(False)
         return cls(path, gauss, None if sh is None else int(sh), bg, cams, note, up, np.asarray(centre, np.float64),
                    student, exports)
 
