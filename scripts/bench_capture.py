@@ -120,13 +120,13 @@ def cmd_pose(a) -> dict:
     rows = [
         _train(out, "clean-off", scene=scene, data=data, pose_opt=False),
         _train(out, "noisy-off", scene=moved, data=data, pose_opt=False),
-        _train(out, "noisy-on", scene=moved, data=data, pose_opt=True, **extra),
+        _train(out, "noisy-on" + a.tag, scene=moved, data=data, pose_opt=True, **extra),
     ]
     if a.clean_on:
-        rows.append(_train(out, "clean-on", scene=scene, data=data, pose_opt=True, **extra))
-    p = {r["run"]: r["psnr"] for r in rows}
+        rows.append(_train(out, "clean-on" + a.tag, scene=scene, data=data, pose_opt=True, **extra))
+    p = {r["run"].replace(a.tag, "") if a.tag else r["run"]: r["psnr"] for r in rows}
     cost = p["clean-off"] - p["noisy-off"]
-    summary = {"runs": rows, "noise_deg": a.noise_deg, "noise_frac_of_radius": a.noise_frac, "radius": radius,
+    summary = {"runs": rows, "settings": extra, "noise_deg": a.noise_deg, "noise_frac_of_radius": a.noise_frac, "radius": radius,
                "seed": a.seed, "psnr_cost_of_noise": round(cost, 3),
                "recovered_fraction": round((p["noisy-on"] - p["noisy-off"]) / cost, 3) if cost > 0 else None}
     return summary
@@ -148,11 +148,14 @@ def cmd_process(a) -> dict:
         m = json.loads((Path(a.given_run) / "metrics.json").read_text())
         rows.append({"run": f"given ({a.given_run})", "psnr": m["psnr"], "ssim": m.get("ssim"),
                      "n_test_views": m.get("n_test_views")})
+    rows.append(_train(out, "processed", data=str(scene_dir.resolve())))  # the defaults
+    extra = json.loads(a.set) if a.set else {}
+    variants = {"processed-pose-off": dict(pose_opt=False), "processed-appearance-off": dict(appearance=False),
+                "processed-neither": dict(pose_opt=False, appearance=False), **extra}
+    for tag in (a.variants.split(",") if a.variants else []):
+        rows.append(_train(out, tag, data=str(scene_dir.resolve()), **variants[tag]))
     if a.given:
         rows.append(_train(out, "given", data=str(Path(a.given).resolve())))
-    rows.append(_train(out, "processed", data=str(scene_dir.resolve())))
-    for po in ("false", "true"):  # pose refinement off/on on the processed scene, appearance as default
-        rows.append(_train(out, f"processed-pose-{po}", data=str(scene_dir.resolve()), pose_opt=po == "true"))
     given = load_scene(a.given) if a.given else None
     proc = load_scene(scene_dir)
     same = given is not None and sorted(Path(v.name).name for v in given.test) == sorted(v.name for v in proc.test)
@@ -176,19 +179,24 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clean-on", action="store_true", help="also train the clean poses with refinement on")
     p.add_argument("--set", help="JSON object of TrainConfig fields for the refinement runs, e.g. '{\"pose_lr\": 3e-3}'")
+    p.add_argument("--tag", default="", help="suffix of the refinement runs' folders (to compare settings)")
     p = sub.add_parser("process")
     p.add_argument("--photos", required=True)
     p.add_argument("--given", help="the same capture with its given poses (a scene folder) to train beside")
     p.add_argument("--given-run", help="an existing run on the given poses (its metrics.json)")
     p.add_argument("--out", required=True)
     p.add_argument("--mapper", default="incremental")
+    p.add_argument("--variants", default="processed-pose-off",
+                   help="also train the processed scene as: processed-pose-off, processed-appearance-off, "
+                        "processed-neither (comma-separated; '' for none)")
+    p.add_argument("--set", help="JSON object {tag: {TrainConfig fields}} of more variants to name in --variants")
     p.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     for k, v in RECIPE.items():
         print(f"recipe {k}={v}", file=sys.stderr)
     summary = {"appearance": cmd_appearance, "pose": cmd_pose, "process": cmd_process}[a.cmd](a)
-    (Path(a.out) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (Path(a.out) / f"summary{getattr(a, 'tag', '')}.json").write_text(json.dumps(summary, indent=2, default=str))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("runs", "process", "test_images")}, indent=1))
     return 0
 

@@ -323,6 +323,17 @@ def test_a_folder_that_is_already_a_scene_is_not_processed(capsys, processed, tm
     one_line_error(code, err, "already a colmap scene", "budget3d train --data")
 
 
+def test_opencv_still_writes_png_once_pycolmap_is_loaded(tmp_path):
+    """Imported before OpenCV, pycolmap's zlib makes cv2.imwrite(.png) abort the process; the capture
+    modules import OpenCV first, so a fresh process that starts from them is safe."""
+    import subprocess
+
+    code = ("import budget3d.capture.sfm, pycolmap, cv2, numpy as np; "
+            f"assert cv2.imwrite({str(tmp_path / 'a.png')!r}, np.zeros((64, 64, 3), np.uint8))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- optional: lego
 
 

@@ -96,7 +96,7 @@ def process(src, out, opts: Optional[ProcessOptions] = None, progress: bool = Tr
     kind = _check_input(src)
     _check_out(out)
     try:
-        import pycolmap  # noqa: F401
+        import pycolmap  # noqa: F401  (after sfm, which imports cv2 first)
     except ImportError as e:
         raise UserError(f"budget3d process needs pycolmap ({e}); install it: pip install pycolmap") from None
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import cv2  # noqa: F401  before pycolmap: imported after it, OpenCV's PNG writer crashes (their zlibs clash)
+
 from budget3d.errors import UserError
 
 MATCHERS = ("auto", "exhaustive", "sequential")
