@@ -328,6 +328,9 @@ def _other_value(f, data):
         return fixed[f.name]
     if isinstance(f.default, bool):
         return not f.default
+    if f.default is None:  # Optional[...]: auto by default
+        return True if "bool" in str(f.type) else 7 if "int" in str(f.type) else 0.5 if "float" in str(f.type) \
+            else pytest.fail(f"{f.name}: give the new Optional field a valid value in ``fixed``")
     if isinstance(f.default, float):
         return f.default * 0.5 if f.default else 0.25
     if isinstance(f.default, int):
