@@ -25,6 +25,8 @@ from typing import Optional
 
 from budget3d.errors import UserError
 
+NELF_PRESETS = ("grid-small", "grid-mobile", "tiny", "small", "mobile-int8", "mobile-r2l")  # budget3d.nelf.students
+CPU_PRESET, CPU_DISTILL_ITERS = "grid-small", 4000
 DEMO_BUDGET = "6000"
 DEMO_ITERS = 1500
 DEMO_DISTILL_ITERS = 3000
@@ -77,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     n = sub.add_parser("distill",
                        help="distill a run's Gaussians into a MobileR2L-style neural light field (RUN/nelf/)")
     n.add_argument("run", help="run folder written by 'budget3d train'")
-    n.add_argument("--preset", choices=["tiny", "small", "mobile-int8", "mobile-r2l"],
-                   help="student network (default: small on CPU, mobile-r2l on CUDA)")
+    n.add_argument("--preset", choices=list(NELF_PRESETS),
+                   help="student network (default: grid-small on CPU, mobile-r2l on CUDA)")
     n.add_argument("--iters", type=int, help="optimisation steps (default: 4000 on CPU, 20000 on CUDA)")
     n.add_argument("--resolution", metavar="WxH|W",
                    help="output size, multiples of the preset's upsampling factor (default: the scene's image size)")
@@ -433,9 +435,10 @@ def cmd_distill(args) -> int:
             raise UserError(f"{args.run}/nelf already holds a distillation; continue it with --resume, "
                             "or move that folder away to start again")
         cuda = _pick_device(args.device).type == "cuda"
-        # CPU: measured on the bundled scene (README, "Distilling"): 64x64 crops, 16 a step, learn faster
+        # CPU: the grid student, 64x64 crops, 16 a step (README, "Distilling": measured on the bundled
+        # scene, ethiopian_head and lego)
         defaults = {"preset": "mobile-r2l", "iters": 20000} if cuda else \
-            {"preset": "small", "iters": 4000, "crop": 64, "batch": 16}
+            {"preset": CPU_PRESET, "iters": CPU_DISTILL_ITERS, "crop": 64, "batch": 16}
         cfg = DistillConfig(run=args.run, device=args.device, backend=args.backend, data=args.data or "",
                             **{**defaults, **given})
     m = distill(cfg, resume=args.resume, progress=not args.quiet)

@@ -41,13 +41,28 @@ def parse_variant(text: str) -> tuple[str, dict]:
         if k not in FIELDS:
             raise UserError(f"variant {name!r}: {k!r} is not a DistillConfig field ({', '.join(FIELDS)})")
         default = FIELDS[k].default
+        if default is None and k == "lr":
+            default = 0.0
         kw[k] = v if isinstance(default, str) or default is None else type(default)(
             v.lower() in ("1", "true", "yes") if isinstance(default, bool) else float(v) if isinstance(default, float)
             else int(float(v)) if isinstance(default, int) else v)
     return name or "default", kw
 
 
-def run_variant(run: Path, name: str, kw: dict, iters: int, points: int) -> dict:
+def onnx_figures(run: Path) -> dict:
+    """fp32 and int8 ONNX exports of the run's student: file size, 1-thread latency at the
+    student's resolution, and int8's PSNR against its own fp32 and both against the teacher."""
+    from budget3d.export import onnx as ex
+
+    out = {}
+    for fmt in ("onnx", "onnx-int8"):
+        r = ex.export(run, fmt, run / "export", progress=False)
+        out[fmt] = {k: r.get(k) for k in ("size_mb", "latency_ms_1thread", "psnr_vs_fp32", "psnr_vs_teacher",
+                                          "fp32_psnr_vs_teacher", "max_abs_diff")}
+    return out
+
+
+def run_variant(run: Path, name: str, kw: dict, iters: int, points: int, onnx: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
         copy = Path(tmp) / "run"
         copy.mkdir()
@@ -58,7 +73,8 @@ def run_variant(run: Path, name: str, kw: dict, iters: int, points: int) -> dict
         t0 = time.time()
         m = distill(cfg, progress=sys.stderr.isatty())
         curve = [(h["seconds"], h["test_psnr_vs_teacher"]) for h in m["history"] if "test_psnr_vs_teacher" in h]
-        return {"name": name, "settings": kw, "curve": curve, "wall_seconds": round(time.time() - t0, 1),
+        extra = {"onnx": onnx_figures(copy)} if onnx else {}
+        return {**extra, "run": str(run), "name": name, "settings": kw, "curve": curve, "wall_seconds": round(time.time() - t0, 1),
                 **{k: m.get(k) for k in ("preset", "params", "macs_per_frame", "resolution", "distill_seconds",
                                          "threads", "student_vs_teacher_psnr", "student_psnr", "teacher_psnr")}}
 
@@ -72,7 +88,7 @@ def plot(rows: list, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for r in rows:
         xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(xs, ys, "o-", ms=3, label=f"{r['name']} ({r['student_vs_teacher_psnr']:.2f} dB)")
+        ax.plot(xs, ys, "o-", ms=3, label=f"{Path(r.get('run', '')).name} {r['name']} ({r['student_vs_teacher_psnr']:.2f} dB)")
     ax.axhline(25, color="grey", ls=":", lw=1)
     ax.set_xlabel("distillation seconds (evaluations excluded)")
     ax.set_ylabel("test PSNR against the teacher (dB)")
@@ -86,9 +102,10 @@ def plot(rows: list, path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", nargs="?", help="run folder written by 'budget3d train'")
+    p.add_argument("run", nargs="*", help="run folders written by 'budget3d train' (each gets every variant)")
     p.add_argument("--variants", nargs="*", default=["default:"], help="name:key=value,... (DistillConfig fields)")
     p.add_argument("--iters", type=int, default=DistillConfig.iters, help="steps unless a variant sets iters")
+    p.add_argument("--onnx", action="store_true", help="also export fp32 and int8 ONNX: size, 1-thread latency, int8 loss")
     p.add_argument("--points", type=int, default=10, help="evaluations along each run")
     p.add_argument("--merge", help="comma-separated JSON files from earlier runs, merged instead of running")
     p.add_argument("--json", default="bench_distill.json")
@@ -100,17 +117,22 @@ def main(argv=None) -> int:
     else:
         if not args.run:
             p.error("give a run folder (or --merge)")
-        run = Path(args.run)
-        if not (run / "gaussians.ply").is_file():
-            raise SystemExit(f"{run}: no gaussians.ply; give a folder written by 'budget3d train'")
         rows = []
-        for text in args.variants:
-            name, kw = parse_variant(text)
-            rows.append(run_variant(run, name, kw, args.iters, args.points))
-            r = rows[-1]
-            print(f"{name:14s} {r['student_vs_teacher_psnr']:6.2f} dB vs teacher  {r['distill_seconds']:7.1f} s  "
-                  f"{r['threads']} threads  curve " + " ".join(f"{s:.0f}s:{v:.1f}" for s, v in r["curve"]), flush=True)
-        source = str(run)
+        for run in map(Path, args.run):
+            if not (run / "gaussians.ply").is_file():
+                raise SystemExit(f"{run}: no gaussians.ply; give a folder written by 'budget3d train'")
+            for text in args.variants:
+                name, kw = parse_variant(text)
+                rows.append(run_variant(run, name, kw, args.iters, args.points, args.onnx))
+                r = rows[-1]
+                o = r.get("onnx", {})
+                ox = "" if not o else (f"  onnx {o['onnx']['size_mb']:.2f} MB {o['onnx']['latency_ms_1thread']:.1f} ms"
+                                       f"  int8 {o['onnx-int8']['size_mb']:.2f} MB {o['onnx-int8']['latency_ms_1thread']:.1f} ms"
+                                       f" {o['onnx-int8']['psnr_vs_fp32']:.1f} dB vs fp32")
+                print(f"{run.name:10s} {name:12s} {r['student_vs_teacher_psnr']:6.2f} dB vs teacher  "
+                      f"{r['distill_seconds']:7.1f} s  {r['threads']} threads{ox}  curve "
+                      + " ".join(f"{s:.0f}s:{v:.1f}" for s, v in r["curve"]), flush=True)
+        source = ", ".join(args.run)
     Path(args.json).write_text(json.dumps({"source": source, "variants": rows}, indent=1) + "\n")
     plot(rows, Path(args.png), f"NeLF distillation: {source}")
     print(f"wrote {args.json} and {args.png}")

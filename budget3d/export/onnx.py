@@ -51,7 +51,6 @@ import torch
 from torch import nn
 
 from budget3d.errors import UserError
-from budget3d.nelf.rays import encode, rays_from_c2w
 
 FORMATS = ("onnx", "onnx-int8", "onnx-mixed")
 FILENAMES = {"onnx": "nelf.onnx", "onnx-int8": "nelf-int8.onnx", "onnx-mixed": "nelf-mixed.onnx"}
@@ -151,9 +150,10 @@ class PoseToImage(nn.Module):
         self.n_points, self.freqs = int(n_points), int(freqs)
 
     def forward(self, c2w: torch.Tensor) -> torch.Tensor:
-        o, d = rays_from_c2w(c2w, self.K, self.width, self.height, self.model.scale)
-        x = encode(o, d, self.near, self.far, k=self.n_points, freqs=self.freqs)
-        return self.model(x)
+        from budget3d.nelf.students import pose_forward
+
+        return pose_forward(self.model, c2w, self.K, self.width, self.height, self.near, self.far,
+                            self.n_points, self.freqs)
 
 
 def intrinsics_matrix(payload: dict, width: int, height: int) -> torch.Tensor:
@@ -307,6 +307,16 @@ def encoding_nodes(model_path) -> tuple[list, list]:
     return sorted(seen), [n.name for n in convs]
 
 
+def lookup_nodes(model_path) -> list:
+    """Names of every node that is not a Conv: a grid student's rays, GridSample lookups, volume
+    weights and shuffles. Quantizing only its convs keeps the texel reads float (ints would
+    round features the decoder reads side by side)."""
+    import onnx
+
+    g = onnx.load(str(model_path), load_external_data=False).graph
+    return sorted(n.name for n in g.node if n.op_type not in CONV_OPS)
+
+
 def tail_nodes(model_path) -> list:
     """Names of the last conv (the 1x1 conv to RGB) and every node after it (sigmoid, layout):
     a handful of MACs whose int8 rounding lands straight on the output pixels."""
@@ -331,7 +341,11 @@ def recipe_exclude(fp32_path, sidecar: dict, variant: str) -> Optional[list]:
     """The nodes to keep float when re-quantizing ``fp32_path`` (the same student, exported at
     another size) as the quantized file described by ``sidecar`` (its .json) was; None when the
     sidecar does not say. Files from before the tail was kept float record no quantize_tail."""
+    from budget3d.nelf.students import PRESETS
+
     enc, convs = encoding_nodes(fp32_path)
+    if PRESETS.get(sidecar.get("preset")) == "grid":
+        enc = lookup_nodes(fp32_path)
     floats = sidecar.get("float_convs", [convs[0]] if variant == "onnx-int8" else None)
     if floats is None or any(c not in convs for c in floats):
         return None
@@ -506,6 +520,8 @@ def export(run_dir: Path, fmt: str, out_dir: Path, **opts) -> dict:
             outs = fp32_outs
         else:
             enc, convs = encoding_nodes(src)
+            if payload.get("kind") == "grid":  # every grid lookup and what blends them stays float
+                enc = lookup_nodes(src)
             quantize_head = bool(opts.get("quantize_head", True))
             quantize_tail = bool(opts.get("quantize_tail", False))
             tail = [] if quantize_tail else tail_nodes(src)

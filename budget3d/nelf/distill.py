@@ -35,9 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from budget3d.errors import UserError
-from budget3d.nelf.net import PRESETS, build, count_params, macs_per_frame
+from budget3d.nelf import students
+from budget3d.nelf.net import count_params
+from budget3d.nelf.poses import PoseSampler, at_resolution, parse_resolution
 from budget3d.nelf.rays import camera_rays, encode, scene_bounds
-from budget3d.scene.camera import Camera, look_at_w2c
+from budget3d.nelf.students import PRESETS
+from budget3d.scene.camera import Camera
 
 NELF_DIR = "nelf"
 CHECKPOINT = "checkpoint.pt"
@@ -50,12 +53,13 @@ class DistillConfig:
 
     run: str = ""  # run folder written by 'budget3d train' (holds gaussians.ply and config.json)
     data: str = ""  # the run's scene folder when it moved ("": the one the run's config.json names)
-    preset: str = "small"  # tiny | small | mobile-int8 | mobile-r2l (budget3d.nelf.net.PRESETS)
+    preset: str = "small"  # grid-small | grid-mobile | tiny | small | mobile-int8 | mobile-r2l (budget3d.nelf.students)
     iters: int = 4000  # optimisation steps
     batch: int = 4  # teacher views per step (whole images, or one crop of each)
     real_steps: int = 0  # the last real_steps steps fine-tune on the real training images (training poses only)
     crop: int = 0  # train on random crop x crop windows of the views (a multiple of the preset's scale); 0 = whole views
-    lr: float = 3e-3  # peak AdamW learning rate
+    lr: Optional[float] = None  # peak AdamW learning rate (of the decoder for grid students); auto: 3e-3 r2l, 1e-2 grid
+    grid_lr: float = 5e-2  # peak learning rate of a grid student's feature grids (no weight decay)
     weight_decay: float = 1e-2  # AdamW's decoupled weight decay
     warmup: int = 100  # steps of linear warm-up, then cosine decay to lr_final_frac * lr
     lr_final_frac: float = 0.02
@@ -86,132 +90,6 @@ class DistillConfig:
 
 class DistillInterrupted(KeyboardInterrupt):
     """Raised after Ctrl-C once the checkpoint is safely written; ``str()`` says how to resume."""
-
-
-# ----------------------------------------------------------------------------- poses
-
-
-class PoseSampler:
-    """A fixed pool of ``n_poses`` teacher poses; pose ``i`` is a pure function of (seed, i).
-
-    Poses ``0 .. n_train-1`` are the training cameras. The others copy the intrinsics of a random
-    training camera and move it:
-    - **360° scenes** (cameras around what they look at): orbit the look-at centre
-      (``Scene.look_at``) within the band of the training cameras: distance and elevation (along
-      the cameras' mean up vector) uniform between their min and max; azimuth uniform over the
-      circle when the cameras surround the centre (no gap between neighbouring azimuths above
-      90°), else the chosen camera's azimuth +- half the mean gap; looking at the centre, with a
-      small jitter, without roll.
-    - **forward-facing scenes** (LLFF bounds, or all cameras looking the same way: mean forward
-      axis longer than 0.9): the chosen camera's rotation, its position uniform in the box of
-      the training camera centres.
-    """
-
-    def __init__(self, scene, n_poses: int, seed: int, train_frac: float = 0.25):
-        self.train_frac = float(train_frac)
-        self.cams = [v.camera for v in scene.train]
-        self.n_train = len(self.cams)
-        self.n_poses = max(int(n_poses), self.n_train)
-        self.seed = int(seed)
-        C = np.stack([c.center for c in self.cams])
-        R = np.stack([np.asarray(c.world_to_camera, dtype=np.float64)[:3, :3] for c in self.cams])
-        fwd = R[:, 2]
-        self.forward_facing = scene.near_far is not None or float(np.linalg.norm(fwd.mean(0))) > 0.9
-        self.box = (C.min(0), C.max(0))
-        centre, half = scene.look_at()
-        self.centre, self.half = np.asarray(centre, dtype=np.float64), float(half)
-        up = -R[:, 1].mean(0)  # OpenCV y points down
-        self.up = up / max(np.linalg.norm(up), 1e-12)
-        v = C - self.centre
-        r = np.linalg.norm(v, axis=1)
-        self.r_band = (float(r.min()), float(r.max()))
-        elev = np.arcsin(np.clip((v @ self.up) / np.maximum(r, 1e-12), -1, 1))
-        self.el_band = (float(elev.min()), float(elev.max()))
-        a = np.cross(self.up, [1.0, 0.0, 0.0])
-        if np.linalg.norm(a) < 1e-3:
-            a = np.cross(self.up, [0.0, 1.0, 0.0])
-        self.e1 = a / np.linalg.norm(a)
-        self.e2 = np.cross(self.up, self.e1)
-        self.azim = np.arctan2(v @ self.e2, v @ self.e1)
-        s = np.sort(self.azim)
-        gaps = np.diff(np.concatenate([s, s[:1] + 2 * np.pi])) if len(s) > 1 else np.array([2 * np.pi])
-        self.surround = float(gaps.max()) < np.pi / 2
-        self.az_jitter = float(np.pi / max(len(s), 1))  # half the mean gap
-
-    def __len__(self) -> int:
-        return self.n_poses
-
-    def camera(self, i: int) -> Camera:
-        """Pose ``i`` of the pool, at the training cameras' resolution."""
-        if i < self.n_train:
-            return self.cams[i]
-        g = np.random.default_rng([self.seed, 7, int(i)])
-        base = self.cams[int(g.integers(self.n_train))]
-        if self.forward_facing:
-            pos = g.uniform(self.box[0], self.box[1])
-            R = np.asarray(base.world_to_camera, dtype=np.float64)[:3, :3]
-            w2c = np.eye(4)
-            w2c[:3, :3], w2c[:3, 3] = R, -R @ pos
-        else:
-            j = int(g.integers(self.n_train))
-            az = g.uniform(-np.pi, np.pi) if self.surround else self.azim[j] + g.uniform(-1, 1) * self.az_jitter
-            el = g.uniform(*self.el_band)
-            r = g.uniform(*self.r_band)
-            eye = self.centre + r * (np.cos(el) * (np.cos(az) * self.e1 + np.sin(az) * self.e2) + np.sin(el) * self.up)
-            target = self.centre + g.normal(0.0, 0.05 * self.half, 3)
-            w2c = look_at_w2c(eye, target, self.up)
-        return Camera(base.fx, base.fy, base.cx, base.cy, base.width, base.height, w2c)
-
-    def batch(self, step: int, size: int, real: bool = False) -> list[int]:
-        """The pose indices of ``step``: a pure function of (seed, step), so a resume draws the same.
-        ``real``: training poses only (their photos are the targets)."""
-        g = np.random.default_rng([self.seed, 11, int(step)])
-        out = []
-        for _ in range(size):
-            if real or self.n_poses == self.n_train or g.random() < self.train_frac:
-                out.append(int(g.integers(self.n_train)))
-            else:
-                out.append(int(g.integers(self.n_train, self.n_poses)))
-        return out
-
-
-def at_resolution(camera: Camera, width: int, height: int) -> Camera:
-    """``camera`` for a ``width`` x ``height`` image of the same view (``Camera.scaled`` when
-    the aspect ratio is kept, else x and y scaled separately)."""
-    if (width, height) == (camera.width, camera.height):
-        return camera
-    c = camera.scaled(camera.width / width)
-    if (c.width, c.height) == (width, height):
-        return c
-    sx, sy = width / camera.width, height / camera.height
-    return Camera(camera.fx * sx, camera.fy * sy, camera.cx * sx, camera.cy * sy, width, height,
-                  np.asarray(camera.world_to_camera).copy())
-
-
-def parse_resolution(text, camera: Camera, scale: int) -> tuple[int, int]:
-    """(width, height) of the student's output. None: the camera's size rounded down to a multiple
-    of ``scale``; "W": that width, the height from the aspect ratio rounded down; "WxH" as given.
-    A given width or height must be a positive multiple of ``scale``."""
-    if text in (None, "", "auto"):
-        w, h = camera.width // scale * scale, camera.height // scale * scale
-        if w < scale or h < scale:
-            raise UserError(f"the scene's images ({camera.width}x{camera.height}) are smaller than the student's "
-                            f"upsampling factor {scale}; use a smaller preset or a larger --resolution")
-        return w, h
-    t = str(text).strip().lower()
-    try:
-        if "x" in t:
-            w, h = (int(v) for v in t.split("x"))
-        else:
-            w = int(t)
-            h = int(w * camera.height / camera.width) // scale * scale
-    except ValueError:
-        raise UserError(f"--resolution {text!r}: expected WIDTHxHEIGHT (e.g. 128x128) or a width (e.g. 128)") from None
-    if w <= 0 or h <= 0 or w % scale or h % scale:
-        raise UserError(f"--resolution {text!r}: width and height must be positive multiples of {scale} "
-                        f"(the upsampling factor of this preset), e.g. {max(scale, w // scale * scale)}x"
-                        f"{max(scale, (h if h > 0 else w) // scale * scale)}")
-    return w, h
 
 
 # ----------------------------------------------------------------------------- the session
@@ -330,7 +208,14 @@ class Distiller:
 
     def student(self, cameras: list, net: Optional[torch.nn.Module] = None, resize: bool = True) -> torch.Tensor:
         """(B, H, W, 3) student images of ``cameras`` (in the model's current train/eval mode)."""
-        return (net or self.model)(self.inputs(cameras, resize)).permute(0, 2, 3, 1)
+        net = net or self.model
+        if students.kind_of(self.model) == "r2l":
+            return net(self.inputs(cameras, resize)).permute(0, 2, 3, 1)
+        cams = [at_resolution(c, self.width, self.height) if resize else c for c in cameras]
+        c2w = torch.as_tensor(np.stack([np.linalg.inv(np.asarray(c.world_to_camera, np.float64)) for c in cams]),
+                              dtype=torch.float32, device=self.device)
+        K = torch.stack([c.K(self.device, torch.float32) for c in cams])
+        return net(c2w, K, cams[0].width, cams[0].height).permute(0, 2, 3, 1)
 
     def save(self) -> None:
         if not self.main:
@@ -344,6 +229,7 @@ class Distiller:
             "init_metrics": dict(self.init_metrics),
             "config": self.cfg.to_json(),
             "arch": dict(self.model.arch),
+            "frame": _frame(self.model),
             "rng": torch.get_rng_state(),
         }
         _atomic_save(ckpt, self.out_dir / CHECKPOINT)
@@ -386,7 +272,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         for step in range(d.step, cfg.iters):
             d.net.train()
             for g in d.optimizer.param_groups:
-                g["lr"] = lr_at(cfg, step)
+                g["lr"] = lr_at(cfg, step) * g.get("lr_scale", 1.0)
             idx = d.poses.batch(step, cfg.batch, real=step >= cfg.iters - cfg.real_steps)[d.rank::d.world]
             gt, cams = d.batch(step, idx)
             img = d.student(cams, d.net, resize=False)
@@ -542,13 +428,25 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
     teacher = {k: v.to(device).float() for k, v in load_ply(run_dir / "gaussians.ply").items()}
     sh = saved.get("sh_degree")
     torch.manual_seed(cfg.seed)
-    model = build(cfg.preset, in_ch=3 * cfg.n_points * (2 * cfg.freqs + 1),
-                  arch=None if ckpt is None else _saved_arch(ckpt.get("arch"), cfg.preset)).to(device)
+    kind = students.kind_of(cfg.preset)
+    if cfg.lr is None:
+        cfg = dataclasses.replace(cfg, lr=students.LR[kind])
+    if ckpt is not None:
+        frame = ckpt.get("frame")
+    elif kind == "grid":  # the scene's unit ball: where the teacher's Gaussians are
+        from budget3d.nelf.students.grid import scene_frame
+
+        frame = scene_frame(teacher, [v.camera for v in scene.train])
+    else:
+        frame = None
+    model = students.build(cfg.preset, arch=None if ckpt is None else _saved_arch(ckpt.get("arch"), cfg.preset),
+                           frame=frame, n_points=cfg.n_points, freqs=cfg.freqs).to(device)
     if world > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch (CUDA only in torch)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     width, height = parse_resolution(cfg.resolution, scene.train[0].camera, model.scale)
     cfg = dataclasses.replace(cfg, resolution=f"{width}x{height}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(students.lr_groups(model, cfg.lr, cfg.grid_lr, cfg.weight_decay),
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
     near, far = scene_bounds(scene)
     poses = PoseSampler(scene, cfg.n_poses, cfg.seed, cfg.train_pose_frac)
     d = Distiller(cfg=cfg, run_dir=run_dir, scene=scene, device=device, backend=backend, teacher=teacher,
@@ -571,12 +469,44 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
         from budget3d.splat import cpu
 
         cpu.warmup()
+    if ckpt is None and kind == "grid":
+        _seed_grid(d)
     d.net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         d.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return d
+
+
+def _frame(model):
+    """A grid student's (centre, radius); None for the other kinds."""
+    if students.kind_of(model) != "grid":
+        return None
+    return [[float(v) for v in model.centre], float(model.radius)]
+
+
+@torch.no_grad()
+def _seed_grid(d: Distiller, views: int = 32) -> None:
+    """Start a grid student's density where the teacher's surfaces are: up to ``views`` training
+    cameras rendered at the ray-grid size, their depth back-projected, weighted by alpha."""
+    from budget3d.splat import render
+
+    step = max(1, len(d.scene.train) // views)
+    pts, wts = [], []
+    for v in d.scene.train[::step][:views]:
+        cam = at_resolution(v.camera, max(1, d.width // d.model.scale), max(1, d.height // d.model.scale))
+        out = render(d.teacher, cam, backend=d.backend, sh_degree=d.sh_degree, background=d.background())
+        o, dirs = camera_rays(cam, 1, device=d.device)  # unit directions; depth is camera z
+        z = out.depth[..., 0]
+        fwd = torch.as_tensor(np.asarray(cam.world_to_camera, np.float64)[2, :3], dtype=torch.float32,
+                              device=d.device)
+        t = z / (dirs @ fwd).clamp_min(1e-6)
+        keep = out.alpha[..., 0] > 0.5
+        pts.append((o + t[..., None] * dirs)[keep])
+        wts.append(out.alpha[..., 0][keep])
+    if pts and sum(len(p) for p in pts):
+        d.model.seed_density(torch.cat(pts).cpu(), torch.cat(wts).cpu())
 
 
 FLAGS = ("preset", "iters", "batch", "resolution")  # DistillConfig fields with a flag of their own
@@ -602,11 +532,14 @@ def _check_config(cfg: DistillConfig) -> None:
     if cfg.real_steps > cfg.iters:
         raise UserError(f"{flag('real_steps', cfg.real_steps)}: must be at most the number of steps "
                         f"({flag('iters', cfg.iters)})")
-    for name in ("lr", "weight_decay", "lr_final_frac", "train_pose_frac"):
+    for name in ("lr", "grid_lr", "weight_decay", "lr_final_frac", "train_pose_frac"):
         v = getattr(cfg, name)
+        if name == "lr" and v is None:  # auto: the kind's
+            continue
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 \
-                or (name == "lr" and v == 0) or (name in ("lr_final_frac", "train_pose_frac") and v > 1):
-            raise UserError(f"{flag(name, v)}: " + ("must be a positive number" if name in ("lr", "weight_decay")
+                or (name in ("lr", "grid_lr") and v == 0) or (name in ("lr_final_frac", "train_pose_frac") and v > 1):
+            raise UserError(f"{flag(name, v)}: " + ("must be a positive number"
+                                                    if name in ("lr", "grid_lr", "weight_decay")
                                                     else "must be between 0 and 1"))
     if cfg.n_poses < 1:
         raise UserError(f"{flag('n_poses', cfg.n_poses)}: must be a positive whole number")
@@ -693,7 +626,9 @@ def student_payload(d: Distiller) -> dict:
     return {
         "state_dict": {k: v.detach().cpu() for k, v in d.model.state_dict().items()},
         "preset": d.cfg.preset,
+        "kind": students.kind_of(d.model),
         "arch": dict(d.model.arch),
+        "frame": _frame(d.model),  # grid students: the scene's (centre, radius)
         "in_ch": d.model.in_ch,
         "scale": d.model.scale,
         "resolution": [d.width, d.height],
@@ -710,7 +645,11 @@ def _saved_arch(arch, preset: str) -> dict:
     """The network fields a student was distilled with: its saved record (older files lack
     ``block`` and ``out_act``: they were all "add" and "sigmoid"), or the preset's fields as they
     were before records."""
-    arch = dict(arch) if arch is not None else {k: v for k, v in PRESETS[preset].items()
+    from budget3d.nelf.net import PRESETS as R2L
+
+    if students.kind_of(preset) == "grid":
+        return dict(arch) if arch is not None else None
+    arch = dict(arch) if arch is not None else {k: v for k, v in R2L[preset].items()
                                                 if k not in ("block", "out_act")}
     arch["sr_channels"] = tuple(arch["sr_channels"])
     return arch  # ``build`` fills the missing fields with the old defaults
@@ -723,7 +662,8 @@ def load_student(path) -> tuple[torch.nn.Module, dict]:
         raise UserError(f"{path}: no such file; distill the run first (budget3d distill RUN)")
     try:
         p = torch.load(path, map_location="cpu", weights_only=False)
-        model = build(p["preset"], in_ch=p["in_ch"], arch=_saved_arch(p.get("arch"), p["preset"]))
+        model = students.build(p["preset"], arch=_saved_arch(p.get("arch"), p["preset"]), frame=p.get("frame"),
+                               n_points=p["n_points"], freqs=p["freqs"])
         model.load_state_dict(p["state_dict"])
     except Exception as e:
         raise UserError(f"{path}: not a readable NeLF student ({type(e).__name__}); distill the run again") from None
@@ -737,7 +677,8 @@ def finish(d: Distiller, progress: bool = True) -> dict:
     metrics = {
         "preset": d.cfg.preset,
         "params": count_params(d.model),
-        "macs_per_frame": macs_per_frame(d.model, d.height, d.width),
+        "kind": students.kind_of(d.model),
+        "macs_per_frame": students.macs_per_frame(d.model, d.height, d.width),
         "resolution": [d.width, d.height],
         "iters": d.cfg.iters,
         "batch": d.cfg.batch,

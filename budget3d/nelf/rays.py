@@ -20,6 +20,9 @@ def rays_from_c2w(c2w: torch.Tensor, K: torch.Tensor, width: int, height: int, s
     3x3 intrinsics of the full-resolution ``width`` x ``height`` image. Low-res pixel (i, j)
     covers ``scale`` x ``scale`` full-res pixels; its ray goes through their centre,
     ((j + 0.5) * scale, (i + 0.5) * scale) in full-res pixel coordinates."""
+    if c2w.dim() == 3:  # a batch of cameras (B, 4, 4) with intrinsics (B, 3, 3): (B, h, w, 3) each
+        return tuple(torch.stack(t) for t in zip(*(rays_from_c2w(c, k, width, height, scale)
+                                                  for c, k in zip(c2w, K))))
     h, w = height // scale, width // scale
     dtype, device = c2w.dtype, c2w.device
     u = (torch.arange(w, dtype=dtype, device=device) + 0.5) * scale

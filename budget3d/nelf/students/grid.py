@@ -1,0 +1,255 @@
+"""The grid student: learnable tri-plane features where the ray meets the surface, then a small
+conv decoder and PixelShuffle super-resolution. One forward per frame, pose in, image out.
+
+Why: the MobileR2L recipe (positional encoding of K fixed points, an MLP of 1x1 convs) has to
+learn where along each ray the surface is and what it looks like from sin/cos of coordinates,
+which takes ~600k steps on GPUs. Feature planes (TensoRF, K-Planes) store the field itself, so a
+step updates the few texels a ray touches and the function is learned in minutes; and a 3DGS
+teacher renders depth for free, so the student can be told where the surface is.
+
+Per low-resolution ray (origin o, unit direction d), in the scene's normalised frame (the
+teacher's centre and radius: the sphere that holds 99% of its Gaussians is the unit ball):
+1. **where**: ``coarse`` samples uniform on the ray's chord through the unit ball; a density per
+   sample from a small multi-resolution tri-plane (a product of the three planes' bilinear
+   features, as K-Planes, then a linear map and softplus); volume-rendering weights give the
+   expected depth t̂ and the opacity A. Trained by the image loss and, beside it, by the
+   teacher's own depth and alpha.
+2. **what**: ``fine`` points around t̂ (spread over a few coarse spacings); larger tri-planes
+   give their features, concatenated with A, t̂ and the direction -> 1x1 conv decoder ->
+   PixelShuffle stages (each x2) -> RGB (linear, clamped to [0, 1] at inference).
+Every op exports to ONNX opset 17 as plain ops plus 4-D GridSample (no 3-D grids), which
+onnxruntime runs on its CPU and WASM kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from budget3d.nelf.net import ACTS, LinearClamp, sr_stage
+
+# the settings that rebuild a grid student (a student.pt records them, so it rebuilds as distilled)
+DEFAULTS = dict(
+    coarse=32,  # density samples per ray
+    density="atlas",  # "atlas": a dense G^3 grid (z slices side by side in one 2-D texture, seeded
+    #                   from the teacher's depth); "planes": a tri-plane product
+    density_res=64,  # G of the atlas
+    coarse_res=(32, 64, 128),  # resolutions of the density tri-planes (one level each)
+    coarse_ch=4,  # channels per density level
+    ray_fine=3,  # feature points per low-resolution ray around the expected depth (decoder input)
+    fine=2,  # feature points per output pixel around the (upsampled) expected depth
+    fine_res=(64, 128, 256),  # resolutions of the feature tri-planes
+    fine_ch=8,  # channels per feature level
+    spread=1.5,  # the fine points cover t̂ +- spread coarse spacings
+    width=64,  # decoder width
+    n_blocks=1,  # decoder 1x1 layers after the first
+    act="relu",
+    sr_channels=(32, 16),  # PixelShuffle stages: the ray grid is at 1/2**len of the output
+    pixel_width=32,  # the per-pixel decoder's hidden width
+)
+
+
+def _planes(res, ch, lo=0.1, hi=0.5):
+    """One (3, ch, r, r) parameter per resolution: the xy, xz and yz planes of a level, initialised
+    as K-Planes does (uniform [0.1, 0.5]: products of three stay small and positive)."""
+    return nn.ParameterList([nn.Parameter(torch.empty(3, ch, r, r).uniform_(lo, hi)) for r in res])
+
+
+def triplane(levels: nn.ParameterList, x: torch.Tensor) -> torch.Tensor:
+    """Features (P, sum of channels) at points ``x`` (P, 3) in [-1, 1]^3: per level the product
+    of its three planes' bilinear lookups, levels concatenated."""
+    g = torch.stack([x[:, [0, 1]], x[:, [0, 2]], x[:, [1, 2]]])[:, :, None, :]  # (3, P, 1, 2)
+    out = []
+    for planes in levels:
+        f = F.grid_sample(planes, g, mode="bilinear", padding_mode="border", align_corners=True)  # (3, C, P, 1)
+        out.append(f[0, :, :, 0] * f[1, :, :, 0] * f[2, :, :, 0])  # (C, P)
+    return torch.cat(out, 0).t()
+
+
+def atlas_lookup(atlas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Trilinear values (P,) of a G^3 grid stored as a (1, 1, G, G*G) texture (slice z at columns
+    z*G .. z*G+G-1) at points ``x`` (P, 3) in [-1, 1]^3: two bilinear lookups in adjacent slices,
+    blended along z. 4-D GridSample only, so it exports to every ONNX runtime."""
+    G = atlas.shape[2]
+    q = (x.clamp(-1, 1) + 1) * (0.5 * (G - 1))  # continuous voxel index, 0 .. G-1
+    z0 = torch.floor(q[:, 2]).clamp(0, G - 2)
+    fz = q[:, 2] - z0
+    gy = q[:, 1] / (G - 1) * 2 - 1
+    n = G * G - 1
+    g = torch.stack([torch.stack([(z0 * G + q[:, 0]) / n * 2 - 1, gy], -1),
+                     torch.stack([((z0 + 1) * G + q[:, 0]) / n * 2 - 1, gy], -1)])[None]  # (1, 2, P, 2)
+    v = F.grid_sample(atlas, g, mode="bilinear", padding_mode="border", align_corners=True)[0, 0]  # (2, P)
+    return v[0] + (v[1] - v[0]) * fz
+
+
+def occupancy_atlas(points: torch.Tensor, weights: torch.Tensor, G: int, empty: float = -8.0,
+                    full: float = 12.0) -> torch.Tensor:
+    """A (1, 1, G, G*G) atlas seeded from surface points (P, 3) in the unit frame (the teacher's
+    depth back-projected, weighted by its alpha): a weighted histogram, blurred by one voxel,
+    scaled to [0, 1] at its 99th percentile, mapped to raw densities ``empty`` .. ``full``."""
+    idx = ((points.clamp(-1, 1) + 1) * (0.5 * (G - 1))).round().long().clamp(0, G - 1)
+    flat = (idx[:, 2] * G + idx[:, 1]) * G + idx[:, 0]
+    hist = torch.zeros(G * G * G).index_add_(0, flat, weights.float()).reshape(1, 1, G, G, G)  # (z, y, x)
+    k = torch.tensor([0.25, 0.5, 0.25])
+    for dim in (2, 3, 4):
+        shape = [1, 1, 1, 1, 1]
+        shape[dim] = 3
+        hist = F.conv3d(hist, k.reshape(shape), padding=[1 if i == dim else 0 for i in (2, 3, 4)])
+    occ = hist[0, 0]
+    top = torch.quantile(occ[occ > 0], 0.99) if (occ > 0).any() else torch.tensor(1.0)
+    occ = (occ / top.clamp_min(1e-12)).clamp(0, 1)
+    raw = empty + (full - empty) * occ.sqrt()  # (z, y, x)
+    return raw.permute(1, 0, 2).reshape(1, 1, G, G * G).contiguous()  # row y, column z*G + x
+
+
+def _chord(o: torch.Tensor, d: torch.Tensor):
+    """(t0, t1): where rays o + t d (d unit) enter and leave the unit ball; rays that miss it get
+    a short chord at their closest point."""
+    b = (o * d).sum(-1)
+    root = torch.sqrt((b * b - (o * o).sum(-1) + 1.0).clamp_min(1e-4))
+    return (-b - root).clamp_min(1e-3), (-b + root).clamp_min(2e-3)
+
+
+class GridStudent(nn.Module):
+    """``forward(c2w (B, 4, 4), K (B, 3, 3), width, height)`` -> (B, 3, height, width)."""
+
+    kind = "grid"
+
+    def __init__(self, centre=(0.0, 0.0, 0.0), radius: float = 1.0, **arch):
+        super().__init__()
+        a = {**DEFAULTS, **arch}
+        for k in ("coarse_res", "fine_res", "sr_channels"):
+            a[k] = tuple(int(v) for v in a[k])
+        self.arch = a
+        self.register_buffer("centre", torch.as_tensor(centre, dtype=torch.float32).reshape(3).clone())
+        self.radius = float(radius)
+        if a["density"] == "atlas":
+            G = int(a["density_res"])
+            self.atlas = nn.Parameter(torch.zeros(1, 1, G, G * G))
+            self.coarse_planes = nn.ParameterList()
+        elif a["density"] == "planes":
+            self.atlas = None
+            self.coarse_planes = _planes(a["coarse_res"], a["coarse_ch"])
+            self.density = nn.Linear(a["coarse_ch"] * len(a["coarse_res"]), 1)
+            nn.init.normal_(self.density.weight, 0.0, 0.1)
+            nn.init.zeros_(self.density.bias)
+        else:
+            raise ValueError(f"unknown density kind {a['density']!r}: expected 'atlas' or 'planes'")
+        self.fine_planes = _planes(a["fine_res"], a["fine_ch"])
+        fc = a["fine_ch"] * len(a["fine_res"])
+        in_ch = a["ray_fine"] * fc + 2 + 3
+        act = a["act"]
+        body = [nn.Conv2d(in_ch, a["width"], 1), ACTS[act]()]
+        for _ in range(a["n_blocks"]):
+            body += [nn.Conv2d(a["width"], a["width"], 1), ACTS[act]()]
+        self.head = nn.Sequential(*body)
+        chans = (a["width"], *a["sr_channels"])
+        self.sr = nn.Sequential(*[sr_stage(i, o, "pixelshuffle", act) for i, o in zip(chans[:-1], chans[1:])])
+        self.pixel = nn.Sequential(nn.Conv2d(chans[-1] + a["fine"] * fc, a["pixel_width"], 1), ACTS[act](),
+                                   nn.Conv2d(a["pixel_width"], 3, 1))
+        self.out_act = LinearClamp()
+        self.scale = 2 ** len(a["sr_channels"])
+        self.in_ch = in_ch
+        self.preset = "custom"
+        self.aux = {}  # the last forward's expected depth and opacity on the ray grid (for losses)
+
+    def grid_parameters(self):
+        return ([self.atlas] if self.atlas is not None else []) + list(self.coarse_planes) + list(self.fine_planes)
+
+    def seed_density(self, points_world: torch.Tensor, weights: torch.Tensor) -> None:
+        """Start the density atlas from surface points of the teacher (world coordinates)."""
+        if self.atlas is not None:
+            x = (points_world.float() - self.centre) / self.radius
+            with torch.no_grad():
+                self.atlas.copy_(occupancy_atlas(x, weights, self.atlas.shape[2]))
+
+    def net_parameters(self):
+        grids = {id(p) for p in self.grid_parameters()}
+        return [p for p in self.parameters() if id(p) not in grids]
+
+    def _fine(self, o, d, depth, delta, k):
+        """Features (B, k * C, h, w) of ``k`` points per ray around ``depth`` (B, h, w)."""
+        B, h, w, _ = o.shape
+        off = torch.linspace(-1.0, 1.0, k, dtype=o.dtype, device=o.device) * self.arch["spread"] if k > 1 else \
+            torch.zeros(1, dtype=o.dtype, device=o.device)
+        t = depth[..., None] + delta[..., None] * off
+        pts = o[..., None, :] + t[..., None] * d[..., None, :]
+        f = triplane(self.fine_planes, pts.reshape(-1, 3).clamp(-1, 1))
+        return f.reshape(B, h, w, -1).permute(0, 3, 1, 2)
+
+    def forward(self, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        from budget3d.nelf.rays import rays_from_c2w
+
+        if c2w.dim() == 2:
+            c2w, K = c2w[None], K[None]
+        a, s = self.arch, self.scale
+        o, d = rays_from_c2w(c2w, K, width, height, s)  # the ray grid (B, h, w, 3)
+        o = (o - self.centre) / self.radius  # the scene's unit ball
+        B, h, w, _ = o.shape
+        t0, t1 = _chord(o, d)
+        n = a["coarse"]
+        u = (torch.arange(n, dtype=o.dtype, device=o.device) + 0.5) / n
+        t = t0[..., None] + (t1 - t0)[..., None] * u  # (B, h, w, n)
+        pts = o[..., None, :] + t[..., None] * d[..., None, :]
+        flat = pts.reshape(-1, 3).clamp(-1, 1)
+        raw = atlas_lookup(self.atlas, flat)[:, None] if self.atlas is not None else \
+            self.density(triplane(self.coarse_planes, flat))
+        sigma = F.softplus(raw)
+        tau = sigma.reshape(B, h, w, n) * ((t1 - t0) / n)[..., None]  # optical depth per sample
+        trans = torch.exp(-(torch.cumsum(tau, -1) - tau))  # transmittance before each sample
+        wts = trans * (1.0 - torch.exp(-tau))
+        acc = wts.sum(-1)  # opacity A
+        depth = (wts * t).sum(-1) + (1.0 - acc) * t1  # expected depth, the far end where nothing is
+        delta = (t1 - t0) / n
+        if self.training:
+            self.aux = {"depth": depth * self.radius, "alpha": acc}
+        x = [acc[:, None], ((depth - t0) / (t1 - t0 + 1e-6))[:, None], d.permute(0, 3, 1, 2)]
+        if a["ray_fine"] > 0:
+            x.insert(0, self._fine(o, d, depth, delta, a["ray_fine"]))
+        ctx = self.sr(self.head(torch.cat(x, 1)))  # (B, c, H, W)
+        if a["fine"] > 0:  # per output pixel: its own ray, at the expected depth of its block
+            of, df = rays_from_c2w(c2w, K, width, height, 1)
+            of = (of - self.centre) / self.radius
+            up = lambda v: F.interpolate(v[:, None], scale_factor=s, mode="bilinear",  # noqa: E731
+                                         align_corners=False)[:, 0]
+            ctx = torch.cat([ctx, self._fine(of, df, up(depth), up(delta), a["fine"])], 1)
+        return self.out_act(self.pixel(ctx))
+
+
+def scene_frame(gaussians: dict, cameras: list, quantile: float = 0.99) -> tuple[list, float]:
+    """(centre, radius) of the normalised frame: the centre the training cameras look at (least
+    squares over their optical axes; the Gaussians' median when ill-posed), the radius holding
+    ``quantile`` of the Gaussians' opacity-weighted mass, capped below the nearest camera."""
+    import numpy as np
+
+    means = gaussians["means"].detach().double().cpu().numpy()
+    op = torch.sigmoid(gaussians["opacities"].detach().double().reshape(-1)).cpu().numpy()
+    C = np.stack([c.center for c in cameras])
+    D = np.stack([np.asarray(c.world_to_camera, np.float64)[2, :3] for c in cameras])
+    P = np.eye(3)[None] - D[:, :, None] * D[:, None, :]
+    try:
+        centre = np.linalg.solve(P.sum(0), (P @ C[:, :, None]).sum(0)[:, 0])
+    except np.linalg.LinAlgError:
+        centre = np.median(means, 0)
+    if not np.all(np.isfinite(centre)) or np.linalg.norm(centre - np.median(means, 0)) > 10 * np.std(means):
+        centre = np.median(means, 0)
+    dist = np.linalg.norm(means - centre, axis=1)
+    order = np.argsort(dist)
+    cum = np.cumsum(op[order]) / max(op.sum(), 1e-12)
+    r = float(dist[order][min(len(order) - 1, int(np.searchsorted(cum, quantile)))])
+    cam_min = float(np.linalg.norm(C - centre, axis=1).min())
+    r = min(max(r, 1e-3), 0.95 * cam_min) if cam_min > 0 else max(r, 1e-3)
+    return [float(v) for v in centre], r
+
+
+def lookups_per_frame(arch: dict, h: int, w: int) -> int:
+    """Bilinear texel reads (4 per plane lookup, each of a level's channels) per h x w frame."""
+    a = {**DEFAULTS, **arch}
+    rays = (h // 2 ** len(a["sr_channels"])) * (w // 2 ** len(a["sr_channels"]))
+    coarse = rays * a["coarse"] * a["coarse_ch"] * len(a["coarse_res"])
+    fine = (rays * a["ray_fine"] + h * w * a["fine"]) * a["fine_ch"] * len(a["fine_res"])
+    return int(12 * (coarse + fine))
+
+
+__all__ = ["DEFAULTS", "GridStudent", "lookups_per_frame", "scene_frame", "triplane"]
