@@ -340,3 +340,32 @@ def test_frame_times_under_4x_cpu_throttling(page, web_dir, exported_run, capsys
     with capsys.disabled():
         print(f"\nweb NeLF (int8 32x32) ms/frame: {np.median(free):.2f} unthrottled, {np.median(ms):.2f} at 4x "
               f"CPU throttling; native onnxruntime 1 thread: {native:.2f}")
+
+
+@needs_browser
+def test_page_draws_a_grid_student_frame(tmp_path):
+    """The grid student's graph (4-D GridSample lookups) runs in onnxruntime-web in Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    from budget3d.nelf.distill import distill
+    from test_distill import cfg_for, make_run
+
+    run = make_run(tmp_path)
+    distill(cfg_for(run, preset="grid-small", lr=None, iters=40, batch=8, crop=16), progress=False)
+    assert main(["export", str(run), "--format", "ply,splat,spz"]) == 0
+    assert main(["export", str(run), "--format", "web"]) == 0
+    server, url = web.serve_in_thread(run / "export" / "web")
+    try:
+        with sync_playwright() as pw:
+            browser, pg = web.open_page(pw, url)
+            pg.set_default_timeout(120_000)
+            try:
+                assert pg.evaluate("window.b3d.state") == "ready", pg.console
+                nelf = np.asarray(pg.evaluate("window.b3d.nelfPixels()"), np.float32).reshape(3, 32, 32)
+                assert np.isfinite(nelf).all() and nelf.std() > 0.01, nelf.std()
+                assert not [m for m in pg.console if m.startswith(("error", "pageerror"))], pg.console
+            finally:
+                browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
