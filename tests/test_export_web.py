@@ -343,10 +343,9 @@ def test_frame_times_under_4x_cpu_throttling(page, web_dir, exported_run, capsys
 
 
 @needs_browser
-def test_page_draws_a_grid_student_frame(tmp_path):
-    """The grid student's graph (4-D GridSample lookups) runs in onnxruntime-web in Chromium."""
-    from playwright.sync_api import sync_playwright
-
+def test_page_draws_a_grid_student_frame(page, tmp_path):
+    """The grid student's graph (4-D GridSample lookups) runs in onnxruntime-web in Chromium (a new
+    phone-sized tab of the module's browser: one sync Playwright per process)."""
     from budget3d.nelf.distill import distill
     from test_distill import cfg_for, make_run
 
@@ -355,17 +354,25 @@ def test_page_draws_a_grid_student_frame(tmp_path):
     assert main(["export", str(run), "--format", "ply,splat,spz"]) == 0
     assert main(["export", str(run), "--format", "web"]) == 0
     server, url = web.serve_in_thread(run / "export" / "web")
+    ctx = page.context.browser.new_context(**web.PHONE)
     try:
-        with sync_playwright() as pw:
-            browser, pg = web.open_page(pw, url)
-            pg.set_default_timeout(120_000)
-            try:
-                assert pg.evaluate("window.b3d.state") == "ready", pg.console
-                nelf = np.asarray(pg.evaluate("window.b3d.nelfPixels()"), np.float32).reshape(3, 32, 32)
-                assert np.isfinite(nelf).all() and nelf.std() > 0.01, nelf.std()
-                assert not [m for m in pg.console if m.startswith(("error", "pageerror"))], pg.console
-            finally:
-                browser.close()
+        pg = ctx.new_page()
+        console = []
+        pg.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+        pg.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+        missing = []
+        pg.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
+        pg.set_default_timeout(120_000)
+        pg.goto(url)
+        pg.wait_for_function("window.b3d && window.b3d.state !== 'loading'", timeout=120_000)
+        assert pg.evaluate("window.b3d.state") == "ready", console
+        nelf = np.asarray(pg.evaluate("window.b3d.nelfPixels()"), np.float32).reshape(3, 32, 32)
+        assert np.isfinite(nelf).all() and nelf.std() > 0.01, nelf.std()
+        assert missing == [], missing  # every file the page asked for was served
+        # (a fresh tab's own favicon request logs one "Failed to load resource" 404 without a response event)
+        errors = [m for m in console if m.startswith(("error", "pageerror")) and "Failed to load resource" not in m]
+        assert errors == [], console
     finally:
+        ctx.close()
         server.shutdown()
         server.server_close()
