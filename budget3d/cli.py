@@ -435,8 +435,8 @@ def cmd_distill(args) -> int:
             raise UserError(f"{args.run}/nelf already holds a distillation; continue it with --resume, "
                             "or move that folder away to start again")
         cuda = _pick_device(args.device).type == "cuda"
-        # CPU: the grid student, 64x64 crops, 16 a step (README, "Distilling": measured on the bundled
-        # scene, ethiopian_head and lego)
+        # CPU: the grid student, 64x64 crops, 16 a step (README, "Distilling": first measurements on the
+        # bundled scene and ethiopian_head)
         defaults = {"preset": "mobile-r2l", "iters": 20000} if cuda else \
             {"preset": CPU_PRESET, "iters": CPU_DISTILL_ITERS, "crop": 64, "batch": 16}
         cfg = DistillConfig(run=args.run, device=args.device, backend=args.backend, data=args.data or "",

@@ -297,6 +297,9 @@ def encoding_nodes(model_path) -> tuple[list, list]:
     convs = [n for n in g.node if n.op_type in CONV_OPS]
     if not convs:
         raise RuntimeError(f"{model_path}: no Conv node in the graph")
+    if any(n.op_type == "GridSample" for n in g.node):  # a grid student: its lookups also feed later convs;
+        # every node that is not a conv stays float (rays, texel reads, volume weights, shuffles)
+        return sorted(n.name for n in g.node if n.op_type not in CONV_OPS), [n.name for n in convs]
     seen, stack = set(), [convs[0].input[0]]
     while stack:
         n = producer.get(stack.pop())
@@ -305,16 +308,6 @@ def encoding_nodes(model_path) -> tuple[list, list]:
         seen.add(n.name)
         stack.extend(n.input)
     return sorted(seen), [n.name for n in convs]
-
-
-def lookup_nodes(model_path) -> list:
-    """Names of every node that is not a Conv: a grid student's rays, GridSample lookups, volume
-    weights and shuffles. Quantizing only its convs keeps the texel reads float (ints would
-    round features the decoder reads side by side)."""
-    import onnx
-
-    g = onnx.load(str(model_path), load_external_data=False).graph
-    return sorted(n.name for n in g.node if n.op_type not in CONV_OPS)
 
 
 def tail_nodes(model_path) -> list:
@@ -341,11 +334,7 @@ def recipe_exclude(fp32_path, sidecar: dict, variant: str) -> Optional[list]:
     """The nodes to keep float when re-quantizing ``fp32_path`` (the same student, exported at
     another size) as the quantized file described by ``sidecar`` (its .json) was; None when the
     sidecar does not say. Files from before the tail was kept float record no quantize_tail."""
-    from budget3d.nelf.students import PRESETS
-
     enc, convs = encoding_nodes(fp32_path)
-    if PRESETS.get(sidecar.get("preset")) == "grid":
-        enc = lookup_nodes(fp32_path)
     floats = sidecar.get("float_convs", [convs[0]] if variant == "onnx-int8" else None)
     if floats is None or any(c not in convs for c in floats):
         return None
@@ -520,8 +509,6 @@ def export(run_dir: Path, fmt: str, out_dir: Path, **opts) -> dict:
             outs = fp32_outs
         else:
             enc, convs = encoding_nodes(src)
-            if payload.get("kind") == "grid":  # every grid lookup and what blends them stays float
-                enc = lookup_nodes(src)
             quantize_head = bool(opts.get("quantize_head", True))
             quantize_tail = bool(opts.get("quantize_tail", False))
             tail = [] if quantize_tail else tail_nodes(src)
