@@ -139,10 +139,10 @@ def test_pose_sampler_orbits_within_the_training_band(tmp_path):
         assert np.allclose(R @ R.T, np.eye(3), atol=1e-9) and np.linalg.det(R) > 0
         assert (cam.width, cam.height) == (d.scene.train[0].camera.width, d.scene.train[0].camera.height)
     # the teacher's pool renders stay in a bounded cache
-    d.cfg.cache_size = 3
+    d.teacher.limit = 3
     for i in range(6):
-        d.target(poses.n_train + i)
-    assert len(d.cache) == 3
+        d.teacher.image(poses.n_train + i)
+    assert len(d.teacher.cache) == 3
 
 
 def test_pose_sampler_forward_facing_box():
@@ -254,7 +254,7 @@ def test_crops_are_windows_of_the_whole_view(tmp_path):
         full_cam = at_resolution(d.poses.camera(idx[i]), d.width, d.height)
         x0, y0 = round(full_cam.cx - cam.cx), round(full_cam.cy - cam.cy)
         assert x0 % s == 0 and y0 % s == 0 and 0 <= x0 <= 16 and 0 <= y0 <= 16
-        assert torch.equal(img, d.target(idx[i])[y0:y0 + 16, x0:x0 + 16])
+        assert torch.equal(img, d.teacher.image(idx[i])[y0:y0 + 16, x0:x0 + 16])
         whole = d.inputs([full_cam])[0]
         part = d.inputs([cam], resize=False)[0]
         assert torch.allclose(part, whole[:, y0 // s:(y0 + 16) // s, x0 // s:(x0 + 16) // s], atol=1e-5)
@@ -276,11 +276,11 @@ def test_real_image_fine_tune_draws_training_photos(tmp_path):
     d = setup(cfg_for(run, iters=40, real_steps=10))
     assert all(i < d.poses.n_train for s in range(30, 40) for i in d.poses.batch(s, 4, real=True))
     gt, _ = d.batch(35, [0, 1])
-    from budget3d.nelf.distill import _gt
+    from budget3d.nelf.teacher import photo
 
-    photo = (_gt(d, d.scene.train[0]) * 255 + 0.5).to(torch.uint8).float() / 255
-    assert torch.equal(gt[0], photo)  # the photo itself, not the teacher's render
-    assert ("real", 0) in d.cache and 0 not in d.cache
+    want = (photo(d.scene.train[0], d.width, d.height, d.device) * 255 + 0.5).to(torch.uint8).float() / 255
+    assert torch.equal(gt[0], want)  # the photo itself, not the teacher's render
+    assert 0 in d.teacher.photos and 0 not in d.teacher.cache
     m = distill(cfg_for(run, iters=40, real_steps=10), progress=False)
     assert m["student_psnr"] > m["mean_colour_psnr"]
     with pytest.raises(UserError, match="real_steps"):

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -40,6 +39,7 @@ from budget3d.nelf.net import count_params
 from budget3d.nelf.poses import PoseSampler, at_resolution, parse_resolution
 from budget3d.nelf.rays import camera_rays, encode, scene_bounds
 from budget3d.nelf.students import PRESETS
+from budget3d.nelf.teacher import Teacher, photo
 from budget3d.scene.camera import Camera
 
 NELF_DIR = "nelf"
@@ -104,8 +104,7 @@ class Distiller:
     scene: object
     device: torch.device
     backend: str
-    teacher: dict
-    sh_degree: Optional[int]
+    teacher: Teacher
     poses: PoseSampler
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -117,20 +116,9 @@ class Distiller:
     history: list = field(default_factory=list)
     seconds: float = 0.0
     init_metrics: dict = field(default_factory=dict)
-    cache: OrderedDict = field(default_factory=OrderedDict)  # pool pose -> uint8 teacher render (LRU)
-    test_cache: dict = field(default_factory=dict)  # test view -> float teacher render
-    cache_hits: int = 0
-    cache_misses: int = 0
     rank: int = 0  # DDP rank (0 without torchrun) and number of processes
     world: int = 1
     net: Optional[torch.nn.Module] = None  # what trains: ``model``, or its DDP wrapper
-
-    @property
-    def cache_limit(self) -> int:
-        """Teacher renders the LRU cache keeps: ``cache_size``, or the pool when it fits in ``cache_mb``."""
-        if self.cfg.cache_size > 0:
-            return self.cfg.cache_size
-        return max(1, min(len(self.poses), int(self.cfg.cache_mb * 1e6 // (self.width * self.height * 3))))
 
     @property
     def main(self) -> bool:
@@ -141,48 +129,15 @@ class Distiller:
     def out_dir(self) -> Path:
         return self.run_dir / NELF_DIR
 
-    def background(self) -> torch.Tensor:
-        return torch.tensor(self.scene.background, dtype=torch.float32, device=self.device)
-
-    @torch.no_grad()
-    def teacher_image(self, camera: Camera) -> torch.Tensor:
-        """(H, W, 3) float render of the teacher at the output resolution."""
-        from budget3d.splat import render
-
-        cam = at_resolution(camera, self.width, self.height)
-        return render(self.teacher, cam, backend=self.backend, sh_degree=self.sh_degree,
-                      background=self.background()).image.clamp(0, 1)
-
-    def target(self, pose: int) -> torch.Tensor:
-        """The teacher's render of pool pose ``pose`` (uint8 in the LRU cache, float out)."""
-        img = self.cache.get(pose)
-        if img is None:
-            self.cache_misses += 1
-            img = (self.teacher_image(self.poses.camera(pose)) * 255 + 0.5).to(torch.uint8)
-            self.cache[pose] = img
-            while len(self.cache) > self.cache_limit:
-                self.cache.popitem(last=False)
-        else:
-            self.cache_hits += 1
-            self.cache.move_to_end(pose)
-        return img.float() / 255.0
-
-    def real(self, pose: int) -> torch.Tensor:
-        """Training view ``pose``'s ground-truth image at the output resolution (cached like the teacher's)."""
-        key = ("real", pose)
-        if key not in self.cache:
-            self.cache[key] = (_gt(self, self.scene.train[pose]) * 255 + 0.5).to(torch.uint8)
-        return self.cache[key].float() / 255.0
-
     def batch(self, step: int, idx: list) -> tuple:
         """(teacher images (B, h, w, 3), cameras) of pool poses ``idx`` for ``step``: whole views at
         the output resolution, or with ``crop`` one random window of each (on the ray grid, so a
         crop's rays are exactly the whole view's; the window is a pure function of (seed, step, i))."""
         cams = [at_resolution(self.poses.camera(i), self.width, self.height) for i in idx]
         if step >= self.cfg.iters - self.cfg.real_steps:  # fine-tune on the photos themselves
-            imgs = [self.real(i) for i in idx]
+            imgs = [self.teacher.photo(i) for i in idx]
         else:
-            imgs = [self.target(i) for i in idx]
+            imgs = [self.teacher.image(i) for i in idx]
         c, s = self.cfg.crop, self.model.scale
         if not c or (c >= self.width and c >= self.height):
             return torch.stack(imgs), cams
@@ -425,8 +380,7 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
     scene = load_run_scene(run_dir, saved, cfg.data or None)
     if not scene.train:
         raise UserError(f"{saved.get('data')}: the scene has no training views")
-    teacher = {k: v.to(device).float() for k, v in load_ply(run_dir / "gaussians.ply").items()}
-    sh = saved.get("sh_degree")
+    gaussians = {k: v.to(device).float() for k, v in load_ply(run_dir / "gaussians.ply").items()}
     torch.manual_seed(cfg.seed)
     kind = students.kind_of(cfg.preset)
     if cfg.lr is None:
@@ -436,7 +390,7 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
     elif kind == "grid":  # the scene's unit ball: where the teacher's Gaussians are
         from budget3d.nelf.students.grid import scene_frame
 
-        frame = scene_frame(teacher, [v.camera for v in scene.train])
+        frame = scene_frame(gaussians, [v.camera for v in scene.train])
     else:
         frame = None
     model = students.build(cfg.preset, arch=None if ckpt is None else _saved_arch(ckpt.get("arch"), cfg.preset),
@@ -449,8 +403,15 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
     near, far = scene_bounds(scene)
     poses = PoseSampler(scene, cfg.n_poses, cfg.seed, cfg.train_pose_frac)
+    if cfg.cache_size > 0:
+        limit = cfg.cache_size
+    else:  # the whole pool when it fits in cache_mb
+        limit = max(1, min(len(poses), int(cfg.cache_mb * 1e6 // (width * height * 3))))
+    sh = saved.get("sh_degree")
+    teacher = Teacher(gaussians, None if sh is None else int(sh), backend, scene.background, poses, scene, width,
+                      height, limit, device)
     d = Distiller(cfg=cfg, run_dir=run_dir, scene=scene, device=device, backend=backend, teacher=teacher,
-                  sh_degree=None if sh is None else int(sh), poses=poses, model=model, optimizer=optimizer,
+                  poses=poses, model=model, optimizer=optimizer,
                   width=width, height=height, near=near, far=far, rank=rank, world=world)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -490,13 +451,11 @@ def _frame(model):
 def _seed_grid(d: Distiller, views: int = 32) -> None:
     """Start a grid student's density where the teacher's surfaces are: up to ``views`` training
     cameras rendered at the ray-grid size, their depth back-projected, weighted by alpha."""
-    from budget3d.splat import render
-
     step = max(1, len(d.scene.train) // views)
     pts, wts = [], []
     for v in d.scene.train[::step][:views]:
         cam = at_resolution(v.camera, max(1, d.width // d.model.scale), max(1, d.height // d.model.scale))
-        out = render(d.teacher, cam, backend=d.backend, sh_degree=d.sh_degree, background=d.background())
+        out = d.teacher.render(cam, (cam.width, cam.height))
         o, dirs = camera_rays(cam, 1, device=d.device)  # unit directions; depth is camera z
         z = out.depth[..., 0]
         fwd = torch.as_tensor(np.asarray(cam.world_to_camera, np.float64)[2, :3], dtype=torch.float32,
@@ -552,22 +511,6 @@ def _test_views(d: Distiller) -> list:
     return list(d.scene.test) or list(d.scene.train[:3])
 
 
-def _gt(d: Distiller, view) -> torch.Tensor:
-    """The view's ground truth at the output resolution (area-averaged when it differs)."""
-    import cv2
-
-    img = view.image()
-    if img.shape[:2] != (d.height, d.width):
-        img = cv2.resize(img, (d.width, d.height), interpolation=cv2.INTER_AREA)
-    return torch.as_tensor(img, device=d.device).float() / 255.0
-
-
-def _test_teacher(d: Distiller, i: int, view) -> torch.Tensor:
-    if i not in d.test_cache:
-        d.test_cache[i] = d.teacher_image(view.camera)
-    return d.test_cache[i]
-
-
 @torch.no_grad()
 def _student_one(d: Distiller, camera: Camera) -> torch.Tensor:
     d.model.eval()
@@ -578,7 +521,7 @@ def _quick_eval(d: Distiller) -> float:
     """Mean student-vs-teacher PSNR over the test views (in eval mode)."""
     from budget3d.train.metrics import psnr
 
-    vals = [psnr(_student_one(d, v.camera), _test_teacher(d, i, v)) for i, v in enumerate(_test_views(d))]
+    vals = [psnr(_student_one(d, v.camera), d.teacher.test(i, v)) for i, v in enumerate(_test_views(d))]
     return float(np.mean(vals))
 
 
@@ -593,7 +536,7 @@ def evaluate(d: Distiller, strip_path: Optional[Path] = None) -> dict:
                                  device=d.device, dtype=torch.float32)
     rows, strip = [], []
     for i, v in enumerate(views):
-        gt, teacher = _gt(d, v), _test_teacher(d, i, v)
+        gt, teacher = photo(v, d.width, d.height, d.device), d.teacher.test(i, v)
         student = _student_one(d, v.camera)
         rows.append({"name": v.name, "teacher_psnr": psnr(teacher, gt), "student_psnr": psnr(student, gt),
                      "student_ssim": ssim(student, gt), "student_vs_teacher_psnr": psnr(student, teacher),
@@ -691,7 +634,7 @@ def finish(d: Distiller, progress: bool = True) -> dict:
         "device": str(d.device),
         "backend": d.backend,
         "threads": torch.get_num_threads(),
-        "teacher_cache": {"hits": d.cache_hits, "misses": d.cache_misses, "size": d.cache_limit},
+        "teacher_cache": {"hits": d.teacher.hits, "misses": d.teacher.misses, "size": d.teacher.limit},
         **d.init_metrics,
     }
     if d.cfg.eval:
