@@ -26,7 +26,6 @@ from typing import Optional
 from budget3d.errors import UserError
 
 NELF_PRESETS = ("grid-small", "grid-mobile", "tiny", "small", "mobile-int8", "mobile-r2l")  # budget3d.nelf.students
-CPU_PRESET, CPU_DISTILL_ITERS = "grid-small", 4000
 DEMO_BUDGET = "6000"
 DEMO_ITERS = 1500
 DEMO_DISTILL_ITERS = 3000
@@ -256,14 +255,14 @@ def _add_config_flags(t: argparse.ArgumentParser) -> None:
         t.add_argument(*dict.fromkeys([flag, flag.lower()]), dest=name, default=argparse.SUPPRESS, **kw)
 
 
-def _field_name(key: str, fields: dict, where: str) -> str:
+def _field_name(key: str, fields: dict, where: str, hint: str = "see: budget3d train --help") -> str:
     name = key.strip().replace("-", "_")
     name = {k.lower(): k for k in fields}.get(name.lower(), name)  # shn_lr: shN_lr
     if name == "out":
         raise UserError(f"{where}{key!r}: give the run folder with --out")
     if name not in fields:
         close = difflib.get_close_matches(name, list(fields), n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "see: budget3d train --help"
+        hint = f"did you mean {', '.join(close)}?" if close else hint
         raise UserError(f"{where}unknown setting {key!r}; {hint}")
     return name
 
@@ -275,13 +274,13 @@ def _convert(fields: dict, name: str, text: str, where: str):
         raise UserError(f"{where}: {e}") from None
 
 
-def _parse_sets(items: list, fields: dict) -> dict:
+def _parse_sets(items: list, fields: dict, hint: str = "see: budget3d train --help") -> dict:
     out = {}
     for item in items:
         key, eq, value = item.partition("=")
         if not eq:
             raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set densify_start=300")
-        name = _field_name(key, fields, "--set: ")
+        name = _field_name(key, fields, "--set: ", hint)
         out[name] = _convert(fields, name, value, f"--set {item}")
     return out
 
@@ -419,8 +418,8 @@ def cmd_distill(args) -> int:
     from budget3d.train.trainer import _pick_device
 
     given = {k: getattr(args, k) for k in ("preset", "iters", "resolution", "batch") if getattr(args, k) is not None}
-    given.update(_parse_sets(args.set, {k: v for k, v in _config_fields(DistillConfig).items()
-                                        if k not in ("run", "device", "backend", "data")}))
+    fields = {k: v for k, v in _config_fields(DistillConfig).items() if k not in ("run", "device", "backend", "data")}
+    given.update(_parse_sets(args.set, fields, "the settings are: " + ", ".join(fields)))
     from budget3d.nelf.distill import _check_config
 
     if not args.resume:  # the flags first, in the words they were typed
@@ -435,10 +434,9 @@ def cmd_distill(args) -> int:
             raise UserError(f"{args.run}/nelf already holds a distillation; continue it with --resume, "
                             "or move that folder away to start again")
         cuda = _pick_device(args.device).type == "cuda"
-        # CPU: the grid student, 64x64 crops, 16 a step (README, "Distilling": first measurements on the
-        # bundled scene and ethiopian_head)
-        defaults = {"preset": "mobile-r2l", "iters": 20000} if cuda else \
-            {"preset": CPU_PRESET, "iters": CPU_DISTILL_ITERS, "crop": 64, "batch": 16}
+        # CPU: DistillConfig's defaults (the grid student, 64x64 crops, 16 a step: README, "Distilling");
+        # CUDA: the paper's network on whole views
+        defaults = {"preset": "mobile-r2l", "iters": 20000, "crop": 0, "batch": 4} if cuda else {}
         cfg = DistillConfig(run=args.run, device=args.device, backend=args.backend, data=args.data or "",
                             **{**defaults, **given})
     m = distill(cfg, resume=args.resume, progress=not args.quiet)

@@ -38,6 +38,11 @@ def parse_variant(text: str) -> tuple[str, dict]:
     kw = {}
     for item in filter(None, body.split(",")):
         k, _, v = item.partition("=")
+        if k.startswith("arch."):  # a grid student's setting: numbers, "a/b/c" for tuples, or text
+            num = lambda x: int(x) if x.lstrip("-").isdigit() else float(x) if x.replace(".", "", 1).replace(  # noqa: E731
+                "-", "", 1).replace("e", "", 1).isdigit() else x
+            kw.setdefault("arch", {})[k[5:]] = tuple(num(x) for x in v.split("/")) if "/" in v else num(v)
+            continue
         if k not in FIELDS:
             raise UserError(f"variant {name!r}: {k!r} is not a DistillConfig field ({', '.join(FIELDS)})")
         default = FIELDS[k].default

@@ -206,6 +206,9 @@ def test_bad_input_is_one_line(case, root, tmp_path, capsys, monkeypatch):
     for w in words:
         assert fill(w) in msg, (fill(w), msg)
     assert len(msg) < 500, msg
+    if os.environ.get("BAD_INPUTS_LOG"):  # the table of messages, for a release note: BAD_INPUTS_LOG=file pytest ...
+        with open(os.environ["BAD_INPUTS_LOG"], "a") as f:
+            f.write(f"| {name} | `budget3d {argv}` | {msg.replace(str(tmp_path), '{tmp}').replace(str(root), '{root}')} |\n")
     new = files_under(tmp_path) | files_under(root)
     assert new <= before, f"left behind: {sorted(map(str, new - before))}"
 

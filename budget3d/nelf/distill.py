@@ -53,17 +53,19 @@ class DistillConfig:
 
     run: str = ""  # run folder written by 'budget3d train' (holds gaussians.ply and config.json)
     data: str = ""  # the run's scene folder when it moved ("": the one the run's config.json names)
-    preset: str = "small"  # grid-small | grid-mobile | tiny | small | mobile-int8 | mobile-r2l (budget3d.nelf.students)
+    preset: str = "grid-small"  # grid-small | grid-mobile | tiny | small | mobile-int8 | mobile-r2l (budget3d.nelf.students)
     iters: int = 4000  # optimisation steps
-    batch: int = 4  # teacher views per step (whole images, or one crop of each)
+    batch: int = 16  # teacher views per step (whole images, or one crop of each)
     real_steps: int = 0  # the last real_steps steps fine-tune on the real training images (training poses only)
-    crop: int = 0  # train on random crop x crop windows of the views (a multiple of the preset's scale); 0 = whole views
+    depth_weight: float = 0.0  # grid students: weight of the teacher's depth and alpha as a loss on the density
+    crop: int = 64  # train on random crop x crop windows of the views (a multiple of the preset's scale); 0 = whole views
     lr: Optional[float] = None  # peak AdamW learning rate (of the decoder for grid students); auto: 3e-3 r2l, 1e-2 grid
     grid_lr: float = 5e-2  # peak learning rate of a grid student's feature grids (no weight decay)
     weight_decay: float = 1e-2  # AdamW's decoupled weight decay
     warmup: int = 100  # steps of linear warm-up, then cosine decay to lr_final_frac * lr
     lr_final_frac: float = 0.02
     resolution: Optional[str] = None  # output "WxH" or "W" (height from the aspect); None = the train camera size
+    arch: dict = field(default_factory=dict)  # grid students: settings over the preset's (students/grid.py DEFAULTS)
     n_points: int = 8  # K points per ray
     freqs: int = 6  # L positional-encoding frequencies
     n_poses: int = 2000  # size of the seeded teacher-pose pool (training poses + jittered ones)
@@ -130,12 +132,15 @@ class Distiller:
         return self.run_dir / NELF_DIR
 
     def batch(self, step: int, idx: list) -> tuple:
-        """(teacher images (B, h, w, 3), cameras) of pool poses ``idx`` for ``step``: whole views at
+        """(targets (B, h, w, 3 or 5), cameras) of pool poses ``idx`` for ``step``: the teacher's
+        images (and, with ``depth_weight``, its depth and alpha as channels 3 and 4), whole views at
         the output resolution, or with ``crop`` one random window of each (on the ray grid, so a
         crop's rays are exactly the whole view's; the window is a pure function of (seed, step, i))."""
         cams = [at_resolution(self.poses.camera(i), self.width, self.height) for i in idx]
         if step >= self.cfg.iters - self.cfg.real_steps:  # fine-tune on the photos themselves
             imgs = [self.teacher.photo(i) for i in idx]
+        elif self.cfg.depth_weight > 0 and students.kind_of(self.model) == "grid":
+            imgs = [torch.cat([self.teacher.image(i), torch.stack(self.teacher.geometry(i), -1)], -1) for i in idx]
         else:
             imgs = [self.teacher.image(i) for i in idx]
         c, s = self.cfg.crop, self.model.scale
@@ -231,7 +236,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             idx = d.poses.batch(step, cfg.batch, real=step >= cfg.iters - cfg.real_steps)[d.rank::d.world]
             gt, cams = d.batch(step, idx)
             img = d.student(cams, d.net, resize=False)
-            loss = F.mse_loss(img, gt)
+            loss = F.mse_loss(img, gt[..., :3])
+            if gt.shape[-1] > 3:  # the teacher's depth and alpha, for the grid student's density
+                loss = loss + cfg.depth_weight * d.model.geometry_loss(gt[..., 3:])
             d.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # DDP: gradients averaged over the ranks here
             d.optimizer.step()
@@ -388,12 +395,17 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
     if ckpt is not None:
         frame = ckpt.get("frame")
     elif kind == "grid":  # the scene's unit ball: where the teacher's Gaussians are
-        from budget3d.nelf.students.grid import scene_frame
+        from budget3d.nelf.students.grid import DEFAULTS, scene_frame
 
-        frame = scene_frame(gaussians, [v.camera for v in scene.train])
+        q = {**DEFAULTS, **students.GRID_PRESETS[cfg.preset], **cfg.arch}["frame_quantile"]
+        frame = scene_frame(gaussians, [v.camera for v in scene.train], quantile=q)
     else:
         frame = None
-    model = students.build(cfg.preset, arch=None if ckpt is None else _saved_arch(ckpt.get("arch"), cfg.preset),
+    if ckpt is not None:
+        arch = _saved_arch(ckpt.get("arch"), cfg.preset)
+    else:
+        arch = {**students.GRID_PRESETS[cfg.preset], **cfg.arch} if kind == "grid" and cfg.arch else None
+    model = students.build(cfg.preset, arch=arch,
                            frame=frame, n_points=cfg.n_points, freqs=cfg.freqs).to(device)
     if world > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch (CUDA only in torch)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -491,17 +503,24 @@ def _check_config(cfg: DistillConfig) -> None:
     if cfg.real_steps > cfg.iters:
         raise UserError(f"{flag('real_steps', cfg.real_steps)}: must be at most the number of steps "
                         f"({flag('iters', cfg.iters)})")
-    for name in ("lr", "grid_lr", "weight_decay", "lr_final_frac", "train_pose_frac"):
+    for name in ("lr", "grid_lr", "weight_decay", "lr_final_frac", "train_pose_frac", "depth_weight"):
         v = getattr(cfg, name)
         if name == "lr" and v is None:  # auto: the kind's
             continue
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 \
                 or (name in ("lr", "grid_lr") and v == 0) or (name in ("lr_final_frac", "train_pose_frac") and v > 1):
             raise UserError(f"{flag(name, v)}: " + ("must be a positive number"
-                                                    if name in ("lr", "grid_lr", "weight_decay")
+                                                    if name in ("lr", "grid_lr", "weight_decay", "depth_weight")
                                                     else "must be between 0 and 1"))
     if cfg.n_poses < 1:
         raise UserError(f"{flag('n_poses', cfg.n_poses)}: must be a positive whole number")
+    if cfg.arch:
+        from budget3d.nelf.students.grid import DEFAULTS
+
+        bad = sorted(set(cfg.arch) - set(DEFAULTS)) if students.kind_of(cfg.preset) == "grid" else sorted(cfg.arch)
+        if not isinstance(cfg.arch, dict) or bad:
+            raise UserError(f"{flag('arch', cfg.arch)}: not settings of a grid student ({', '.join(map(str, bad))}); "
+                            f"the grid presets take {', '.join(DEFAULTS)}")
 
 
 # ----------------------------------------------------------------------------- evaluation and outputs

@@ -47,6 +47,7 @@ DEFAULTS = dict(
     act="relu",
     sr_channels=(32, 16),  # PixelShuffle stages: the ray grid is at 1/2**len of the output
     pixel_width=32,  # the per-pixel decoder's hidden width
+    frame_quantile=0.99,  # the unit ball holds this share of the teacher's opacity mass (beyond: clamped to it)
 )
 
 
@@ -163,6 +164,15 @@ class GridStudent(nn.Module):
             x = (points_world.float() - self.centre) / self.radius
             with torch.no_grad():
                 self.atlas.copy_(occupancy_atlas(x, weights, self.atlas.shape[2]))
+
+    def geometry_loss(self, target: torch.Tensor) -> torch.Tensor:
+        """The last forward's expected depth and opacity against the teacher's (``target`` (B, H, W, 2):
+        distance along the ray and alpha at the output size, averaged over each ray's block): L1 on
+        the depth (in radii) where the teacher is opaque, L2 on the opacity."""
+        t = target.permute(0, 3, 1, 2)
+        a = F.avg_pool2d(t[:, 1:2], self.scale)[:, 0]
+        depth = F.avg_pool2d(t[:, :1] * t[:, 1:2], self.scale)[:, 0] / a.clamp_min(1e-6)
+        return (a * (self.aux["depth"] - depth).abs()).mean() / self.radius + ((self.aux["alpha"] - a) ** 2).mean()
 
     def net_parameters(self):
         grids = {id(p) for p in self.grid_parameters()}
