@@ -82,22 +82,45 @@ def _shifted_scene(scene, gains, shifts):
                  colors=scene.colors, background=scene.background)
 
 
-@pytest.mark.xfail(strict=True, reason="measured 2026-12-05: on this 12-view tiny scene (400 steps) compensation on "
-                   "scores 20.6 dB against 24.4 off (clean 25.3); on ethiopian_head it helps (0.37 dB loss against "
-                   "1.98 off). Open in issue 28; strict, so this fails once compensation wins here")
 def test_appearance_compensation_recovers_per_image_exposure(tmp_path):
-    """Training images with gains 0.6-1.4 and colour shifts: with appearance on, the test views
-    (rendered without it) come much closer to the unmodified capture's than with it off."""
+    """Training images through gains 0.6-1.4 and colour shifts of +-0.08 (clipped, as a camera
+    would): with appearance on, the test views (rendered without any correction) lose at most
+    0.5 dB against training on the unmodified images, under the matched protocol (each test
+    view's colour fitted on its left half, scored on its right: refine.matched_psnr); without it
+    they lose several dB. Measured 2026-12-06 (1,500 steps): clean 31.70 / matched 32.20; shifted,
+    on 31.10 / 32.11; shifted, off 24.01 / 25.67 (perturbation seeds 1-3: on 32.83-32.97 matched,
+    off 23.9-27.3)."""
     base = tiny_scene(n_train=12, n_test=4)
     rng = np.random.default_rng(0)
-    scene = _shifted_scene(base, rng.uniform(0.6, 1.4, (12, 1, 1, 3)), rng.uniform(-0.08, 0.08, (12, 1, 1, 3)))
-    kw = dict(iters=400, backend="auto", budget="150")
-    clean = train(tiny_config(tmp_path / "clean", **kw), scene=base, progress=False)["psnr"]
+    gains, shifts = rng.uniform(0.6, 1.4, (12, 1, 1, 3)), rng.uniform(-0.08, 0.08, (12, 1, 1, 3))
+    scene = _shifted_scene(base, gains, shifts)
+    kw = dict(iters=1500, backend="auto", budget="150")
+    clean = train(tiny_config(tmp_path / "clean", appearance=False, **kw), scene=base, progress=False)
     off = train(tiny_config(tmp_path / "off", appearance=False, **kw), scene=scene, progress=False)
     on = train(tiny_config(tmp_path / "on", appearance=True, **kw), scene=scene, progress=False)
-    assert on["psnr"] > off["psnr"] + 2.0, (clean, off["psnr"], on["psnr"])
-    assert on["psnr"] > clean - 2.0, (clean, on["psnr"])
+    got = {k: (m["psnr"], m["psnr_matched"]) for k, m in (("clean", clean), ("off", off), ("on", on))}
+    assert on["psnr_matched"] >= clean["psnr_matched"] - 0.5, got
+    assert off["psnr_matched"] < on["psnr_matched"] - 3.0, got
+    assert on["psnr"] > off["psnr"] + 3.0 and on["psnr"] > clean["psnr"] - 1.5, got  # the uncorrected views too
+    # the transforms took the exposures (the Gaussians did not): learned gains follow the true ones
+    learned = np.exp(np.asarray(torch.load(tmp_path / "on" / "run" / "checkpoint.pt", weights_only=False)
+                                ["extra"]["appearance"]["param"])[:, :3])
+    assert np.corrcoef(learned.ravel(), gains.reshape(12, 3).ravel())[0, 1] > 0.8, learned
     assert on["appearance"]["gain_max"] > 1.15 and on["appearance"]["gain_min"] < 0.85
+
+
+def test_matched_psnr_fits_the_left_half_and_scores_the_right():
+    """An image off by a gain and offset per channel scores as perfect once matched; a change only
+    in the right half (not fitted) still counts."""
+    from budget3d.train.refine import matched_psnr
+
+    torch.manual_seed(0)
+    gt = torch.rand(16, 20, 3) * 0.6 + 0.2
+    shifted = gt * torch.tensor([1.2, 0.8, 1.0]) + torch.tensor([-0.05, 0.1, 0.02])
+    assert matched_psnr(shifted, gt) > 60
+    damaged = shifted.clone()
+    damaged[:, 10:] = torch.rand(16, 10, 3)
+    assert matched_psnr(damaged, gt) < 15
 
 
 def test_masked_pixels_give_no_error_and_no_gradient():

@@ -52,6 +52,7 @@ class TrainConfig:
     # per-training-view corrections (budget3d/train/refine.py); test views are rendered without them
     appearance: Optional[bool] = None  # per-image affine colour (exposure, white balance); auto: on for real captures, off for Blender
     appearance_lr: float = 0.01  # Adam learning rate of the per-image log-gains and offsets
+    appearance_start: Optional[int] = None  # first step that changes the transforms (10% of iters)
     pose_opt: Optional[bool] = None  # per-camera SE(3) pose corrections; auto: on for scenes made by 'budget3d process'
     pose_lr: float = 1e-3  # Adam learning rate of the corrections (rad; scene-scale units), decaying to 1%
     pose_start: Optional[int] = None  # first step that moves the cameras (10% of iters)

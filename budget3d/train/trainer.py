@@ -30,7 +30,7 @@ import torch
 from budget3d.errors import UserError
 from budget3d.runfolder import check_run_dir, read_config, scene_path
 from budget3d.train.checkpoint import CHECKPOINT, CONFIG, load_checkpoint, save_checkpoint, set_rng_state
-from budget3d.train.metrics import evaluate, peak_memory_mb, plot_progress, psnr
+from budget3d.train.metrics import evaluate, peak_memory_mb, plot_progress, psnr, to_float
 from budget3d.train.optim import VisibleAdam, exp_decay
 
 STRATEGIES = ("taming", "default", "mcmc")
@@ -419,11 +419,15 @@ def _loss(img: torch.Tensor, gt: torch.Tensor, ssim_lambda: float) -> torch.Tens
 
 
 def _regulariser(s: Session):
-    """MCMC's opacity and scale regularisers (gsplat's defaults); nothing for the others."""
+    """MCMC's opacity and scale regularisers (gsplat's defaults), and the appearance transforms'
+    anchor (their mean pulled to the identity: refine.py, "Gauge")."""
+    reg = 0.0
+    if s.appearance is not None:
+        reg = s.appearance.anchor()
     if s.cfg.strategy != "mcmc":
-        return 0.0
+        return reg
     p = s.params
-    return 0.01 * torch.sigmoid(p["opacities"]).mean() + 0.01 * torch.exp(p["scales"]).mean()
+    return reg + 0.01 * torch.sigmoid(p["opacities"]).mean() + 0.01 * torch.exp(p["scales"]).mean()
 
 
 # ----------------------------------------------------------------------------- per-view corrections
@@ -431,7 +435,8 @@ def _regulariser(s: Session):
 
 def _resolve_for_scene(cfg: TrainConfig, scene) -> TrainConfig:
     """The auto (None) settings that depend on the scene: appearance on for real captures (every
-    format but Blender-synthetic), pose refinement on for scenes made by 'budget3d process'."""
+    format but Blender-synthetic), pose refinement on for scenes made by 'budget3d process', and
+    both starting after 10% of the steps."""
     c = dataclasses.replace(cfg)
     if c.appearance is None:
         c.appearance = scene.format != "blender"
@@ -439,6 +444,8 @@ def _resolve_for_scene(cfg: TrainConfig, scene) -> TrainConfig:
         c.pose_opt = bool(getattr(scene, "meta", {}).get("processed", False))
     if c.pose_start is None:
         c.pose_start = round(0.1 * c.iters)
+    if c.appearance_start is None:
+        c.appearance_start = round(0.1 * c.iters)
     return c
 
 
@@ -472,10 +479,13 @@ def _train_camera(s: Session, k: int):
 
 
 def _corrected(s: Session, k: int, img: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """The render as the loss sees it: with image ``k``'s appearance, and the ground truth itself
-    where the view's mask says to ignore the pixel (no error there, so no gradient)."""
+    """The render as the loss sees it: with image ``k``'s appearance (no error where the photo is
+    clipped and the corrected render lies beyond it), and the ground truth itself where the view's
+    mask says to ignore the pixel (no error there, so no gradient)."""
     if s.appearance is not None:
-        img = s.appearance.apply(k, img)
+        from budget3d.train.refine import saturated
+
+        img = saturated(s.appearance.apply(k, img), gt)
     mask = s.scene.train[k].mask()
     if mask is not None:
         img = torch.where(torch.as_tensor(mask, device=img.device)[..., None], img, gt)
@@ -496,7 +506,10 @@ def _refine_step(s: Session, k: int, step: int) -> None:
     from budget3d.train.refine import lr_at
 
     if s.appearance is not None:
-        s.appearance.step(k)
+        if step >= s.cfg.appearance_start:
+            s.appearance.step(k)
+        else:  # identity until the Gaussians hold the average appearance
+            s.appearance.opt.zero_grad(set_to_none=True)
     if s.poses is not None:
         s.poses.opt.param_groups[0]["lr"] = lr_at(step, s.cfg.pose_start, s.cfg.iters, s.cfg.pose_lr)
         s.poses.step(k)
@@ -698,11 +711,27 @@ def _last_growth(s: Session) -> dict:
 
 
 def _evaluate(s: Session) -> dict:
+    """The test metrics, plus ``psnr_matched``: each test view's colour matched to its photo on the
+    left half and scored on the right (refine.matched_psnr; the fair number when test photos have
+    their own exposure, README "From your phone's photos or video")."""
+    from budget3d.train.refine import matched_psnr
+
     renders = s.run_dir / "renders" if s.cfg.save_renders else None
+    vals = []
+
+    def render_fn(p, cam):  # evaluate() renders the test views in order
+        out = s.render(p, cam)
+        view = s.scene.test[len(vals)]
+        vals.append(matched_psnr(out.image.clamp(0, 1), to_float(view.image(), out.image.device)))
+        return out
+
     with torch.no_grad():
-        return evaluate(s.params, s.scene.test, render_fn=lambda p, cam: s.render(p, cam),
-                        background=s.background(), renders_dir=renders, max_views=s.cfg.eval_max_views,
-                        progress=s.progress)
+        m = evaluate(s.params, s.scene.test, render_fn=render_fn, background=s.background(), renders_dir=renders,
+                     max_views=s.cfg.eval_max_views, progress=s.progress)
+    m["psnr_matched"] = round(float(np.mean(vals)), 4) if vals else None
+    for row, v in zip(m.get("per_view", []), vals):
+        row["psnr_matched"] = round(v, 4)
+    return m
 
 
 def evaluate_run(run_dir, *, device: str = "auto", backend: str = "auto", progress: bool = True,
