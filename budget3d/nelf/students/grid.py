@@ -178,15 +178,12 @@ class GridStudent(nn.Module):
         grids = {id(p) for p in self.grid_parameters()}
         return [p for p in self.parameters() if id(p) not in grids]
 
-    def _fine(self, o, d, depth, delta, k):
-        """Features (B, k * C, h, w) of ``k`` points per ray around ``depth`` (B, h, w)."""
-        B, h, w, _ = o.shape
+    def _points(self, o, d, depth, delta, k):
+        """``k`` points (B * h * w * k, 3) per ray around ``depth`` (B, h, w), ``spread`` spacings apart."""
         off = torch.linspace(-1.0, 1.0, k, dtype=o.dtype, device=o.device) * self.arch["spread"] if k > 1 else \
             torch.zeros(1, dtype=o.dtype, device=o.device)
         t = depth[..., None] + delta[..., None] * off
-        pts = o[..., None, :] + t[..., None] * d[..., None, :]
-        f = triplane(self.fine_planes, pts.reshape(-1, 3).clamp(-1, 1))
-        return f.reshape(B, h, w, -1).permute(0, 3, 1, 2)
+        return (o[..., None, :] + t[..., None] * d[..., None, :]).reshape(-1, 3).clamp(-1, 1)
 
     def forward(self, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int) -> torch.Tensor:
         from budget3d.nelf.rays import rays_from_c2w
@@ -215,15 +212,23 @@ class GridStudent(nn.Module):
         if self.training:
             self.aux = {"depth": depth * self.radius, "alpha": acc}
         x = [acc[:, None], ((depth - t0) / (t1 - t0 + 1e-6))[:, None], d.permute(0, 3, 1, 2)]
+        # the feature points of the ray grid and (``fine``) of every output pixel, at the expected
+        # depth of its block, read in one lookup per plane (one gradient buffer per plane, not two)
+        pts = []
         if a["ray_fine"] > 0:
-            x.insert(0, self._fine(o, d, depth, delta, a["ray_fine"]))
-        ctx = self.sr(self.head(torch.cat(x, 1)))  # (B, c, H, W)
-        if a["fine"] > 0:  # per output pixel: its own ray, at the expected depth of its block
+            pts.append(self._points(o, d, depth, delta, a["ray_fine"]))
+        if a["fine"] > 0:
             of, df = rays_from_c2w(c2w, K, width, height, 1)
             of = (of - self.centre) / self.radius
             up = lambda v: F.interpolate(v[:, None], scale_factor=s, mode="bilinear",  # noqa: E731
                                          align_corners=False)[:, 0]
-            ctx = torch.cat([ctx, self._fine(of, df, up(depth), up(delta), a["fine"])], 1)
+            pts.append(self._points(of, df, up(depth), up(delta), a["fine"]))
+        feats = triplane(self.fine_planes, torch.cat(pts)).split([len(p) for p in pts]) if pts else []
+        if a["ray_fine"] > 0:
+            x.insert(0, feats[0].reshape(B, h, w, -1).permute(0, 3, 1, 2))
+        ctx = self.sr(self.head(torch.cat(x, 1)))  # (B, c, H, W)
+        if a["fine"] > 0:
+            ctx = torch.cat([ctx, feats[-1].reshape(B, height, width, -1).permute(0, 3, 1, 2)], 1)
         return self.out_act(self.pixel(ctx))
 
 
