@@ -3,7 +3,8 @@
 compensation against per-image exposure changes, pose refinement against pose noise.
 
 Each trains the same recipe (the README's: ``--downscale 4 --iters 3000 --budget 30k``) and
-reports test PSNR; the test views are always the unmodified images at their given poses, rendered
+reports test PSNR (and ``psnr_matched``: each test view's colour matched on its left half, scored
+on its right); the test views are always the unmodified images at their given poses, rendered
 without any per-view correction.
 
     # photos -> process -> train, against training on the given poses (ethiopian_head: 66 photos)
@@ -46,7 +47,7 @@ def _train(out: Path, tag: str, scene=None, **kw) -> dict:
         m = train(cfg, scene=scene, progress=False)
         m["wall_seconds"] = round(time.perf_counter() - t, 1)
         (d / "metrics.json").write_text(json.dumps(m, indent=2, default=str))
-    keep = ("psnr", "ssim", "train_seconds", "appearance", "pose_refinement", "n_test_views")
+    keep = ("psnr", "psnr_matched", "ssim", "train_seconds", "appearance", "pose_refinement", "n_test_views")
     row = {"run": tag, **{k: m.get(k) for k in keep if k in m}}
     print(json.dumps(row), flush=True)
     return row
@@ -83,11 +84,15 @@ def cmd_appearance(a) -> dict:
         _train(out, "shifted-off", scene=shifted, data=data, appearance=False),
         _train(out, "shifted-on", scene=shifted, data=data, appearance=True),
     ]
-    p = {r["run"]: r["psnr"] for r in rows}
-    summary = {"runs": rows, "gains": [0.6, 1.4], "shift": a.shift, "seed": a.seed,
-               "loss_with_compensation_vs_clean_on": round(p["clean-on"] - p["shifted-on"], 3),
-               "loss_with_compensation_vs_clean_off": round(p["clean-off"] - p["shifted-on"], 3),
-               "loss_without_compensation_vs_clean_off": round(p["clean-off"] - p["shifted-off"], 3)}
+    summary = {"runs": rows, "gains": [0.6, 1.4], "shift": a.shift, "seed": a.seed}
+    for metric in ("psnr", "psnr_matched"):
+        p = {r["run"]: r.get(metric) for r in rows}
+        if None in p.values():
+            continue
+        summary[metric] = {"loss_with_compensation_vs_clean_on": round(p["clean-on"] - p["shifted-on"], 3),
+                           "loss_with_compensation_vs_clean_off": round(p["clean-off"] - p["shifted-on"], 3),
+                           "loss_without_compensation_vs_clean_off": round(p["clean-off"] - p["shifted-off"], 3),
+                           "compensation_on_clean_capture": round(p["clean-on"] - p["clean-off"], 3)}
     return summary
 
 
@@ -122,6 +127,8 @@ def cmd_pose(a) -> dict:
         _train(out, "noisy-off", scene=moved, data=data, pose_opt=False),
         _train(out, "noisy-on" + a.tag, scene=moved, data=data, pose_opt=True, **extra),
     ]
+    rows[-1]["pose_error"] = _pose_errors(scene, moved, out / ("noisy-on" + a.tag), radius)
+    print(json.dumps({"pose_error": rows[-1]["pose_error"]}), flush=True)
     if a.clean_on:
         rows.append(_train(out, "clean-on" + a.tag, scene=scene, data=data, pose_opt=True, **extra))
     p = {r["run"].replace(a.tag, "") if a.tag else r["run"]: r["psnr"] for r in rows}
@@ -130,6 +137,35 @@ def cmd_pose(a) -> dict:
                "seed": a.seed, "psnr_cost_of_noise": round(cost, 3),
                "recovered_fraction": round((p["noisy-on"] - p["noisy-off"]) / cost, 3) if cost > 0 else None}
     return summary
+
+
+def _pose_errors(clean: Scene, noisy: Scene, run_dir: Path, radius: float) -> dict:
+    """Median and max rotation (degrees) and camera-centre error (% of the cameras' radius) of the
+    training cameras against the clean ones: as given (noisy) and as refined (the run's checkpoint)."""
+    import torch
+
+    from budget3d.train.init import scene_scale
+    from budget3d.train.refine import PoseRefine
+
+    ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    poses = PoseRefine(len(noisy.train), 0.0, scene_scale(noisy))
+    poses.load_state_dict(ck["extra"]["poses"])
+
+    def err(a, b):
+        r = a[:3, :3] @ b[:3, :3].T
+        ang = math.degrees(math.acos(float(np.clip((np.trace(r) - 1) / 2, -1, 1))))
+        ca, cb = -a[:3, :3].T @ a[:3, 3], -b[:3, :3].T @ b[:3, 3]
+        return ang, 100 * float(np.linalg.norm(ca - cb)) / radius
+
+    res = {}
+    for tag, get in (("given", lambda k, v: np.asarray(v.camera.world_to_camera, np.float64)),
+                     ("refined", lambda k, v: poses.world_to_camera(k, v.camera))):
+        e = np.array([err(get(k, v), np.asarray(c.camera.world_to_camera, np.float64))
+                      for k, (v, c) in enumerate(zip(noisy.train, clean.train))])
+        res[tag] = {"rot_deg_median": round(float(np.median(e[:, 0])), 3), "rot_deg_max": round(float(e[:, 0].max()), 3),
+                    "centre_pct_median": round(float(np.median(e[:, 1])), 3),
+                    "centre_pct_max": round(float(e[:, 1].max()), 3)}
+    return res
 
 
 def cmd_process(a) -> dict:
