@@ -10,11 +10,17 @@ Each training image k gets an affine colour per channel, ``out = render * exp(g_
   is no error (``saturated``). Without this, a brightened image's white background pulls its gain
   back to 1 and the Gaussians take the exposure instead.
 - *Gauge*: only ratios between images are observable (brighter Gaussians and darker gains render
-  the same). A soft anchor (``anchor``) pulls the mean transform over the images to the identity,
-  so the Gaussians keep the average appearance of the capture: what the viewer, the exports and
-  the test views (rendered without any correction) show. Re-centring the transforms by hand after
-  each step (the first version) is not a change of gauge: it changes every image's prediction,
-  and the Gaussians chased it (4 dB lost on the tiny scene).
+  the same). After every step ``recentre`` moves the mean transform into the Gaussians' colours
+  and out of every image's transform, a change of gauge (the training predictions stay as they
+  were): the Gaussians hold the average exposure of the capture, which is what the viewer, the
+  exports and the test views (rendered without any correction) show. On a render with a known
+  flat background (the tiny test scene) the background pins the mean offset instead. Three
+  earlier versions failed: re-centring the transforms alone (not a change of gauge: every
+  image's prediction moves, and the Gaussians chased it: 4 dB lost on the tiny scene); a soft
+  pull of the mean transform to the identity (too weak: on ethiopian_head the mean drifted to
+  gain 0.94 / offset -0.035, the Gaussians brightened to match, and the uncorrected test views
+  lost 2.3 dB); pinning the offset on the white background for photos too (ethiopian_head's
+  offsets drifted to -0.1: uncorrected test views 17.7 dB).
 - *Start*: the transforms stay at the identity for the first ``appearance_start`` steps, so the
   Gaussians first fit the average appearance and the transforms then learn only the differences.
 
@@ -38,6 +44,7 @@ plain Adam would keep moving every other image's correction by stale momentum.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -72,19 +79,39 @@ class _Rows:
 class Appearance(_Rows):
     """Affine colour per channel per training image: ``img * exp(gain) + offset``."""
 
-    ANCHOR = 1.0  # weight of the pull of the mean transform to the identity (the gauge)
-
-    def __init__(self, n: int, lr: float, device="cpu"):
+    def __init__(self, n: int, lr: float, device="cpu", flat_background: Optional[torch.Tensor] = None):
         super().__init__(n, 6, lr, device)
+        self.flat_background = flat_background  # see recentre
 
     def apply(self, k: int, img: torch.Tensor) -> torch.Tensor:
         g = self.param[k]
         return img * torch.exp(g[:3]) + g[3:]
 
-    def anchor(self) -> torch.Tensor:
-        """Squared distance of the mean transform (mean gain, mean offset) from the identity."""
-        gains, offsets = torch.exp(self.param[:, :3]), self.param[:, 3:]
-        return self.ANCHOR * (((gains.mean(0) - 1) ** 2).sum() + (offsets.mean(0) ** 2).sum())
+    @torch.no_grad()
+    def recentre(self, params: dict, background: Optional[torch.Tensor] = None) -> None:
+        """Move the mean transform into the Gaussians' colours and out of every image's transform:
+        colours ``c <- a c + p``, gains ``exp(g_k) <- exp(g_k) / a``, offsets
+        ``b_k <- b_k - exp(g_k) p / a``, with ``a`` the mean gain (per channel) and
+
+        - photos (``background`` None): ``p`` the mean offset. The renderer's flat background is
+          no part of a photo (where it shows, it is an error anyway), so mean gain 1 and mean
+          offset 0: the Gaussians take the average exposure;
+        - renders on a known flat background (Blender-style): ``p = (1 - a) background``, which
+          keeps the background as every image sees it: the mean offset is pinned by it.
+
+        Every training prediction stays as it was (for photos, but where the background shows).
+        The SH colour is ``C0 sh0 + 0.5 + sum(basis * shN)``: sh0 and shN change as the colour does
+        (exact but for the clamp of colours at 0)."""
+        from budget3d.splat.project import C0
+
+        gains = torch.exp(self.param[:, :3])
+        a = gains.mean(0)
+        p = self.param[:, 3:].mean(0) if background is None else (1 - a) * background.to(a)
+        self.param[:, 3:] -= gains * (p / a)
+        self.param[:, :3] -= torch.log(a)
+        sh0 = params["sh0"]
+        sh0.copy_((a * (C0 * sh0 + 0.5) + p - 0.5) / C0)
+        params["shN"].mul_(a)
 
     def summary(self) -> dict:
         g = self.param.detach().cpu()
@@ -93,6 +120,19 @@ class Appearance(_Rows):
                 "offset_abs_max": round(float(g[:, 3:].abs().max()), 4),
                 "mean_gain": [round(float(x), 4) for x in gains.mean(0)],
                 "mean_offset": [round(float(x), 4) for x in g[:, 3:].mean(0)]}
+
+
+def flat_border(views, n_views: int = 4, tol: float = 8.0) -> bool:
+    """True when most border pixels of a few images are one flat colour (a render on a plain
+    background, whatever its exposure), False for photos: which gauge ``Appearance.recentre`` keeps."""
+    views = list(views)
+    views = views[:: max(1, len(views) // n_views)][:n_views]
+    flat = []
+    for v in views:
+        img = np.asarray(v.image(), np.float32)
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+        flat.append((np.abs(border - np.median(border, 0)).max(-1) <= tol).mean())
+    return bool(flat) and float(np.mean(flat)) > 0.5
 
 
 def saturated(img: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:

@@ -419,15 +419,11 @@ def _loss(img: torch.Tensor, gt: torch.Tensor, ssim_lambda: float) -> torch.Tens
 
 
 def _regulariser(s: Session):
-    """MCMC's opacity and scale regularisers (gsplat's defaults), and the appearance transforms'
-    anchor (their mean pulled to the identity: refine.py, "Gauge")."""
-    reg = 0.0
-    if s.appearance is not None:
-        reg = s.appearance.anchor()
+    """MCMC's opacity and scale regularisers (gsplat's defaults); nothing for the others."""
     if s.cfg.strategy != "mcmc":
-        return reg
+        return 0.0
     p = s.params
-    return reg + 0.01 * torch.sigmoid(p["opacities"]).mean() + 0.01 * torch.exp(p["scales"]).mean()
+    return 0.01 * torch.sigmoid(p["opacities"]).mean() + 0.01 * torch.exp(p["scales"]).mean()
 
 
 # ----------------------------------------------------------------------------- per-view corrections
@@ -455,7 +451,11 @@ def _make_refiners(s: Session, ckpt) -> None:
     n = len(s.scene.train)
     saved = ckpt["extra"] if ckpt is not None else {}
     if s.cfg.appearance:
-        s.appearance = Appearance(n, s.cfg.appearance_lr, s.device)
+        from budget3d.train.refine import flat_border
+
+        # the gauge (refine.py): photos take the mean offset into the Gaussians; flat-background renders pin it
+        flat = s.background() if flat_border(s.scene.train) else None
+        s.appearance = Appearance(n, s.cfg.appearance_lr, s.device, flat_background=flat)
     if s.cfg.pose_opt:
         s.poses = PoseRefine(n, s.cfg.pose_lr, s.extent, s.device)
     for k in ("appearance", "poses"):
@@ -508,6 +508,7 @@ def _refine_step(s: Session, k: int, step: int) -> None:
     if s.appearance is not None:
         if step >= s.cfg.appearance_start:
             s.appearance.step(k)
+            s.appearance.recentre(s.params, s.appearance.flat_background)  # Gaussians: the mean exposure
         else:  # identity until the Gaussians hold the average appearance
             s.appearance.opt.zero_grad(set_to_none=True)
     if s.poses is not None:
