@@ -318,6 +318,27 @@ def test_partial_registration_keeps_the_largest_model_and_lists_the_rest(capsys,
     assert len(load_scene(tmp_path / "s", test_every=0).train) == 10
 
 
+def test_two_separate_captures_keep_the_larger_model(capsys, photos, tmp_path):
+    """Ten photos of one scene and five of another (no shared content) make two models: the larger
+    one is the scene, the other five are named as unregistered, and the model sizes are reported."""
+    d = tmp_path / "two"
+    d.mkdir()
+    for i in range(10):
+        (d / f"view_{i:03d}.png").write_bytes((photos[0] / f"view_{i:03d}.png").read_bytes())
+    tex = poster(seed=7)
+    for i, c in enumerate(orbit_cameras(5, arc=math.radians(40), seed=3)):
+        cv2.imwrite(str(d / f"zz_other_{i}.png"), render(c, tex))
+    code, out, err = run_cli(capsys, "process", d, "--out", tmp_path / "s", "--quiet")
+    assert code == 0, err
+    warn = [x for x in err.splitlines() if x.startswith("budget3d: warning: ")]
+    assert len(warn) == 1 and "registered 10 of 15 images" in warn[0], err
+    report = json.loads((tmp_path / "s" / "process.json").read_text())
+    assert report["models"][0] == 10 and len(report["models"]) >= 2 and report["models"][1] >= 3, report["models"]
+    assert sorted(report["unregistered"]) == [f"zz_other_{i}.png" for i in range(5)]
+    assert sorted(v.name for v in load_scene(tmp_path / "s", test_every=0).train) == \
+        [f"view_{i:03d}.png" for i in range(10)]
+
+
 def test_a_folder_that_is_already_a_scene_is_not_processed(capsys, processed, tmp_path):
     code, _, err = run_cli(capsys, "process", processed[0], "--out", tmp_path / "s", "--quiet")
     one_line_error(code, err, "already a colmap scene", "budget3d train --data")
