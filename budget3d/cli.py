@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--preset", choices=list(NELF_PRESETS),
                    help="student network (default: grid-small on CPU, mobile-r2l on CUDA)")
     n.add_argument("--iters", type=int, help="optimisation steps (default: 4000 on CPU, 20000 on CUDA)")
+    n.add_argument("--minutes", type=float, help="stop after this many minutes of distillation and finish there "
+                                                "(evaluation, student.pt), even before --iters")
     n.add_argument("--resolution", metavar="WxH|W",
                    help="output size, multiples of the preset's upsampling factor (default: the scene's image size)")
     n.add_argument("--batch", type=int, help="teacher views per step (default: 16 crops of 64x64 on CPU, 4 whole "
@@ -417,7 +419,8 @@ def cmd_distill(args) -> int:
     from budget3d.nelf.distill import DistillConfig, distill
     from budget3d.train.trainer import _pick_device
 
-    given = {k: getattr(args, k) for k in ("preset", "iters", "resolution", "batch") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("preset", "iters", "minutes", "resolution", "batch")
+             if getattr(args, k) is not None}
     fields = {k: v for k, v in _config_fields(DistillConfig).items() if k not in ("run", "device", "backend", "data")}
     given.update(_parse_sets(args.set, fields, "the settings are: " + ", ".join(fields)))
     from budget3d.nelf.distill import _check_config

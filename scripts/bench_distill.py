@@ -76,7 +76,7 @@ def run_variant(run: Path, name: str, kw: dict, iters: int, points: int, onnx: b
         kw = {"iters": iters, **kw}
         cfg = DistillConfig(run=str(copy), eval_every=max(1, kw["iters"] // points), checkpoint_every=0, **kw)
         t0 = time.time()
-        m = distill(cfg, progress=sys.stderr.isatty())
+        m = distill(cfg, progress=True)  # the bar goes to stderr (a log file when run in the background)
         curve = [(h["seconds"], h["test_psnr_vs_teacher"]) for h in m["history"] if "test_psnr_vs_teacher" in h]
         extra = {"onnx": onnx_figures(copy)} if onnx else {}
         return {**extra, "run": str(run), "name": name, "settings": kw, "curve": curve, "wall_seconds": round(time.time() - t0, 1),

@@ -285,3 +285,12 @@ def test_real_image_fine_tune_draws_training_photos(tmp_path):
     assert m["student_psnr"] > m["mean_colour_psnr"]
     with pytest.raises(UserError, match="real_steps"):
         distill(cfg_for(tmp_path, iters=10, real_steps=11), progress=False)
+
+
+def test_minutes_stops_early_and_still_finishes(tmp_path):
+    """--minutes: the loop stops when its time is spent and the run ends as usual (evaluation,
+    student.pt, metrics with the steps done)."""
+    run = make_run(tmp_path)
+    m = distill(cfg_for(run, iters=100000, minutes=1e-4), progress=False)
+    assert 1 <= m["steps"] < 100000 and m["iters"] == 100000
+    assert (run / "nelf" / "student.pt").is_file() and m["student_vs_teacher_psnr"] is not None

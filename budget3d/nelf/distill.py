@@ -55,6 +55,7 @@ class DistillConfig:
     data: str = ""  # the run's scene folder when it moved ("": the one the run's config.json names)
     preset: str = "grid-small"  # grid-small | grid-mobile | tiny | small | mobile-int8 | mobile-r2l (budget3d.nelf.students)
     iters: int = 4000  # optimisation steps
+    minutes: float = 0.0  # stop after this many minutes of distillation and finish there (0: run every step)
     batch: int = 16  # teacher views per step (whole images, or one crop of each)
     real_steps: int = 0  # the last real_steps steps fine-tune on the real training images (training poses only)
     depth_weight: float = 0.0  # grid students: weight of the teacher's depth and alpha as a loss on the density
@@ -249,6 +250,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
             if cfg.eval and d.step % every == 0 and d.step < cfg.iters and d.main:  # not timed
                 d.history.append({"step": d.step, "seconds": round(d.seconds, 3),
                                   "test_psnr_vs_teacher": round(_quick_eval(d), 3)})
+            if _any_rank(d, cfg.minutes > 0 and d.seconds >= 60 * cfg.minutes):  # out of time: finish here
+                d.save()
+                break
             stop = _any_rank(d, (on_step is not None and on_step(d)) or ctrl_c.requested)
             if stop or (cfg.checkpoint_every and d.step % cfg.checkpoint_every == 0):
                 d.save()
@@ -480,7 +484,7 @@ def _seed_grid(d: Distiller, views: int = 32) -> None:
         d.model.seed_density(torch.cat(pts).cpu(), torch.cat(wts).cpu())
 
 
-FLAGS = ("preset", "iters", "batch", "resolution")  # DistillConfig fields with a flag of their own
+FLAGS = ("preset", "iters", "minutes", "batch", "resolution")  # DistillConfig fields with a flag of their own
 
 
 def flag(name: str, value) -> str:
@@ -503,14 +507,14 @@ def _check_config(cfg: DistillConfig) -> None:
     if cfg.real_steps > cfg.iters:
         raise UserError(f"{flag('real_steps', cfg.real_steps)}: must be at most the number of steps "
                         f"({flag('iters', cfg.iters)})")
-    for name in ("lr", "grid_lr", "weight_decay", "lr_final_frac", "train_pose_frac", "depth_weight"):
+    for name in ("lr", "grid_lr", "weight_decay", "lr_final_frac", "train_pose_frac", "depth_weight", "minutes"):
         v = getattr(cfg, name)
         if name == "lr" and v is None:  # auto: the kind's
             continue
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 \
                 or (name in ("lr", "grid_lr") and v == 0) or (name in ("lr_final_frac", "train_pose_frac") and v > 1):
             raise UserError(f"{flag(name, v)}: " + ("must be a positive number"
-                                                    if name in ("lr", "grid_lr", "weight_decay", "depth_weight")
+                                                    if name in ("lr", "grid_lr", "weight_decay", "depth_weight", "minutes")
                                                     else "must be between 0 and 1"))
     if cfg.n_poses < 1:
         raise UserError(f"{flag('n_poses', cfg.n_poses)}: must be a positive whole number")
@@ -643,6 +647,7 @@ def finish(d: Distiller, progress: bool = True) -> dict:
         "macs_per_frame": students.macs_per_frame(d.model, d.height, d.width),
         "resolution": [d.width, d.height],
         "iters": d.cfg.iters,
+        "steps": d.step,  # fewer than iters when ``minutes`` ran out
         "batch": d.cfg.batch,
         "distill_seconds": round(d.seconds, 2),
         "seconds_per_iter": round(d.seconds / max(d.cfg.iters, 1), 4),

@@ -85,7 +85,7 @@ def atlas_lookup(atlas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def occupancy_atlas(points: torch.Tensor, weights: torch.Tensor, G: int, empty: float = -8.0,
-                    full: float = 12.0) -> torch.Tensor:
+                    full: float = 30.0) -> torch.Tensor:
     """A (1, 1, G, G*G) atlas seeded from surface points (P, 3) in the unit frame (the teacher's
     depth back-projected, weighted by its alpha): a weighted histogram, blurred by one voxel,
     scaled to [0, 1] at its 99th percentile, mapped to raw densities ``empty`` .. ``full``."""
