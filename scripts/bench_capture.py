@@ -186,7 +186,8 @@ def cmd_process(a) -> dict:
                      "n_test_views": m.get("n_test_views")})
     rows.append(_train(out, "processed", data=str(scene_dir.resolve())))  # the defaults
     extra = json.loads(a.set) if a.set else {}
-    variants = {"processed-pose-off": dict(pose_opt=False), "processed-appearance-off": dict(appearance=False),
+    variants = {"processed-pose-off": dict(pose_opt=False), "processed-pose-on": dict(pose_opt=True),
+                "processed-appearance-off": dict(appearance=False),
                 "processed-neither": dict(pose_opt=False, appearance=False), **extra}
     for tag in (a.variants.split(",") if a.variants else []):
         rows.append(_train(out, tag, data=str(scene_dir.resolve()), **variants[tag]))
@@ -222,8 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--given-run", help="an existing run on the given poses (its metrics.json)")
     p.add_argument("--out", required=True)
     p.add_argument("--mapper", default="incremental")
-    p.add_argument("--variants", default="processed-pose-off",
-                   help="also train the processed scene as: processed-pose-off, processed-appearance-off, "
+    p.add_argument("--variants", default="processed-pose-on",
+                   help="also train the processed scene as: processed-pose-on, processed-pose-off, processed-appearance-off, "
                         "processed-neither (comma-separated; '' for none)")
     p.add_argument("--set", help="JSON object {tag: {TrainConfig fields}} of more variants to name in --variants")
     p.add_argument("--quiet", action="store_true")

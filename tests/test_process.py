@@ -156,9 +156,9 @@ def test_train_on_a_video_processes_it_first(capsys, video, tmp_path):
     assert report["registered"] >= 30, report
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_gaussians"] == 3000 and metrics["psnr"] > 10
-    assert "pose_refinement" in metrics and "appearance" in metrics  # on by default for a processed capture
+    assert "appearance" in metrics and "pose_refinement" not in metrics  # the defaults for a processed capture
     cfg = json.loads((run / "config.json").read_text())
-    assert Path(cfg["data"]) == (run / "scene").resolve() and cfg["appearance"] and cfg["pose_opt"]
+    assert Path(cfg["data"]) == (run / "scene").resolve() and cfg["appearance"] and not cfg["pose_opt"]
 
 
 # ----------------------------------------------------------------------------- photos

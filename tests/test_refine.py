@@ -187,8 +187,8 @@ def test_auto_settings_follow_the_scene():
         "blender": fmt("blender"), "llff": fmt("llff"), "colmap": fmt("colmap"), "nerfstudio": fmt("nerfstudio"),
         "processed": fmt("colmap", processed=True)}.items()}
     assert not got["blender"].appearance and all(got[k].appearance for k in ("llff", "colmap", "nerfstudio"))
-    assert got["processed"].pose_opt and not any(got[k].pose_opt for k in ("blender", "llff", "colmap"))
-    assert got["processed"].pose_start == 100
+    assert not any(g.pose_opt for g in got.values())  # measured: it cost the processed ethiopian_head 0.5 dB
+    assert got["processed"].pose_start == 100 and got["processed"].appearance_start == 100
     explicit = _resolve_for_scene(TrainConfig(appearance=False, pose_opt=True), fmt("colmap"))
     assert explicit.appearance is False and explicit.pose_opt is True
 

@@ -431,13 +431,13 @@ def _regulariser(s: Session):
 
 def _resolve_for_scene(cfg: TrainConfig, scene) -> TrainConfig:
     """The auto (None) settings that depend on the scene: appearance on for real captures (every
-    format but Blender-synthetic), pose refinement on for scenes made by 'budget3d process', and
-    both starting after 10% of the steps."""
+    format but Blender-synthetic); appearance and pose refinement (off unless asked for: README,
+    "From your phone's photos or video") start after 10% of the steps."""
     c = dataclasses.replace(cfg)
     if c.appearance is None:
         c.appearance = scene.format != "blender"
-    if c.pose_opt is None:
-        c.pose_opt = bool(getattr(scene, "meta", {}).get("processed", False))
+    if c.pose_opt is None:  # configs written before pose refinement was measured ("auto")
+        c.pose_opt = False
     if c.pose_start is None:
         c.pose_start = round(0.1 * c.iters)
     if c.appearance_start is None:
