@@ -133,7 +133,9 @@ def main(argv=None) -> int:
                 o = r.get("onnx", {})
                 ox = "" if not o else (f"  onnx {o['onnx']['size_mb']:.2f} MB {o['onnx']['latency_ms_1thread']:.1f} ms"
                                        f"  int8 {o['onnx-int8']['size_mb']:.2f} MB {o['onnx-int8']['latency_ms_1thread']:.1f} ms"
-                                       f" {o['onnx-int8']['psnr_vs_fp32']:.1f} dB vs fp32")
+                                       f" {o['onnx-int8']['psnr_vs_fp32']:.1f} dB vs fp32, loses"
+                                       f" {o['onnx-int8']['fp32_psnr_vs_teacher'] - o['onnx-int8']['psnr_vs_teacher']:.2f} dB"
+                                       " vs teacher")
                 print(f"{run.name:10s} {name:12s} {r['student_vs_teacher_psnr']:6.2f} dB vs teacher  "
                       f"{r['distill_seconds']:7.1f} s  {r['threads']} threads{ox}  curve "
                       + " ".join(f"{s:.0f}s:{v:.1f}" for s, v in r["curve"]), flush=True)

@@ -58,7 +58,7 @@ class DistillConfig:
     minutes: float = 0.0  # stop after this many minutes of distillation and finish there (0: run every step)
     batch: int = 16  # teacher views per step (whole images, or one crop of each)
     real_steps: int = 0  # the last real_steps steps fine-tune on the real training images (training poses only)
-    depth_weight: float = 0.0  # grid students: weight of the teacher's depth and alpha as a loss on the density
+    depth_weight: float = 0.1  # grid students: weight of the teacher's depth and alpha as a loss on the density (0: off)
     crop: int = 64  # train on random crop x crop windows of the views (a multiple of the preset's scale); 0 = whole views
     lr: Optional[float] = None  # peak AdamW learning rate (of the decoder for grid students); auto: 3e-3 r2l, 1e-2 grid
     grid_lr: float = 5e-2  # peak learning rate of a grid student's feature grids (no weight decay)
@@ -132,6 +132,16 @@ class Distiller:
     def out_dir(self) -> Path:
         return self.run_dir / NELF_DIR
 
+    def clock(self) -> float:
+        """Seconds of distillation so far, the same on every rank (the slowest one's)."""
+        if self.cfg.minutes <= 0 or self.world == 1:
+            return self.seconds
+        import torch.distributed as dist
+
+        t = torch.tensor([self.seconds], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
     def batch(self, step: int, idx: list) -> tuple:
         """(targets (B, h, w, 3 or 5), cameras) of pool poses ``idx`` for ``step``: the teacher's
         images (and, with ``depth_weight``, its depth and alpha as channels 3 and 4), whole views at
@@ -202,11 +212,15 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def lr_at(cfg: DistillConfig, step: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``lr_final_frac * lr``."""
+def lr_at(cfg: DistillConfig, step: int, seconds: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``lr_final_frac * lr``; with
+    ``minutes`` the decay follows whichever runs out first, the steps or the time (``seconds``
+    spent), so a run cut by the clock still ends on the low learning rate."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.iters - cfg.warmup)
+    if cfg.minutes > 0:
+        t = max(t, seconds / (60 * cfg.minutes))
     lo = cfg.lr_final_frac
     return cfg.lr * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
@@ -233,7 +247,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
         for step in range(d.step, cfg.iters):
             d.net.train()
             for g in d.optimizer.param_groups:
-                g["lr"] = lr_at(cfg, step) * g.get("lr_scale", 1.0)
+                g["lr"] = lr_at(cfg, step, d.clock()) * g.get("lr_scale", 1.0)
             idx = d.poses.batch(step, cfg.batch, real=step >= cfg.iters - cfg.real_steps)[d.rank::d.world]
             gt, cams = d.batch(step, idx)
             img = d.student(cams, d.net, resize=False)
