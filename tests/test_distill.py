@@ -2,6 +2,7 @@
 the tiny Blender scene of test_train (rendered from ``truth_gaussians``) and those same Gaussians
 as gaussians.ply, so the teacher reproduces the ground truth. 32x32 output, preset tiny."""
 
+import dataclasses
 import json
 import math
 
@@ -180,6 +181,9 @@ def test_resolution_and_schedule():
     cfg = DistillConfig(iters=100, warmup=10, lr=1.0, lr_final_frac=0.0)
     assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 10) == pytest.approx(1.0)
     assert lr_at(cfg, 55) == pytest.approx(0.5) and lr_at(cfg, 100) == pytest.approx(0.0, abs=1e-9)
+    timed = dataclasses.replace(cfg, minutes=1.0)  # the decay follows whichever runs out first
+    assert lr_at(timed, 55, 0.0) == pytest.approx(0.5) and lr_at(timed, 10, 30.0) == pytest.approx(0.5)
+    assert lr_at(timed, 10, 60.0) == pytest.approx(0.0, abs=1e-9) and lr_at(timed, 5, 60.0) == pytest.approx(0.6)
 
 
 def test_bad_run_folders_are_one_line_errors(tmp_path, capsys):
