@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from budget3d.nelf import students
 from budget3d.nelf.distill import distill, load_student, setup
-from budget3d.nelf.students.grid import GridStudent, atlas_lookup, triplane
+from budget3d.nelf.students.grid import GridStudent, atlas_lookup, triplane, triplane_gather
 from test_distill import cfg_for, make_run
 
 GRID_ITERS = 60
@@ -25,6 +25,16 @@ def test_atlas_lookup_equals_trilinear_grid_sample():
     x = torch.rand(500, 3, generator=g) * 2 - 1
     ref = F.grid_sample(vol, x[None, None, None], mode="bilinear", align_corners=True)[0, 0, 0, 0]
     assert torch.allclose(atlas_lookup(atlas, x), ref, atol=1e-5)
+
+
+def test_gather_lookups_read_what_grid_sample_reads():
+    """The exported graphs' corner-packed Gather (``triplane_gather``) against grid_sample, at
+    random points, on texel corners and at the border (clamped beyond [-1, 1])."""
+    g = torch.Generator().manual_seed(2)
+    levels = torch.nn.ParameterList([torch.nn.Parameter(torch.rand(3, 4, r, r, generator=g)) for r in (4, 7)])
+    x = torch.cat([torch.rand(400, 3, generator=g) * 2.4 - 1.2,
+                   torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0], [1.0, -1.0, 0.0], [1 / 3, -1 / 3, 0.0]])])
+    assert torch.allclose(triplane_gather(levels, x), triplane(levels, x), atol=1e-6)
 
 
 def test_lookups_have_the_gradients_of_finite_differences():

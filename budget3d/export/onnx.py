@@ -171,6 +171,8 @@ def pose_model(model: nn.Module, payload: dict, resolution: Optional[tuple] = No
     distilled, the reference the exports are checked against)."""
     w, h = resolution or tuple(int(v) for v in payload["resolution"])
     net = nhwc_shuffles(fold_batchnorm(model)) if fold else copy.deepcopy(model).eval()
+    if fold and hasattr(net, "export_lookups"):  # a grid student: feature planes by Gather, not GridSample
+        net.export_lookups = True
     return PoseToImage(net, intrinsics_matrix(payload, w, h), w, h, payload["near"], payload["far"],
                        payload["n_points"], payload["freqs"]).eval()
 
