@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="distill a run's Gaussians into a MobileR2L-style neural light field (RUN/nelf/)")
     n.add_argument("run", help="run folder written by 'budget3d train'")
     n.add_argument("--preset", choices=list(NELF_PRESETS),
-                   help="student network (default: grid-small on CPU, mobile-r2l on CUDA)")
+                   help="student network (default: small on CPU, mobile-r2l on CUDA)")
     n.add_argument("--iters", type=int, help="optimisation steps (default: 4000 on CPU, 20000 on CUDA)")
     n.add_argument("--minutes", type=float, help="stop after this many minutes of distillation and finish there "
                                                 "(evaluation, student.pt), even before --iters")
@@ -437,7 +437,7 @@ def cmd_distill(args) -> int:
             raise UserError(f"{args.run}/nelf already holds a distillation; continue it with --resume, "
                             "or move that folder away to start again")
         cuda = _pick_device(args.device).type == "cuda"
-        # CPU: DistillConfig's defaults (the grid student, 64x64 crops, 16 a step: README, "Distilling");
+        # CPU: DistillConfig's defaults (`small`, 64x64 crops, 16 a step: README, "Distilling");
         # CUDA: the paper's network on whole views
         defaults = {"preset": "mobile-r2l", "iters": 20000, "crop": 0, "batch": 4} if cuda else {}
         cfg = DistillConfig(run=args.run, device=args.device, backend=args.backend, data=args.data or "",

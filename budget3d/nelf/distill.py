@@ -53,7 +53,7 @@ class DistillConfig:
 
     run: str = ""  # run folder written by 'budget3d train' (holds gaussians.ply and config.json)
     data: str = ""  # the run's scene folder when it moved ("": the one the run's config.json names)
-    preset: str = "grid-small"  # grid-small | grid-mobile | tiny | small | mobile-int8 | mobile-r2l (budget3d.nelf.students)
+    preset: str = "small"  # small | tiny | grid-small | grid-mobile | mobile-int8 | mobile-r2l (budget3d.nelf.students)
     iters: int = 4000  # optimisation steps
     minutes: float = 0.0  # stop after this many minutes of distillation and finish there (0: run every step)
     batch: int = 16  # teacher views per step (whole images, or one crop of each)

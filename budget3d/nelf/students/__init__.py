@@ -24,7 +24,7 @@ from budget3d.nelf.rays import encode, rays_from_c2w
 
 # preset -> (kind, the kind's settings)
 GRID_PRESETS = {
-    # the CPU default: a 64^3 density atlas, three feature tri-planes (64, 128, 256), x4 SR
+    # a 64^3 density atlas, three feature tri-planes (64, 128, 256), x4 SR
     "grid-small": {},
     # for phones: smaller planes (32, 64, 128) and atlas (48^3): a file under 5 MB
     "grid-mobile": dict(density_res=48, fine_res=(32, 64, 128)),
