@@ -664,7 +664,7 @@ def finish(d: Distiller, progress: bool = True) -> dict:
         "steps": d.step,  # fewer than iters when ``minutes`` ran out
         "batch": d.cfg.batch,
         "distill_seconds": round(d.seconds, 2),
-        "seconds_per_iter": round(d.seconds / max(d.cfg.iters, 1), 4),
+        "seconds_per_iter": round(d.seconds / max(d.step, 1), 4),  # per step done (``minutes`` may stop early)
         "near_far": [round(d.near, 4), round(d.far, 4)],
         "n_points": d.cfg.n_points,
         "freqs": d.cfg.freqs,
