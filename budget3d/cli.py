@@ -437,7 +437,7 @@ def cmd_distill(args) -> int:
             raise UserError(f"{args.run}/nelf already holds a distillation; continue it with --resume, "
                             "or move that folder away to start again")
         cuda = _pick_device(args.device).type == "cuda"
-        # CPU: DistillConfig's defaults (`small`, 64x64 crops, 16 a step: README, "Distilling");
+        # CPU: DistillConfig's defaults (`small`, 64x64 crops, 16 a step: docs/distill.md);
         # CUDA: the paper's network on whole views
         defaults = {"preset": "mobile-r2l", "iters": 20000, "crop": 0, "batch": 4} if cuda else {}
         cfg = DistillConfig(run=args.run, device=args.device, backend=args.backend, data=args.data or "",

@@ -2,7 +2,7 @@
 """Benchmarks of the capture route: ``budget3d process`` against given poses, appearance
 compensation against per-image exposure changes, pose refinement against pose noise.
 
-Each trains the same recipe (the README's: ``--downscale 4 --iters 3000 --budget 30k``) and
+Each trains the same recipe (docs/capture.md's: ``--downscale 4 --iters 3000 --budget 30k``) and
 reports test PSNR (and ``psnr_matched``: each test view's colour matched on its left half, scored
 on its right); the test views are always the unmodified images at their given poses, rendered
 without any per-view correction.

@@ -119,7 +119,7 @@ def test_cli_lists_every_preset_and_defaults_to_small_on_cpu():
     from budget3d.nelf.distill import DistillConfig
 
     assert set(cli.NELF_PRESETS) == set(students.PRESETS)
-    # what `budget3d distill RUN` uses on CPU: `small` won the side-by-side (README, "Distilling")
+    # what `budget3d distill RUN` uses on CPU: `small` won the side-by-side (docs/distill.md)
     assert DistillConfig().preset == "small" and students.kind_of(DistillConfig().preset) == "r2l"
 
 

@@ -19,7 +19,7 @@ ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--no-sandbox"
 
 
 # Every browser step waits on the state it needs, never on a fixed sleep; the timeouts hold on a
-# 2-core machine with other processes burning both cores (checked: README, "Viewer").
+# 2-core machine with other processes burning both cores (checked: docs/viewer.md, "The browser tests under load").
 T = 120.0
 
 

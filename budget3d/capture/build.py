@@ -10,7 +10,7 @@ is either absent or complete (an interrupted or failed run leaves nothing half-w
       masks/           with --masks: <image name>.png, white = keep, black = ignored by training
       process.json     registered/total, unregistered names, reprojection error, points, seconds per stage
 
-Defaults (README, "From your phone's photos or video", has the measurements): SIFT on images at
+Defaults (docs/capture.md has the measurements): SIFT on images at
 most 1600 pixels wide, every pair matched up to 100 photos and neighbours in capture order
 beyond (always for video), incremental mapping, SIMPLE_RADIAL cameras, one per image size.
 """

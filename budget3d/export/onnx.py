@@ -26,7 +26,7 @@ not as DepthToSpace, whose onnxruntime kernel is NCHW-only and slow on uint8. To
 default small student: int8's drop against the teacher 1.65 -> 0.36 dB, 7.1 -> 5.9 ms. What int8
 cannot fix is a network whose activations span thousands: students with a sigmoid output drive
 overshooting logits far out (its gradient vanishes there), which cost a 28-block student 5.4 dB;
-``mobile-int8`` therefore has a linear output clamped to [0, 1] (0.03 dB; README, "Quality of int8").
+``mobile-int8`` therefore has a linear output clamped to [0, 1] (0.03 dB; docs/export.md, "Quality of int8").
 
 Mixed precision (the MixDQ idea): the drop of a variant is PSNR(fp32 vs teacher) - PSNR(variant
 vs teacher) on the held-out views (the teacher is the run's gaussians.ply). Quantize one conv at

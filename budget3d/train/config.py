@@ -53,8 +53,8 @@ class TrainConfig:
     appearance: Optional[bool] = None  # per-image affine colour (exposure, white balance); auto: on for real captures, off for Blender
     appearance_lr: float = 0.01  # Adam learning rate of the per-image log-gains and offsets
     appearance_start: Optional[int] = None  # first step that changes the transforms (10% of iters)
-    pose_opt: bool = False  # per-camera SE(3) pose corrections (off: they cost ethiopian_head's processed scene 0.5 dB; README)
-    pose_lr: float = 3e-3  # Adam learning rate of the corrections (rad; scene-scale units), decaying to 1% (README: 1e-3 recovered less on lego)
+    pose_opt: bool = False  # per-camera SE(3) pose corrections (off: they cost ethiopian_head's processed scene 0.5 dB; docs/capture.md)
+    pose_lr: float = 3e-3  # Adam learning rate of the corrections (rad; scene-scale units), decaying to 1% (docs/capture.md: 1e-3 recovered less on lego)
     pose_start: Optional[int] = None  # first step that moves the cameras (10% of iters)
     # fast paths
     visible_adam: bool = True  # Adam only on rows visible in the step (else torch.optim.Adam)

@@ -4,7 +4,7 @@
 the Gaussians would otherwise bake those differences into floaters and view-dependent colour.
 Each training image k gets an affine colour per channel, ``out = render * exp(g_k) + b_k``
 (6 numbers). Three details decide whether it helps (measured on the tiny scene of
-``tests/test_refine.py`` and on ethiopian_head, README "From your phone's photos or video"):
+``tests/test_refine.py`` and on ethiopian_head, docs/capture.md, "Per-image appearance"):
 
 - *Saturation*: a camera clips, so where the photo is at 0 or 255 a corrected render beyond it
   is no error (``saturated``). Without this, a brightened image's white background pulls its gain
@@ -39,7 +39,7 @@ cameras alone: before the Gaussians resemble the scene their pull on a camera is
 off unless asked for (``--pose-opt true``): with 1 degree / 1% noise on lego's training cameras it
 recovers two thirds of the PSNR the noise cost (``pose_lr`` 3e-3), but on a scene that
 ``budget3d process`` made (ethiopian_head) the cameras are already better than it can tell, and
-it cost 0.5 dB (README, "From your phone's photos or video").
+it cost 0.5 dB (docs/capture.md, "Camera pose refinement").
 
 Both use Adam that updates only the row of the view rendered in the step (``VisibleAdam``):
 plain Adam would keep moving every other image's correction by stale momentum.

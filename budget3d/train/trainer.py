@@ -65,7 +65,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         c.densify_stop = max(c.densify_start + 1, round(0.6 * n))
     if c.densify_every is None:
         c.densify_every = max(1, (c.densify_stop - c.densify_start) // 15)
-    if c.opacity_reset_every is None:  # short runs: one reset, a third of the way (README, "Real captures")
+    if c.opacity_reset_every is None:  # short runs: one reset, a third of the way (docs/training.md, "Real captures")
         c.opacity_reset_every = 3000 if n >= 10_000 else max(1, n // 3)
     if c.score not in SCORES:
         raise UserError(f"unknown score {c.score!r}; choose one of {', '.join(SCORES)}")
@@ -431,8 +431,8 @@ def _regulariser(s: Session):
 
 def _resolve_for_scene(cfg: TrainConfig, scene) -> TrainConfig:
     """The auto (None) settings that depend on the scene: appearance on for real captures (every
-    format but Blender-synthetic); appearance and pose refinement (off unless asked for: README,
-    "From your phone's photos or video") start after 10% of the steps."""
+    format but Blender-synthetic); appearance and pose refinement (off unless asked for:
+    docs/capture.md) start after 10% of the steps."""
     c = dataclasses.replace(cfg)
     if c.appearance is None:
         c.appearance = scene.format != "blender"
@@ -714,7 +714,7 @@ def _last_growth(s: Session) -> dict:
 def _evaluate(s: Session) -> dict:
     """The test metrics, plus ``psnr_matched``: each test view's colour matched to its photo on the
     left half and scored on the right (refine.matched_psnr; the fair number when test photos have
-    their own exposure, README "From your phone's photos or video")."""
+    their own exposure, docs/capture.md, "Per-image appearance")."""
     from budget3d.train.refine import matched_psnr
 
     renders = s.run_dir / "renders" if s.cfg.save_renders else None
