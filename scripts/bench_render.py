@@ -89,7 +89,7 @@ def random_case(n, w, h):
 def garden_case():
     if not GARDEN.exists():
         return None
-    from budget3d.splat._knn import knn_mean_dist
+    from budget3d.splat.knn import knn_mean_dist
     from budget3d.splat.project import rgb_to_sh0
 
     d = np.load(GARDEN)
@@ -184,7 +184,7 @@ STAGES = {  # kernel -> stage of the report
 def stage_times(case, threads, repeats):
     """Median ms per stage of one cpu forward+backward through render (each numba kernel timed by a
     wrapper; 'torch + glue' = the rest: torch ops, conversions, autograd)."""
-    from budget3d.splat import _cpu_kernels as K
+    from budget3d.splat import kernels as K
 
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -250,7 +250,7 @@ def compile_times():
                     return {"error": r.stderr[-2000:]}
                 out[k] = float(r.stdout.strip().splitlines()[-1])
     out["note"] = ("import + compile (or cache load) + one tiny forward/backward, each in a new process; "
-                   "first_compile_s on all cores (helper processes, see _pool.compile_all)")
+                   "first_compile_s on all cores (helper processes, see pool.compile_all)")
     return out
 
 

@@ -156,15 +156,15 @@ def test_one_thread_and_background_none():
 
 
 def test_python_thread_launcher_gives_the_same_render(monkeypatch):
-    """Without torch's libgomp the kernels run on Python threads (_pool.run's fallback): same
+    """Without torch's libgomp the kernels run on Python threads (pool.run's fallback): same
     results, bitwise, also on more threads than cores."""
-    from budget3d.splat import _pool, cpu
+    from budget3d.splat import cpu, pool
 
     p = random_params(1500, 11)
     cam = camera(64, 48)
     ref = _run(p, cam, "cpu")
-    assert _pool._GOMP is not None or not torch.backends.openmp.is_available()
-    monkeypatch.setattr(_pool, "_GOMP", None)
+    assert pool._GOMP is not None or not torch.backends.openmp.is_available()
+    monkeypatch.setattr(pool, "_GOMP", None)
     monkeypatch.setattr(cpu, "num_threads", 3)
     got = _run(p, cam, "cpu")
     assert torch.equal(ref[0].image, got[0].image) and torch.equal(ref[0].n_pixels, got[0].n_pixels)
@@ -278,9 +278,9 @@ def test_a_cold_cache_is_compiled_on_helper_processes(tmp_path):
 import sys, torch, numpy as np
 sys.path.insert(0, {tests!r})
 from test_render import camera, random_params
-from budget3d.splat import _cpu_kernels as K, _pool, render
+from budget3d.splat import kernels as K, pool, render
 cold = []
-n = _pool.compile_all(K.KERNELS, jobs=2, on_cold=lambda: cold.append(1))
+n = pool.compile_all(K.KERNELS, jobs=2, on_cold=lambda: cold.append(1))
 print(len(cold), n)
 torch.manual_seed(0)
 out = render(random_params(600, 3), camera(40, 32), backend="cpu")
@@ -357,7 +357,7 @@ def test_fast_exp_fixup_matches_libm_exp(seed, n, w, h, opaque):
 def test_fast_exp_within_an_eighth_of_the_fixup_window():
     """The fix-up assumes the polynomial exp is within DX (relative) of libm's expf; check a
     dense grid of [0, 30] (plus the tiny arguments) with 8x margin."""
-    from budget3d.splat import _cpu_kernels as K
+    from budget3d.splat.kernels import common as K
     from numba import njit
 
     @njit
@@ -378,7 +378,7 @@ def test_fast_exp_fixup_on_crafted_cutoff_pairs():
     """Pairs crafted so that o * exp(-sigma) sits on the other side of 1/255 (or 0.99) with the
     polynomial exp than with libm's: the fix-up must still give libm's decisions."""
     import budget3d.splat.cpu as cpu_mod
-    from budget3d.splat import _cpu_kernels as K
+    from budget3d.splat.kernels import common as K
     from numba import njit
 
     libm_exp = njit(lambda s: np.exp(-s))

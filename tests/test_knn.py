@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from budget3d.splat._knn import knn_mean_dist
+from budget3d.splat.knn import knn_mean_dist
 from budget3d.splat.gaussians import init_from_points
 
 

@@ -5,7 +5,7 @@ sigma < 0 or alpha < 1/255 skipped, alpha = min(0.99, o exp(-sigma)), front to b
 ties by index, the Gaussian that would bring T to <= 1e-4 ends the pixel, background added with
 weight T_final. Differentiable w.r.t. means2d, conics, opacities and features (not background).
 
-Work is float32. Threads: the kernels run on torch's own OpenMP team (see _pool) with
+Work is float32. Threads: the kernels run on torch's own OpenMP team (see pool) with
 ``torch.get_num_threads()`` threads, so ``torch.set_num_threads(1)`` simulates a one-core device
 (``num_threads`` below overrides the torch count for the kernels only). Results do not depend on
 the thread count (bitwise). Kernels are cached on disk (numba ``cache=True``); the first process
@@ -28,8 +28,8 @@ import time
 import numpy as np
 import torch
 
-from budget3d.splat import _cpu_kernels as K
-from budget3d.splat import _pool
+from budget3d.splat import kernels as K
+from budget3d.splat import pool
 
 exact_exp = False  # True: libm exp everywhere (see the module docstring); same decisions, slower
 
@@ -49,9 +49,9 @@ def _threads() -> int:
 
 
 def launch(kernel, *args):
-    """Run a worker (``_pool.kernel``) the way this module runs its own: under _LOCK, on _threads()."""
+    """Run a worker (``pool.kernel``) the way this module runs its own: under _LOCK, on _threads()."""
     with _LOCK:
-        return _pool.run(kernel, _threads(), *args)
+        return pool.run(kernel, _threads(), *args)
 
 
 def _np32(t: torch.Tensor) -> np.ndarray:
@@ -191,10 +191,10 @@ def rasterize_cpu(means2d, conics, opacities, features, depths, radii, width, he
 
 def warmup(kernels=(), jobs=None, on_cold=None) -> float:
     """Compile (or load from numba's cache) the rasterizer's and the projection's kernels, and
-    ``kernels`` (more ``_pool`` workers), on up to ``jobs`` processes when the cache is cold (see
-    _pool.compile_all; ``on_cold()`` is called first then); returns the seconds it took."""
+    ``kernels`` (more ``pool`` workers), on up to ``jobs`` processes when the cache is cold (see
+    pool.compile_all; ``on_cold()`` is called first then); returns the seconds it took."""
     t0 = time.perf_counter()
-    _pool.compile_all(K.KERNELS[:-1] + list(kernels) + K.KERNELS[-1:], jobs=jobs, on_cold=on_cold)
+    pool.compile_all(K.KERNELS[:-1] + list(kernels) + K.KERNELS[-1:], jobs=jobs, on_cold=on_cold)
     g = torch.Generator().manual_seed(0)
     n = 8
     means = (torch.rand(n, 3, generator=g) + torch.tensor([0.0, 0.0, 3.0])).requires_grad_()

@@ -13,13 +13,12 @@ import math
 
 import torch
 
+from budget3d.splat.output import finish
 from budget3d.splat.project import ALPHA_MIN
 
 
 def render_cuda(means, quats, scales, opacities, rgb, extra, viewmat, K, W, H, background, near, far):
     from gsplat import rasterization
-
-    from budget3d.splat.render import _finish
 
     z = (means @ viewmat[:3, :3].T + viewmat[:3, 3])[:, 2:3]
     feats = torch.cat([rgb, z] + ([extra] if extra is not None else []), -1)
@@ -41,4 +40,4 @@ def render_cuda(means, quats, scales, opacities, rgb, extra, viewmat, K, W, H, b
         det = (conics[:, 0] * conics[:, 2] - conics[:, 1] ** 2).clamp_min(1e-12)
         k2 = (2 * torch.log(opacities.clamp_min(ALPHA_MIN) / ALPHA_MIN)).clamp(max=3.33**2)
         n_pixels = torch.where((radii > 0).any(-1), math.pi * k2 / det.sqrt(), 0).round().long()
-    return _finish(img[0], alpha[0], means2d, radii.int(), n_pixels, z[:, 0], extra is not None)
+    return finish(img[0], alpha[0], means2d, radii.int(), n_pixels, z[:, 0], extra is not None)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from budget3d.errors import UserError
-from budget3d.splat._knn import knn_mean_dist
+from budget3d.splat.knn import knn_mean_dist
 from budget3d.splat.project import num_sh_bases, rgb_to_sh0, sh_degree_for
 
 PARAM_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")

@@ -15,13 +15,13 @@ computed on every backend (camera pose refinement).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from budget3d.scene.camera import Camera
+from budget3d.splat.output import RenderOutput, finish
 from budget3d.splat.project import Projected, project, sh_to_rgb
 from budget3d.splat.rasterize_torch import rasterize_torch
 
@@ -30,27 +30,6 @@ BACKENDS = ("auto", "torch", "cpu", "cuda")
 # "cpu" backend: projection and SH colour in numba kernels (cpu.project_sh_cpu); False: the torch
 # ops of the "torch" backend (kept for benchmarks and as a fallback)
 cpu_fused = True
-
-
-@dataclass
-class RenderOutput:
-    image: torch.Tensor  # (H, W, 3)
-    alpha: torch.Tensor  # (H, W, 1)
-    depth: torch.Tensor  # (H, W, 1) expected camera z (0 where nothing was drawn)
-    extra: Optional[torch.Tensor]  # (H, W, K) extra channels, background 0
-    means2d: torch.Tensor  # projected centres ((N,2); (1,N,2) on cuda), retain_grad: see means2d_grad()
-    radii: torch.Tensor  # (N, 2) int32 box half-extents, 0 = not visible
-    n_pixels: torch.Tensor  # (N,) pixels each Gaussian was composited into
-    depths: torch.Tensor  # (N,) camera-space z of each Gaussian
-
-    @property
-    def visible(self) -> torch.Tensor:
-        return (self.radii > 0).any(-1)
-
-    def means2d_grad(self) -> Optional[torch.Tensor]:
-        """(N, 2) gradient of the loss w.r.t. the projected centres, after backward."""
-        g = self.means2d.grad
-        return None if g is None else g.reshape(-1, 2)
 
 
 def resolve_backend(backend: str, device) -> str:
@@ -139,7 +118,7 @@ def render(
         img, alpha, n_pixels = rasterize_cpu(p.means2d, p.conics, opacities, features, p.depths, p.radii, W, H, bg)
     else:
         img, alpha, n_pixels = rasterize_torch(p.means2d, p.conics, opacities, features, p.depths, p.radii, W, H, bg)
-    return _finish(img, alpha, p.means2d, p.radii, n_pixels, p.depths, extra is not None)
+    return finish(img, alpha, p.means2d, p.radii, n_pixels, p.depths, extra is not None)
 
 
 def _pose_grad_through_gaussians(means, quats, viewmat):
@@ -176,17 +155,3 @@ def _quat_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
                         aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], -1)
 
-
-def _finish(img, alpha, means2d, radii, n_pixels, depths, has_extra) -> RenderOutput:
-    depth = img[..., 3:4] / alpha.clamp_min(1e-10)
-    depth = torch.where(alpha > 0, depth, torch.zeros_like(depth))
-    return RenderOutput(
-        image=img[..., :3],
-        alpha=alpha,
-        depth=depth,
-        extra=img[..., 4:] if has_extra else None,
-        means2d=means2d,
-        radii=radii,
-        n_pixels=n_pixels,
-        depths=depths,
-    )

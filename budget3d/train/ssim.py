@@ -15,8 +15,8 @@ import numba
 import numpy as np
 import torch
 
-from budget3d.splat import _pool as P_
-from budget3d.splat._cpu_kernels import _copts, _opts
+from budget3d.splat import pool as P_
+from budget3d.splat.kernels import copts as _copts, opts as _opts
 
 WIN = 11
 SIGMA = 1.5

@@ -18,7 +18,9 @@ array, ...) and takes its shares of a range with ``for lo, hi in spans(d, N)`` (
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
+import hashlib
 import importlib
 import os
 import struct
@@ -34,6 +36,59 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 HDR = 4
+
+# numba's cache (cache=True) checks only the source file of the function it caches, but a worker
+# inlines kernels and helpers from other files (budget3d/splat/kernels/*.py, this one): an edit
+# there would leave a stale worker in the cache. So the functions of budget3d's files are cached
+# under a stamp that also covers those files: an edit to any of them recompiles every kernel once.
+_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # budget3d/
+_KERNEL_SOURCES = tuple(sorted(glob.glob(os.path.join(_PKG, "splat", "kernels", "*.py")))) + (os.path.abspath(__file__),)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_hash(path, mtime_ns, size):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def kernel_sources_stamp() -> tuple:
+    """Content hashes of the kernels' shared source files (see above)."""
+    out = []
+    for p in _KERNEL_SOURCES:
+        try:
+            st = os.stat(p)
+        except OSError:
+            out.append(None)
+            continue
+        out.append(_file_hash(p, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def _install_cache_stamp():
+    from numba.core import caching
+
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    if impl is None or any(getattr(c, "_budget3d", False) for c in impl._locator_classes):
+        return
+
+    class _Stamped:
+        _budget3d = True
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if not os.path.abspath(py_file).startswith(_PKG + os.sep):
+                return None
+            return super().from_function(py_func, py_file)
+
+        def get_source_stamp(self):
+            return super().get_source_stamp(), kernel_sources_stamp()
+
+    bases = [getattr(caching, n, None) for n in ("UserProvidedCacheLocator", "InTreeCacheLocator",
+                                                  "UserWideCacheLocator")]
+    impl._locator_classes[:0] = [type("Stamped" + b.__name__, (_Stamped, b), {}) for b in bases if b is not None]
+
+
+_install_cache_stamp()
 
 
 @intrinsic
@@ -243,7 +298,7 @@ def compile_all(kernels, jobs=None, on_cold=None) -> int:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                        OMP_NUM_THREADS="1")
             names = [f"{k.fn.__module__}:{k.fn.__name__}" for k in todo]
-            code = "import sys; from budget3d.splat import _pool; _pool._compile_claimed(sys.argv[1], sys.argv[2:])"
+            code = "import sys; from budget3d.splat import pool; pool._compile_claimed(sys.argv[1], sys.argv[2:])"
             helpers = [subprocess.Popen([sys.executable, "-c", code, d, *names], env=env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL) for _ in range(max(0, min(jobs, len(todo)) - 1))]
             _compile_claimed(d, todo)
