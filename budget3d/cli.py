@@ -1,7 +1,8 @@
 """The one command line: ``budget3d inspect | train | eval | demo | distill | export | bench | serve | view``.
 
-The last three live with what they drive (``budget3d.export.bench``, ``budget3d.export.web``,
-``viewer.app``): each of those modules has ``add_arguments(parser)`` (cheap imports only) and ``main(args)``.
+This module parses and dispatches. ``demo``, ``export``, ``process``, ``bench``, ``serve`` and ``view`` live
+with what they drive (``PLUGINS``): each of those modules has ``add_arguments(parser)`` (cheap imports only) and
+``main(args)``. ``train``'s flags are ``TrainConfig``'s fields, their help the fields' metadata.
 
 A user mistake (``UserError``) prints ``budget3d: error: <message>`` on one line and exits 2;
 Ctrl-C exits 130 after saying how to resume; output into a closed pipe (``| head``) exits 1, quietly.
@@ -12,23 +13,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import inspect
+import importlib
 import json
 import os
-import re
 import sys
-import time
 import typing
 import warnings
 from pathlib import Path
 from typing import Optional
 
+from budget3d.demo import bundled_scene  # noqa: F401 - its old address (scripts/bench_budget.py, tests)
 from budget3d.errors import UserError
 
 NELF_PRESETS = ("grid-small", "grid-mobile", "tiny", "small", "mobile-int8", "mobile-r2l")  # budget3d.nelf.students
-DEMO_BUDGET = "6000"
-DEMO_ITERS = 1500
-DEMO_DISTILL_ITERS = 3000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,14 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--data", metavar="PATH", help="the run's scene folder, when it moved (default: the one the run's config.json names)")
 
-    d = sub.add_parser("demo", help="train on the bundled scene in a few minutes and show where the results are")
-    d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    d.add_argument("--iters", type=int, default=DEMO_ITERS, help=f"training steps (default {DEMO_ITERS})")
-    d.add_argument("--budget", default=DEMO_BUDGET, help=f"Gaussian budget (default {DEMO_BUDGET})")
-    d.add_argument("--distill-iters", type=int, default=DEMO_DISTILL_ITERS,
-                   help=f"steps of the tiny NeLF student distilled afterwards (default {DEMO_DISTILL_ITERS}; 0: none)")
-    d.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    d.add_argument("--backend", choices=["auto", "torch", "cpu", "cuda"], default="auto")
+    _plugin_parser(sub, "demo")
 
     n = sub.add_parser("distill",
                        help="distill a run's Gaussians into a MobileR2L-style neural light field (RUN/nelf/)")
@@ -97,32 +87,22 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--resume", action="store_true", help="continue the distillation in RUN/nelf from its checkpoint")
     n.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    x = sub.add_parser("export", help="write a run's Gaussians as ply/splat/spz (or its NeLF as ONNX) into RUN/export/")
-    x.add_argument("run", help="run folder written by 'budget3d train'")
-    x.add_argument("--format", required=True, metavar="FMT[,FMT...]",
-                   help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated")
-    x.add_argument("--budget", metavar="N",
-                   help="splats: keep only the N Gaussians of highest Taming score (over a few training views; "
-                        "over orbit views of the model itself when the run's scene is gone), e.g. 50000 or 50k; "
-                        "no fine-tune")
-    x.add_argument("--out", metavar="DIR", help="output folder (default RUN/export)")
-    x.add_argument("--resolution", metavar="WxH|W", help="NeLF formats: output size (default: the student's own)")
-    x.add_argument("--max-mb", type=float, help="onnx-mixed: stop keeping layers in float once the file is this small")
-    x.add_argument("--max-drop-db", type=float, help="onnx-mixed: PSNR drop allowed against fp32 (default 0.3)")
-    x.add_argument("--web-nelf", choices=["int8", "fp32"], default="int8",
-                   help="web: which ONNX the page runs (default int8: smaller and faster on phones)")
-    x.add_argument("--data", metavar="PATH", help="the run's scene folder, when it moved (NeLF formats and --budget "
-                                                  "use its views; splat formats need no scene)")
-
-    import importlib
-
-    for name, (module, text) in PLUGINS.items():
-        importlib.import_module(module).add_arguments(sub.add_parser(name, help=text))
+    for name in PLUGINS:
+        if name != "demo":
+            _plugin_parser(sub, name)
     return p
+
+
+def _plugin_parser(sub, name: str) -> None:
+    module, text = PLUGINS[name]
+    importlib.import_module(module).add_arguments(sub.add_parser(name, help=text))
 
 
 # subcommands whose arguments and code live in their own module (add_arguments + main)
 PLUGINS = {
+    "demo": ("budget3d.demo", "train on the bundled scene in a few minutes and show where the results are"),
+    "export": ("budget3d.export.run",
+               "write a run's Gaussians as ply/splat/spz (or its NeLF as ONNX) into RUN/export/"),
     "process": ("budget3d.capture.build",
                 "photos or a video -> a COLMAP scene folder (pycolmap structure from motion) to train"),
     "bench": ("budget3d.export.bench",
@@ -158,25 +138,7 @@ def cmd_inspect(args) -> int:
 
 # ----------------------------------------------------------------------------- train settings
 
-# Every TrainConfig field is a flag, generated when the parser is built so that new fields get one too.
-# These predate the generated ones and keep their help, choices and action.
-TRAIN_FLAGS = {
-    "data": dict(metavar="PATH", help="scene folder (not needed with --resume)"),
-    "budget": dict(metavar="BUDGET", shown="none",
-                   help='Gaussian budget: a count ("200000", "200k"), "15x" the initial points, or a .ply size '
-                        '("30MB"); not needed for --strategy default'),
-    "iters": dict(help="training steps"),
-    "device": dict(choices=["auto", "cpu", "cuda"]),
-    "backend": dict(choices=["auto", "torch", "cpu", "cuda"], help="renderer backend"),
-    "downscale": dict(help="image downscale factor"),
-    "sh_degree": dict(help="spherical-harmonics degree 0..3"),
-    "strategy": dict(choices=["taming", "default", "mcmc"],
-                     help="densification: taming (exact budget), default (classic 3DGS, no budget), "
-                          "mcmc (gsplat MCMC capped at the budget, CUDA only)"),
-    "seed": dict(help="random seed"),
-    "random_background": dict(action="store_true", help="train on random background colours"),
-    "checkpoint_every": dict(help="steps between checkpoints"),
-}
+# Every TrainConfig field is a flag (its metadata: help, and choices/metavar/action where needed; see config.py).
 NOT_SETTABLE = ("out", "resolved")  # --out names the run folder; resolved is the trainer's own mark
 CLI_NAMES = ("command", "set", "config", "resume", "quiet")  # a field of one of these names gets only --set
 RESUME_OVERRIDES = ("device", "backend", "data")  # runtime choices that do not change the result's recipe
@@ -225,36 +187,28 @@ def _config_fields(cls=None) -> dict:
     return out
 
 
-def _field_notes() -> dict:
-    """The trailing ``# comment`` of each TrainConfig field: the help of its flag."""
-    from budget3d.train import TrainConfig
-
-    try:
-        src = inspect.getsource(TrainConfig)
-    except (OSError, TypeError):
-        return {}
-    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#(.*)$", src, re.M)}
-
-
 def _show(value) -> str:
     return "auto" if value is None else json.dumps(value) if isinstance(value, bool) else str(value)
 
 
 def _add_config_flags(t: argparse.ArgumentParser) -> None:
-    notes = _field_notes()
-    for name, (convert, default) in _config_fields().items():
-        if name in CLI_NAMES:
+    from budget3d.train import TrainConfig
+
+    settable = _config_fields()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in settable or f.name in CLI_NAMES:
             continue
-        kw = {"type": convert, "metavar": convert.metavar, "help": notes.get(name, ""), **TRAIN_FLAGS.get(name, {})}
+        convert, default = settable[f.name]
+        kw = {"type": convert, "metavar": convert.metavar, "help": "", **f.metadata}
         if "action" in kw or "choices" in kw:
             kw.pop("metavar")
         if "action" in kw:
             kw.pop("type")
         shown = kw.pop("shown", _show(default))
         kw["help"] = (f"{kw['help']} (default: {shown})" if default != "" else kw["help"]).strip().replace("%", "%%")
-        flag = "--" + name.replace("_", "-")
+        flag = "--" + f.name.replace("_", "-")
         # SUPPRESS: a flag not given leaves no attribute, so an explicit "auto" (None) still wins over --config
-        t.add_argument(*dict.fromkeys([flag, flag.lower()]), dest=name, default=argparse.SUPPRESS, **kw)
+        t.add_argument(*dict.fromkeys([flag, flag.lower()]), dest=f.name, default=argparse.SUPPRESS, **kw)
 
 
 def _field_name(key: str, fields: dict, where: str, hint: str = "see: budget3d train --help") -> str:
@@ -307,11 +261,12 @@ def _read_config(path: str, fields: dict) -> dict:
 
 
 def cmd_train(args) -> int:
+    from budget3d.demo import print_summary
     from budget3d.train import train
 
     cfg = train_config(args)
     metrics = train(cfg, resume=args.resume, progress=not args.quiet)
-    _print_summary(metrics, Path(args.out))
+    print_summary(metrics, Path(args.out))
     return 0
 
 
@@ -334,85 +289,21 @@ def train_config(args):
     given = {**(_read_config(args.config, fields) if args.config else {}), **flags, **sets}
     if not given.get("data"):
         raise UserError("train needs --data PATH (a scene folder), or --resume to continue a run")
-    _refuse_overwrite(Path(args.out))
+    if (Path(args.out) / "checkpoint.pt").is_file():
+        raise UserError(f"{args.out} already holds a run; continue it with --resume, or choose another --out")
     return TrainConfig(**given, out=args.out)
 
 
 def cmd_eval(args) -> int:
+    from budget3d.demo import print_summary
     from budget3d.train import evaluate_run
 
     metrics = evaluate_run(args.run, device=args.device, backend=args.backend, data=args.data)
     if args.json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "per_view"}))
     else:
-        _print_summary(metrics, Path(args.run))
+        print_summary(metrics, Path(args.run))
     return 0
-
-
-def bundled_scene() -> Path:
-    """The scene shipped in the repository's scenes/ folder (first one, by name)."""
-    import budget3d
-
-    root = Path(budget3d.__file__).resolve().parents[1] / "scenes"
-    found = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    if not found:
-        raise UserError(f"{root}: the bundled scene is missing (it ships with the source repository; "
-                        "install budget3d from a git checkout with 'pip install -e .', or pass a scene "
-                        "to 'budget3d train --data PATH')")
-    return found[0]
-
-
-def cmd_demo(args) -> int:
-    from budget3d.nelf.distill import DistillConfig, distill
-    from budget3d.train import TrainConfig, train
-
-    scene = bundled_scene()
-    out = Path(args.out)
-    print(f"budget3d demo: training {scene.name} ({scene}) to exactly {args.budget} Gaussians, "
-          f"{args.iters} steps -> {out}")
-    cfg = TrainConfig(data=str(scene), out=str(out), budget=args.budget, iters=args.iters,
-                      device=args.device, backend=args.backend)
-    t0 = time.perf_counter()
-    metrics = train(cfg)
-    print(f"done in {time.perf_counter() - t0:.0f} s")
-    _print_summary(metrics, out)
-    if args.distill_iters > 0:
-        print(f"\ndistilling a tiny NeLF student from it ({args.distill_iters} steps) -> {out / 'nelf'}")
-        if (out / "nelf" / "checkpoint.pt").is_file():
-            import shutil
-
-            shutil.rmtree(out / "nelf")  # the demo's run was just retrained: its old student is stale
-        m = distill(DistillConfig(run=str(out), preset="tiny", iters=args.distill_iters, crop=64, batch=16,
-                                  device=args.device, backend=args.backend))
-        print(f"NeLF:         test PSNR {m['student_psnr']:.2f} dB (teacher {m['teacher_psnr']:.2f} dB), "
-              f"{m['student_vs_teacher_psnr']:.2f} dB against the teacher; {m['params'] / 1e3:.0f} k params, "
-              f"{m['distill_seconds']:.0f} s")
-        _demo_bench(out)
-    print("\nnext:")
-    print(f"  look at   {out / 'progress.png'} and {out / 'renders'}/ (ground truth left, render right)")
-    if args.distill_iters > 0:
-        print(f"            {out / 'nelf' / 'strip.png'} (ground truth | 3DGS teacher | NeLF student)")
-    print(f"  view      budget3d view {out}")
-    print(f"  re-score  budget3d eval {out}")
-    print("  your data budget3d train --data PATH/TO/SCENE --budget 200k --out runs/mine")
-    print("  compare   python scripts/bench_budget.py   (quality against budget: Taming vs its ablation and Default)")
-    return 0
-
-
-def _demo_bench(run: Path) -> None:
-    """Export the student (ONNX fp32 + int8) and the splats, then a short bench table."""
-    from budget3d.export.bench import run_bench, table
-    from budget3d.export.onnx import export
-    from budget3d.export.splats import save_any
-    from budget3d.splat import load_ply
-
-    out = run / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    save_any(load_ply(run / "gaussians.ply"), out / "gaussians.splat", "splat")
-    for fmt in ("onnx", "onnx-int8"):
-        export(run, fmt, out, progress=False)
-    print(f"\nexported to {out}/; bench (quick):")
-    print(table(run_bench(run, quick=True, progress=False)))
 
 
 def cmd_distill(args) -> int:
@@ -456,108 +347,10 @@ def cmd_distill(args) -> int:
     return 0
 
 
-SPLAT_FORMATS = ("ply", "splat", "spz")
-NELF_FORMATS = ("onnx", "onnx-int8", "onnx-mixed", "pte")
-BUNDLE_FORMATS = ("web",)
-EXPORT_FORMATS = SPLAT_FORMATS + NELF_FORMATS + BUNDLE_FORMATS
-
-
-def _parse_count(text: str, what: str) -> int:
-    t = str(text).strip().lower().replace("_", "")
-    mult = {"k": 1000, "m": 1000000}.get(t[-1:], 1)
-    try:
-        n = int(float(t[:-1] if mult > 1 else t) * mult)
-    except ValueError:
-        raise UserError(f"{what} {text}: expected a count such as 50000 or 50k") from None
-    if n < 1:
-        raise UserError(f"{what} {text}: keep at least one Gaussian")
-    return n
-
-
-def _size(n_bytes: int) -> str:
-    return f"{n_bytes / 1e6:.2f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.1f} kB"
-
-
-def cmd_export(args) -> int:
-    run = Path(args.run)
-    fmts = [f.strip().lower() for f in args.format.split(",") if f.strip()]
-    unknown = [f for f in fmts if f not in EXPORT_FORMATS]
-    if unknown or not fmts:
-        raise UserError(f"--format {args.format}: unknown format {', '.join(unknown) or '(none)'}; "
-                        f"choose from {', '.join(EXPORT_FORMATS)}")
-    from budget3d.runfolder import check_run_dir
-
-    check_run_dir(run)
-    if any(f in SPLAT_FORMATS for f in fmts) and not (run / "gaussians.ply").is_file():
-        raise UserError(f"{run}: no gaussians.ply; this is not a finished run folder (train it with 'budget3d train')")
-    out = Path(args.out) if args.out else run / "export"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: cannot create the output folder ({e.strerror}); choose another --out") from None
-    budget = _parse_count(args.budget, "--budget") if args.budget is not None else None
-    params = None
-    for fmt in fmts:
-        if fmt in SPLAT_FORMATS:
-            from budget3d.export.splats import orbit_scores, reprune, run_scores, save_any
-            from budget3d.splat import load_ply
-
-            if params is None:
-                params = load_ply(run / "gaussians.ply")
-                before = len(params["means"])
-                if budget is not None and budget < before:
-                    scores, what = run_scores(run, params, data=args.data)
-                    if scores is None:
-                        scores = orbit_scores(params)
-                        what = f"Taming score over 8 orbit views of itself, as {what}"
-                    params = reprune(params, budget, scores)
-                    print(f"budget:   kept {len(params['means'])} of {before} Gaussians by {what}")
-            path = out / f"gaussians.{fmt}"
-            n = save_any(params, path, fmt)
-            print(f"{fmt:9s} {path}  {_size(path.stat().st_size)}  {n} Gaussians")
-        elif fmt == "web":
-            from budget3d.export.web import export_web
-
-            result = export_web(run, out, variant=args.web_nelf, data=args.data)
-            print(f"{fmt:9s} " + "  ".join(f"{k}: {v}" for k, v in (result or {}).items()))
-        else:
-            opts = {"resolution": args.resolution, "max_mb": args.max_mb, "max_drop_db": args.max_drop_db,
-                    "data": args.data}
-            if fmt == "pte":
-                from budget3d.export.pte import export_pte as export
-            else:
-                from budget3d.export.onnx import export
-            result = export(run, fmt, out, **opts)
-            print(f"{fmt:9s} " + "  ".join(f"{k}: {v}" for k, v in (result or {}).items()))
-    return 0
-
-
-def _refuse_overwrite(out: Path) -> None:
-    if (out / "checkpoint.pt").is_file():
-        raise UserError(f"{out} already holds a run; continue it with --resume, or choose another --out")
-
-
-def _print_summary(m: dict, run: Path) -> None:
-    fmt = lambda v, nd=2: "n/a" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lp = fmt(m.get("lpips"), 4) if m.get("lpips") is not None else m.get("lpips_status", "absent")
-    print(f"run folder:   {run}")
-    print(f"test PSNR:    {fmt(m.get('psnr'))} dB   SSIM: {fmt(m.get('ssim'), 4)}   LPIPS: {lp}   "
-          f"({m.get('n_test_views', 0)} test views)")
-    print(f"Gaussians:    {m.get('num_gaussians')} (budget {m.get('budget')})   strategy: {m.get('strategy')}   "
-          f"backend: {m.get('backend')}")
-    if m.get("train_seconds") is not None:
-        print(f"training:     {m.get('iters')} steps in {fmt(m.get('train_seconds'), 1)} s   "
-              f"peak memory {fmt(m.get('peak_memory_mb'), 0)} MB")
-    print(f"files:        {run / 'metrics.json'}, {run / 'gaussians.ply'}, {run / 'progress.png'}, {run / 'renders'}/")
-
-
-COMMANDS = {"inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "distill": cmd_distill,
-            "export": cmd_export}
+COMMANDS = {"inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval, "distill": cmd_distill}
 
 
 def _plugin(name: str):
-    import importlib
-
     return lambda args: importlib.import_module(PLUGINS[name][0]).main(args)
 
 

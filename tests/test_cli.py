@@ -343,14 +343,12 @@ def _flag_text(v):
 
 
 def test_every_config_field_is_a_flag_and_reaches_config_json(capsys, tmp_path, data):
-    from budget3d.cli import TRAIN_FLAGS
-
     want = {name: _other_value(f, data) for name, f in _settings().items()}
     assert all(want[name] != f.default for name, f in _settings().items())
     argv = ["train", "--out", tmp_path / "run", "--quiet"]
     for name, v in want.items():
         flag = "--" + name.replace("_", "-")
-        argv += [flag] if TRAIN_FLAGS.get(name, {}).get("action") == "store_true" else [flag, _flag_text(v)]
+        argv += [flag] if _settings()[name].metadata.get("action") == "store_true" else [flag, _flag_text(v)]
     code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
     saved = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -1,5 +1,6 @@
 """``TrainConfig``: everything a run depends on (saved as config.json). No torch here, so the
-CLI can build its flags from it quickly."""
+CLI can build its flags from it quickly: each field is a ``budget3d train`` flag, its metadata the
+flag's help (and argparse's choices/metavar/action where a field needs them)."""
 
 from __future__ import annotations
 
@@ -11,59 +12,73 @@ SCORES = ("full", "grad")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def _flag(default, help: str, **argparse_kw):
+    """A field whose ``budget3d train`` flag says ``help`` (the CLI appends the default; ``shown`` replaces
+    it); ``argparse_kw`` (choices, metavar, action) go to ``add_argument`` as they are."""
+    return field(default=default, metadata={"help": help, **argparse_kw})
+
+
 @dataclass
 class TrainConfig:
     """Everything a run depends on. ``None`` schedule fields are 'auto' (scaled to ``iters``)."""
 
-    data: str = ""  # scene folder (Blender, nerfstudio, COLMAP, LLFF)
+    data: str = _flag("", "scene folder (not needed with --resume)", metavar="PATH")  # Blender/nerfstudio/COLMAP/LLFF
     out: str = "runs/run"  # run folder
-    budget: Optional[str] = None  # "200000", "200k", "15x", "30MB"; not needed for strategy "default"
-    iters: int = 3000
-    device: str = "auto"  # auto | cpu | cuda
-    backend: str = "auto"  # auto | torch | cpu | cuda (budget3d.splat.render)
-    downscale: int = 1
-    sh_degree: int = 3
-    strategy: str = "taming"  # taming | default | mcmc
-    seed: int = 0
+    budget: Optional[str] = _flag(None, 'Gaussian budget: a count ("200000", "200k"), "15x" the initial points, or '
+                                  'a .ply size ("30MB"); not needed for --strategy default',
+                                  metavar="BUDGET", shown="none")
+    iters: int = _flag(3000, "training steps")
+    device: str = _flag("auto", "auto | cpu | cuda", choices=DEVICES)
+    backend: str = _flag("auto", "renderer backend", choices=("auto", "torch", "cpu", "cuda"))  # budget3d.splat.render
+    downscale: int = _flag(1, "image downscale factor")
+    sh_degree: int = _flag(3, "spherical-harmonics degree 0..3")
+    strategy: str = _flag("taming", "densification: taming (exact budget), default (classic 3DGS, no budget), "
+                          "mcmc (gsplat MCMC capped at the budget, CUDA only)", choices=("taming", "default", "mcmc"))
+    seed: int = _flag(0, "random seed")
     # initialisation (budget3d/train/init.py): the scene's points, else random ones
-    init_points: int = 5000  # random points when the scene has none
-    init_opacity: float = 0.1  # opacity of the first Gaussians
-    init_bg_fraction: float = 0.5  # points behind the foreground, x max(scene points, init_points) (photos only)
+    init_points: int = _flag(5000, "random points when the scene has none")
+    init_opacity: float = _flag(0.1, "opacity of the first Gaussians")
+    init_bg_fraction: float = _flag(0.5, "points behind the foreground, x max(scene points, init_points) (photos only)")
     # learning rates (3DGS); means are scaled by the scene extent and decay exponentially
-    means_lr: float = 1.6e-4  # x the scene scale, decaying exponentially to means_lr_final
-    means_lr_final: float = 1.6e-6  # x the scene scale, at the last step
-    scales_lr: float = 5e-3  # Adam learning rates of the other parameters (3DGS's)
+    means_lr: float = _flag(1.6e-4, "x the scene scale, decaying exponentially to means_lr_final")
+    means_lr_final: float = _flag(1.6e-6, "x the scene scale, at the last step")
+    scales_lr: float = _flag(5e-3, "Adam learning rates of the other parameters (3DGS's)")
     quats_lr: float = 1e-3
     opacities_lr: float = 5e-2
     sh0_lr: float = 2.5e-3
     shN_lr: float = 2.5e-3 / 20
-    ssim_lambda: float = 0.2  # loss = (1 - l) L1 + l (1 - SSIM)
-    random_background: bool = False
+    ssim_lambda: float = _flag(0.2, "loss = (1 - l) L1 + l (1 - SSIM)")
+    random_background: bool = _flag(False, "train on random background colours", action="store_true")
     # schedules (None = auto from iters)
-    sh_up_every: Optional[int] = None  # raise the SH degree every k steps (3DGS: 1000 of 30k)
-    densify_start: Optional[int] = None  # 10% of iters
-    densify_stop: Optional[int] = None  # 60% of iters
-    densify_every: Optional[int] = None  # ~15 densification steps in the window
-    opacity_reset_every: Optional[int] = None  # 3DGS's 3000 in runs of 10k+ steps, else one at iters // 3; 0 = never
+    sh_up_every: Optional[int] = _flag(None, "raise the SH degree every k steps (3DGS: 1000 of 30k)")
+    densify_start: Optional[int] = _flag(None, "10% of iters")
+    densify_stop: Optional[int] = _flag(None, "60% of iters")
+    densify_every: Optional[int] = _flag(None, "~15 densification steps in the window")
+    opacity_reset_every: Optional[int] = _flag(None, "3DGS's 3000 in runs of 10k+ steps, else one at iters // 3; "
+                                                     "0 = never")
     # Taming
-    score: str = "full"  # full | grad (ablation: positional gradient only)
-    prune_scale2d: float = 0.5  # prune Gaussians whose screen radius reaches this fraction of the image (floaters)
-    recycle_frac: float = 0.1  # lowest-score fraction removed and re-grown at each densification step (0 = off)
+    score: str = _flag("full", "full | grad (ablation: positional gradient only)")
+    prune_scale2d: float = _flag(0.5, "prune Gaussians whose screen radius reaches this fraction of the image "
+                                      "(floaters)")
+    recycle_frac: float = _flag(0.1, "lowest-score fraction removed and re-grown at each densification step (0 = off)")
     # per-training-view corrections (budget3d/train/refine.py); test views are rendered without them
-    appearance: Optional[bool] = None  # per-image affine colour (exposure, white balance); auto: on for real captures, off for Blender
-    appearance_lr: float = 0.01  # Adam learning rate of the per-image log-gains and offsets
-    appearance_start: Optional[int] = None  # first step that changes the transforms (10% of iters)
-    pose_opt: bool = False  # per-camera SE(3) pose corrections (off: they cost ethiopian_head's processed scene 0.5 dB; docs/capture.md)
-    pose_lr: float = 3e-3  # Adam learning rate of the corrections (rad; scene-scale units), decaying to 1% (docs/capture.md: 1e-3 recovered less on lego)
-    pose_start: Optional[int] = None  # first step that moves the cameras (10% of iters)
+    appearance: Optional[bool] = _flag(None, "per-image affine colour (exposure, white balance); auto: on for real "
+                                             "captures, off for Blender")
+    appearance_lr: float = _flag(0.01, "Adam learning rate of the per-image log-gains and offsets")
+    appearance_start: Optional[int] = _flag(None, "first step that changes the transforms (10% of iters)")
+    pose_opt: bool = _flag(False, "per-camera SE(3) pose corrections (off: they cost ethiopian_head's processed scene "
+                                  "0.5 dB; docs/capture.md)")
+    pose_lr: float = _flag(3e-3, "Adam learning rate of the corrections (rad; scene-scale units), decaying to 1% "
+                                 "(docs/capture.md: 1e-3 recovered less on lego)")
+    pose_start: Optional[int] = _flag(None, "first step that moves the cameras (10% of iters)")
     # fast paths
-    visible_adam: bool = True  # Adam only on rows visible in the step (else torch.optim.Adam)
-    shN_every: int = 4  # update higher-order SH every k steps; their gradient is skipped in between
+    visible_adam: bool = _flag(True, "Adam only on rows visible in the step (else torch.optim.Adam)")
+    shN_every: int = _flag(4, "update higher-order SH every k steps; their gradient is skipped in between")
     # bookkeeping
-    checkpoint_every: int = 1000
-    log_every: int = 10  # steps between progress records (history, progress.png)
-    eval_max_views: int = 0  # test views to evaluate; 0 = every test view
-    save_renders: bool = True  # write renders/ (ground truth | render) for the test views
+    checkpoint_every: int = _flag(1000, "steps between checkpoints")
+    log_every: int = _flag(10, "steps between progress records (history, progress.png)")
+    eval_max_views: int = _flag(0, "test views to evaluate; 0 = every test view")
+    save_renders: bool = _flag(True, "write renders/ (ground truth | render) for the test views")
     resolved: bool = field(default=False, repr=False)
 
     def to_json(self) -> dict:

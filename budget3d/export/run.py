@@ -1,0 +1,105 @@
+"""``budget3d export``: a run's Gaussians as ply / splat / spz (``splats``), its NeLF student as ONNX
+or ExecuTorch (``onnx``, ``pte``), or both as a web page (``web``), into RUN/export/.
+
+Like the other subcommands with a module of their own: ``add_arguments(parser)`` (cheap imports
+only) and ``main(args)``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from budget3d.errors import UserError
+
+SPLAT_FORMATS = ("ply", "splat", "spz")
+NELF_FORMATS = ("onnx", "onnx-int8", "onnx-mixed", "pte")
+BUNDLE_FORMATS = ("web",)
+EXPORT_FORMATS = SPLAT_FORMATS + NELF_FORMATS + BUNDLE_FORMATS
+
+
+def add_arguments(x) -> None:
+    x.add_argument("run", help="run folder written by 'budget3d train'")
+    x.add_argument("--format", required=True, metavar="FMT[,FMT...]",
+                   help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated")
+    x.add_argument("--budget", metavar="N",
+                   help="splats: keep only the N Gaussians of highest Taming score (over a few training views; "
+                        "over orbit views of the model itself when the run's scene is gone), e.g. 50000 or 50k; "
+                        "no fine-tune")
+    x.add_argument("--out", metavar="DIR", help="output folder (default RUN/export)")
+    x.add_argument("--resolution", metavar="WxH|W", help="NeLF formats: output size (default: the student's own)")
+    x.add_argument("--max-mb", type=float, help="onnx-mixed: stop keeping layers in float once the file is this small")
+    x.add_argument("--max-drop-db", type=float, help="onnx-mixed: PSNR drop allowed against fp32 (default 0.3)")
+    x.add_argument("--web-nelf", choices=["int8", "fp32"], default="int8",
+                   help="web: which ONNX the page runs (default int8: smaller and faster on phones)")
+    x.add_argument("--data", metavar="PATH", help="the run's scene folder, when it moved (NeLF formats and --budget "
+                                                  "use its views; splat formats need no scene)")
+
+
+def parse_count(text: str, what: str) -> int:
+    """A Gaussian count as typed: 50000, 50k, 1.5m, 50_000."""
+    t = str(text).strip().lower().replace("_", "")
+    mult = {"k": 1000, "m": 1000000}.get(t[-1:], 1)
+    try:
+        n = int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise UserError(f"{what} {text}: expected a count such as 50000 or 50k") from None
+    if n < 1:
+        raise UserError(f"{what} {text}: keep at least one Gaussian")
+    return n
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.2f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.1f} kB"
+
+
+def main(args) -> int:
+    run = Path(args.run)
+    fmts = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+    unknown = [f for f in fmts if f not in EXPORT_FORMATS]
+    if unknown or not fmts:
+        raise UserError(f"--format {args.format}: unknown format {', '.join(unknown) or '(none)'}; "
+                        f"choose from {', '.join(EXPORT_FORMATS)}")
+    from budget3d.runfolder import check_run_dir
+
+    check_run_dir(run)
+    if any(f in SPLAT_FORMATS for f in fmts) and not (run / "gaussians.ply").is_file():
+        raise UserError(f"{run}: no gaussians.ply; this is not a finished run folder (train it with 'budget3d train')")
+    out = Path(args.out) if args.out else run / "export"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the output folder ({e.strerror}); choose another --out") from None
+    budget = parse_count(args.budget, "--budget") if args.budget is not None else None
+    params = None
+    for fmt in fmts:
+        if fmt in SPLAT_FORMATS:
+            from budget3d.export.splats import orbit_scores, reprune, run_scores, save_any
+            from budget3d.splat import load_ply
+
+            if params is None:
+                params = load_ply(run / "gaussians.ply")
+                before = len(params["means"])
+                if budget is not None and budget < before:
+                    scores, what = run_scores(run, params, data=args.data)
+                    if scores is None:
+                        scores = orbit_scores(params)
+                        what = f"Taming score over 8 orbit views of itself, as {what}"
+                    params = reprune(params, budget, scores)
+                    print(f"budget:   kept {len(params['means'])} of {before} Gaussians by {what}")
+            path = out / f"gaussians.{fmt}"
+            n = save_any(params, path, fmt)
+            print(f"{fmt:9s} {path}  {_size(path.stat().st_size)}  {n} Gaussians")
+        elif fmt == "web":
+            from budget3d.export.web import export_web
+
+            result = export_web(run, out, variant=args.web_nelf, data=args.data)
+            print(f"{fmt:9s} " + "  ".join(f"{k}: {v}" for k, v in (result or {}).items()))
+        else:
+            opts = {"resolution": args.resolution, "max_mb": args.max_mb, "max_drop_db": args.max_drop_db,
+                    "data": args.data}
+            if fmt == "pte":
+                from budget3d.export.pte import export_pte as export
+            else:
+                from budget3d.export.onnx import export
+            result = export(run, fmt, out, **opts)
+            print(f"{fmt:9s} " + "  ".join(f"{k}: {v}" for k, v in (result or {}).items()))
+    return 0
