@@ -21,7 +21,7 @@ import numpy as np
 
 def main(argv=None) -> int:
     from budget3d.export import onnx as ex
-    from budget3d.nelf.distill import load_student
+    from budget3d.nelf.students import load_student
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a run folder with a distilled grid student (RUN/nelf/student.pt)")
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
             path = Path(tmp) / f"{name}.onnx"
             ex.export_torch(module, path)
             sessions[name] = ex.session(path, threads=1)
-            pose[:3, 3] = module.model.centre.numpy()  # at the scene's centre: every ray crosses the ball
+            pose[:3, 3] = module.model.frame.centre.numpy()  # at the scene's centre: every ray crosses the ball
             outs[name] = ex.run_poses(sessions[name], [pose])[0]
         times = {k: [] for k in sessions}
         for _ in range(args.rounds):

@@ -29,7 +29,7 @@ import torch
 
 from budget3d.export.bench import measure, ort_session, profile_onnx
 from budget3d.export.onnx import INPUT, encoding_nodes, export_torch, pose_model, quantize, size_mb, tail_nodes
-from budget3d.nelf.net import build, count_params, macs_per_frame
+from budget3d.nelf.students.r2l import build, count_params, macs_per_frame
 from budget3d.scene.camera import look_at_w2c
 
 PRESETS = ("mobile-r2l", "mobile-int8")

@@ -11,7 +11,7 @@ from torch import nn
 from budget3d.errors import UserError
 from budget3d.export import onnx as ex
 from budget3d.nelf.distill import distill
-from budget3d.nelf.net import build
+from budget3d.nelf.students.r2l import build
 from test_distill import cfg_for, make_run
 
 
@@ -48,7 +48,7 @@ def test_fold_batchnorm_keeps_outputs():
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is untouched
     x = torch.randn(1, model.in_ch, 6, 5)
     with torch.no_grad():
-        assert torch.allclose(folded(x), model(x), atol=1e-5)
+        assert torch.allclose(folded.decode(x), model.decode(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "mobile-r2l"])
@@ -56,7 +56,7 @@ def test_nhwc_shuffles_keep_outputs(preset):
     """The export form of the pixel shuffles (conv channels permuted, NHWC reshape/transpose) is
     exact, for our pixelshuffle stages and for a paper model converted from ConvTranspose (whose
     activation follows the shuffle and is moved before it); no PixelShuffle is left."""
-    from budget3d.nelf.net import convert_to_pixelshuffle
+    from budget3d.nelf.students.r2l import convert_to_pixelshuffle
 
     torch.manual_seed(0)
     model = build(preset, in_ch=12).eval()
@@ -65,9 +65,9 @@ def test_nhwc_shuffles_keep_outputs(preset):
         model = convert_to_pixelshuffle(model)
     x = torch.randn(1, 12, 5, 3)
     with torch.no_grad():
-        ref = model(x)
+        ref = model.decode(x)
         form = ex.nhwc_shuffles(ex.fold_batchnorm(model))
-        out = form(x)
+        out = form.decode(x)
     assert not any(isinstance(m, nn.PixelShuffle) for m in form.modules())
     assert sum(isinstance(m, ex.ShuffleNHWC) for m in form.modules()) == len(model.sr)
     assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)

@@ -176,7 +176,7 @@ class Run:
         student = None
         st = path / "nelf" / "student.pt"
         if st.is_file():
-            from budget3d.nelf.distill import load_student
+            from budget3d.nelf.students import load_student
 
             student = load_student(st)
             bg = tuple(float(c) for c in student[1].get("background", bg))
@@ -385,8 +385,7 @@ class Nelf:
         c2w = np.linalg.inv(np.asarray(camera.world_to_camera, np.float64)).astype(np.float32)
         torch.set_num_threads(int(threads))
         if runtime == "torch":
-            module = ex.PoseToImage(self.net, camera.K(), camera.width, camera.height, self.payload["near"],
-                                    self.payload["far"], self.payload["n_points"], self.payload["freqs"]).eval()
+            module = ex.PoseToImage(self.net, camera.K(), camera.width, camera.height).eval()
             x = torch.as_tensor(c2w)
             t = time.perf_counter()
             with torch.no_grad():

@@ -284,7 +284,7 @@ class _Bench:
         self.background = torch.tensor(scene.background, dtype=torch.float32)
         self.model = self.payload = None
         if (run / "nelf" / "student.pt").is_file():
-            from budget3d.nelf.distill import load_student
+            from budget3d.nelf.students import load_student
 
             self.model, self.payload = load_student(run / "nelf" / "student.pt")
         self._gt, self._calib, self._tmp_onnx = {}, None, {}

@@ -140,20 +140,14 @@ def nhwc_shuffles(model: nn.Module) -> nn.Module:
 class PoseToImage(nn.Module):
     """(4, 4) camera-to-world -> (1, 3, H, W) image: rays, encoding and the student in one forward."""
 
-    def __init__(self, model: nn.Module, K: torch.Tensor, width: int, height: int, near: float, far: float,
-                 n_points: int, freqs: int):
+    def __init__(self, model: nn.Module, K: torch.Tensor, width: int, height: int):
         super().__init__()
         self.model = model
         self.register_buffer("K", torch.as_tensor(K, dtype=torch.float32).reshape(3, 3).clone())
         self.width, self.height = int(width), int(height)
-        self.near, self.far = float(near), float(far)
-        self.n_points, self.freqs = int(n_points), int(freqs)
 
     def forward(self, c2w: torch.Tensor) -> torch.Tensor:
-        from budget3d.nelf.students import pose_forward
-
-        return pose_forward(self.model, c2w, self.K, self.width, self.height, self.near, self.far,
-                            self.n_points, self.freqs)
+        return self.model(c2w, self.K, self.width, self.height)
 
 
 def intrinsics_matrix(payload: dict, width: int, height: int) -> torch.Tensor:
@@ -173,8 +167,7 @@ def pose_model(model: nn.Module, payload: dict, resolution: Optional[tuple] = No
     net = nhwc_shuffles(fold_batchnorm(model)) if fold else copy.deepcopy(model).eval()
     if fold and hasattr(net, "export_lookups"):  # a grid student: feature planes by Gather, not GridSample
         net.export_lookups = True
-    return PoseToImage(net, intrinsics_matrix(payload, w, h), w, h, payload["near"], payload["far"],
-                       payload["n_points"], payload["freqs"]).eval()
+    return PoseToImage(net, intrinsics_matrix(payload, w, h), w, h).eval()
 
 
 def export_torch(module: PoseToImage, path: Path, dynamo: Optional[bool] = None) -> str:
@@ -378,7 +371,8 @@ def quantize(fp32_path, out_path, calib_poses: list, *, exclude: list = (), only
 
 def load_run(run_dir: Path):
     """(student in eval mode, payload) of ``RUN/nelf/student.pt``; one-line errors."""
-    from budget3d.nelf.distill import NELF_DIR, STUDENT, load_student
+    from budget3d.nelf.distill import NELF_DIR, STUDENT
+    from budget3d.nelf.students import load_student
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -128,7 +128,7 @@ def export_web(run_dir, out_dir, variant: str = "int8", splat_format: str = "spz
     onnx_path, onnx_meta = _nelf_file(run_dir, out_dir, variant, student, data)
     splat_path = _splat_file(run_dir, out_dir, splat_format)
 
-    from budget3d.nelf.distill import load_student
+    from budget3d.nelf.students import load_student
 
     _, payload = load_student(student)
     io = _onnx_io(onnx_path)

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 
 from budget3d.errors import UserError
 from budget3d.nelf import students
-from budget3d.nelf.net import count_params
+from budget3d.nelf.frame import Frame, choose_frame
 from budget3d.nelf.poses import PoseSampler, at_resolution, parse_resolution
-from budget3d.nelf.rays import camera_rays, encode, scene_bounds
-from budget3d.nelf.students import PRESETS
+from budget3d.nelf.rays import camera_rays, scene_bounds
+from budget3d.nelf.students import PRESETS, count_params, load_student
+from budget3d.nelf.students.grid import DEFAULTS
 from budget3d.nelf.teacher import Teacher, photo
 from budget3d.scene.camera import Camera
 
@@ -144,44 +145,38 @@ class Distiller:
 
     def batch(self, step: int, idx: list) -> tuple:
         """(targets (B, h, w, 3 or 5), cameras) of pool poses ``idx`` for ``step``: the teacher's
-        images (and, with ``depth_weight``, its depth and alpha as channels 3 and 4), whole views at
-        the output resolution, or with ``crop`` one random window of each (on the ray grid, so a
-        crop's rays are exactly the whole view's; the window is a pure function of (seed, step, i))."""
+        images (and, for a student that ``needs_geometry``, its depth as the frame's ray parameter
+        and its alpha as channels 3 and 4), whole views at the output resolution, or with ``crop``
+        one random window of each (on the ray grid, so a crop's rays are exactly the whole view's;
+        the window is a pure function of (seed, step, i))."""
         cams = [at_resolution(self.poses.camera(i), self.width, self.height) for i in idx]
-        if step >= self.cfg.iters - self.cfg.real_steps:  # fine-tune on the photos themselves
-            imgs = [self.teacher.photo(i) for i in idx]
-        elif self.cfg.depth_weight > 0 and students.kind_of(self.model) == "grid":
-            imgs = [torch.cat([self.teacher.image(i), torch.stack(self.teacher.geometry(i), -1)], -1) for i in idx]
-        else:
-            imgs = [self.teacher.image(i) for i in idx]
         c, s = self.cfg.crop, self.model.scale
-        if not c or (c >= self.width and c >= self.height):
-            return torch.stack(imgs), cams
-        cw, ch = min(c, self.width), min(c, self.height)
+        cw, ch = (min(c, self.width), min(c, self.height)) if c else (self.width, self.height)
         g = np.random.default_rng([self.cfg.seed, 13, int(step)])
+        real = step >= self.cfg.iters - self.cfg.real_steps  # fine-tune on the photos themselves
+        geometry = not real and self.cfg.depth_weight > 0 and self.model.needs_geometry
         out_i, out_c = [], []
-        for img, cam in zip(imgs, cams):
+        for i, cam in zip(idx, cams):
             x0 = int(g.integers(0, (self.width - cw) // s + 1)) * s
             y0 = int(g.integers(0, (self.height - ch) // s + 1)) * s
-            out_i.append(img[y0:y0 + ch, x0:x0 + cw])
-            out_c.append(Camera(cam.fx, cam.fy, cam.cx - x0, cam.cy - y0, cw, ch, cam.world_to_camera))
+            crop = Camera(cam.fx, cam.fy, cam.cx - x0, cam.cy - y0, cw, ch, cam.world_to_camera)
+            if real:
+                t = self.teacher.photo(i)[y0:y0 + ch, x0:x0 + cw]
+            else:
+                t = self.teacher.window(i, x0, y0, cw, ch, geometry)
+            if geometry:  # the teacher's distance along each pixel's ray as the frame's t
+                o, d = camera_rays(crop, 1, device=self.device)
+                dist = t[..., 3]
+                t = torch.cat([t[..., :3], torch.where(dist > 0, self.model.frame.param(o, d, dist), 0.0)[..., None],
+                               t[..., 4:]], -1)
+            out_i.append(t)
+            out_c.append(crop)
         return torch.stack(out_i), out_c
 
-    def inputs(self, cameras: list, resize: bool = True) -> torch.Tensor:
-        """The encoded rays (B, 3K(2L+1), H/s, W/s) of ``cameras``, brought to the output
-        resolution first (``resize=False``: as given, e.g. crops of it)."""
-        s = self.model.scale
-        rays = [camera_rays(at_resolution(c, self.width, self.height) if resize else c, s, device=self.device)
-                for c in cameras]
-        o = torch.stack([r[0] for r in rays])
-        d = torch.stack([r[1] for r in rays])
-        return encode(o, d, self.near, self.far, k=self.cfg.n_points, freqs=self.cfg.freqs)
-
     def student(self, cameras: list, net: Optional[torch.nn.Module] = None, resize: bool = True) -> torch.Tensor:
-        """(B, H, W, 3) student images of ``cameras`` (in the model's current train/eval mode)."""
+        """(B, H, W, 3) student images of ``cameras`` (in the model's current train/eval mode),
+        brought to the output resolution first (``resize=False``: as given, e.g. crops of it)."""
         net = net or self.model
-        if students.kind_of(self.model) == "r2l":
-            return net(self.inputs(cameras, resize)).permute(0, 2, 3, 1)
         cams = [at_resolution(c, self.width, self.height) if resize else c for c in cameras]
         c2w = torch.as_tensor(np.stack([np.linalg.inv(np.asarray(c.world_to_camera, np.float64)) for c in cams]),
                               dtype=torch.float32, device=self.device)
@@ -200,7 +195,7 @@ class Distiller:
             "init_metrics": dict(self.init_metrics),
             "config": self.cfg.to_json(),
             "arch": dict(self.model.arch),
-            "frame": _frame(self.model),
+            "frame": self.model.frame.to_json(),
             "rng": torch.get_rng_state(),
         }
         _atomic_save(ckpt, self.out_dir / CHECKPOINT)
@@ -407,32 +402,25 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
         raise UserError(f"{saved.get('data')}: the scene has no training views")
     gaussians = {k: v.to(device).float() for k, v in load_ply(run_dir / "gaussians.ply").items()}
     torch.manual_seed(cfg.seed)
-    kind = students.kind_of(cfg.preset)
+    kind = PRESETS[cfg.preset]
     if cfg.lr is None:
         cfg = dataclasses.replace(cfg, lr=students.LR[kind])
+    near, far = scene_bounds(scene)
+    poses = PoseSampler(scene, cfg.n_poses, cfg.seed, cfg.train_pose_frac)
     if ckpt is not None:
-        frame = ckpt.get("frame")
-    elif kind == "grid":  # the scene's unit ball: where the teacher's Gaussians are
-        from budget3d.nelf.students.grid import DEFAULTS, scene_frame
-
-        q = {**DEFAULTS, **students.GRID_PRESETS[cfg.preset], **cfg.arch}["frame_quantile"]
-        frame = scene_frame(gaussians, [v.camera for v in scene.train], quantile=q)
-    else:
-        frame = None
-    if ckpt is not None:
-        arch = _saved_arch(ckpt.get("arch"), cfg.preset)
-    else:
+        frame = Frame.from_json(ckpt.get("frame"), near, far)
+        arch = students.saved_arch(ckpt.get("arch"), cfg.preset)
+    else:  # scale-free: NDC for forward-facing captures, the teacher's unit ball for the others
         arch = {**students.GRID_PRESETS[cfg.preset], **cfg.arch} if kind == "grid" and cfg.arch else None
-    model = students.build(cfg.preset, arch=arch,
-                           frame=frame, n_points=cfg.n_points, freqs=cfg.freqs).to(device)
+        q = {**DEFAULTS, **students.GRID_PRESETS[cfg.preset], **cfg.arch}["frame_quantile"] if kind == "grid" else 0.99
+        frame = choose_frame(poses.forward_facing, [v.camera for v in scene.train], gaussians, near, far, q)
+    model = students.build(cfg.preset, arch=arch, frame=frame, n_points=cfg.n_points, freqs=cfg.freqs).to(device)
     if world > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch (CUDA only in torch)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     width, height = parse_resolution(cfg.resolution, scene.train[0].camera, model.scale)
     cfg = dataclasses.replace(cfg, resolution=f"{width}x{height}")
-    optimizer = torch.optim.AdamW(students.lr_groups(model, cfg.lr, cfg.grid_lr, cfg.weight_decay),
+    optimizer = torch.optim.AdamW(model.lr_groups(cfg.lr, cfg.grid_lr, cfg.weight_decay),
                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
-    near, far = scene_bounds(scene)
-    poses = PoseSampler(scene, cfg.n_poses, cfg.seed, cfg.train_pose_frac)
     if cfg.cache_size > 0:
         limit = cfg.cache_size
     else:  # the whole pool when it fits in cache_mb
@@ -460,7 +448,7 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
         from budget3d.splat import cpu
 
         cpu.warmup()
-    if ckpt is None and kind == "grid":
+    if ckpt is None and model.needs_geometry:
         _seed_grid(d)
     d.net = model
     if world > 1:
@@ -468,13 +456,6 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
 
         d.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return d
-
-
-def _frame(model):
-    """A grid student's (centre, radius); None for the other kinds."""
-    if students.kind_of(model) != "grid":
-        return None
-    return [[float(v) for v in model.centre], float(model.radius)]
 
 
 @torch.no_grad()
@@ -495,7 +476,7 @@ def _seed_grid(d: Distiller, views: int = 32) -> None:
         pts.append((o + t[..., None] * dirs)[keep])
         wts.append(out.alpha[..., 0][keep])
     if pts and sum(len(p) for p in pts):
-        d.model.seed_density(torch.cat(pts).cpu(), torch.cat(wts).cpu())
+        d.model.seed_density(torch.cat(pts), torch.cat(wts))
 
 
 FLAGS = ("preset", "iters", "minutes", "batch", "resolution")  # DistillConfig fields with a flag of their own
@@ -533,9 +514,7 @@ def _check_config(cfg: DistillConfig) -> None:
     if cfg.n_poses < 1:
         raise UserError(f"{flag('n_poses', cfg.n_poses)}: must be a positive whole number")
     if cfg.arch:
-        from budget3d.nelf.students.grid import DEFAULTS
-
-        bad = sorted(set(cfg.arch) - set(DEFAULTS)) if students.kind_of(cfg.preset) == "grid" else sorted(cfg.arch)
+        bad = sorted(set(cfg.arch) - set(DEFAULTS)) if PRESETS[cfg.preset] == "grid" else sorted(cfg.arch)
         if not isinstance(cfg.arch, dict) or bad:
             raise UserError(f"{flag('arch', cfg.arch)}: not settings of a grid student ({', '.join(map(str, bad))}); "
                             f"the grid presets take {', '.join(DEFAULTS)}")
@@ -601,53 +580,11 @@ def _write_png(img: torch.Tensor, path: Path) -> None:
 
 
 def student_payload(d: Distiller) -> dict:
-    """What rebuilds the student without the teacher or the scene (see ``load_student``)."""
+    """What rebuilds the student without the teacher or the scene (``students.load_student``)."""
     cam = at_resolution(_test_views(d)[0].camera, d.width, d.height)
-    return {
-        "state_dict": {k: v.detach().cpu() for k, v in d.model.state_dict().items()},
-        "preset": d.cfg.preset,
-        "kind": students.kind_of(d.model),
-        "arch": dict(d.model.arch),
-        "frame": _frame(d.model),  # grid students: the scene's (centre, radius)
-        "in_ch": d.model.in_ch,
-        "scale": d.model.scale,
-        "resolution": [d.width, d.height],
-        "near": d.near,
-        "far": d.far,
-        "n_points": d.cfg.n_points,
-        "freqs": d.cfg.freqs,
-        "intrinsics": [cam.fx, cam.fy, cam.cx, cam.cy],  # at the output resolution
-        "background": list(d.scene.background),
-    }
-
-
-def _saved_arch(arch, preset: str) -> dict:
-    """The network fields a student was distilled with: its saved record (older files lack
-    ``block`` and ``out_act``: they were all "add" and "sigmoid"), or the preset's fields as they
-    were before records."""
-    from budget3d.nelf.net import PRESETS as R2L
-
-    if students.kind_of(preset) == "grid":
-        return dict(arch) if arch is not None else None
-    arch = dict(arch) if arch is not None else {k: v for k, v in R2L[preset].items()
-                                                if k not in ("block", "out_act")}
-    arch["sr_channels"] = tuple(arch["sr_channels"])
-    return arch  # ``build`` fills the missing fields with the old defaults
-
-
-def load_student(path) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, payload) from a student.pt written by ``distill``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; distill the run first (budget3d distill RUN)")
-    try:
-        p = torch.load(path, map_location="cpu", weights_only=False)
-        model = students.build(p["preset"], arch=_saved_arch(p.get("arch"), p["preset"]), frame=p.get("frame"),
-                               n_points=p["n_points"], freqs=p["freqs"])
-        model.load_state_dict(p["state_dict"])
-    except Exception as e:
-        raise UserError(f"{path}: not a readable NeLF student ({type(e).__name__}); distill the run again") from None
-    return model.eval(), p
+    return students.payload(d.model, resolution=[d.width, d.height], near=d.near, far=d.far,
+                            intrinsics=[cam.fx, cam.fy, cam.cx, cam.cy],  # at the output resolution
+                            background=list(d.scene.background))
 
 
 def finish(d: Distiller, progress: bool = True) -> dict:
@@ -657,8 +594,9 @@ def finish(d: Distiller, progress: bool = True) -> dict:
     metrics = {
         "preset": d.cfg.preset,
         "params": count_params(d.model),
-        "kind": students.kind_of(d.model),
-        "macs_per_frame": students.macs_per_frame(d.model, d.height, d.width),
+        "kind": d.model.kind,
+        "frame": d.model.frame.kind,
+        "macs_per_frame": d.model.macs_per_frame(d.height, d.width),
         "resolution": [d.width, d.height],
         "iters": d.cfg.iters,
         "steps": d.step,  # fewer than iters when ``minutes`` ran out

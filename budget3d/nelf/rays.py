@@ -45,21 +45,27 @@ def camera_rays(camera: Camera, scale: int, device="cpu", dtype=torch.float32):
 
 
 def encode(origins: torch.Tensor, directions: torch.Tensor, near, far, k: int = 8, freqs: int = 6):
-    """Positional encoding of ``k`` points per ray, as an NCHW tensor (B, 3*k*(2*freqs+1), h, w).
+    """Positional encoding of ``k`` points per ray in the rays' own coordinates, as an NCHW tensor
+    (B, 3*k*(2*freqs+1), h, w). A student encodes its frame's points instead (``Frame.sample``
+    then ``embed``): raw world coordinates are NeRF's encoding only within a few units.
 
     ``origins``/``directions`` are (h, w, 3) (-> B = 1) or (B, h, w, 3); ``near``/``far`` are
     scalars or per-ray tensors shaped like the rays without the last axis. Points sit at
-    t = near + (far - near) * n / (k - 1), n = 0..k-1 (both ends included, as R2L samples).
-
-    Channel order (NeRF's embedder over the flattened points p, 3k values per ray):
-    [p, sin(2^0 p), cos(2^0 p), sin(2^1 p), cos(2^1 p), ...], where p lists point n's
-    x, y, z at 3n, 3n+1, 3n+2. So channel = b * 3k + 3n + axis, with block b = 0 for the raw
-    coordinates and b = 1 + 2i (sin) / 2 + 2i (cos) for frequency i."""
+    t = near + (far - near) * n / (k - 1), n = 0..k-1 (both ends included, as R2L samples)."""
     near = torch.as_tensor(near, dtype=origins.dtype, device=origins.device)
     far = torch.as_tensor(far, dtype=origins.dtype, device=origins.device)
     steps = torch.arange(k, dtype=origins.dtype, device=origins.device) / max(k - 1, 1)
     t = near[..., None] + (far - near)[..., None] * steps  # (..., h, w, k)
-    pts = origins[..., None, :] + t[..., None] * directions[..., None, :]  # (..., h, w, k, 3)
+    return embed(origins[..., None, :] + t[..., None] * directions[..., None, :], freqs)
+
+
+def embed(pts: torch.Tensor, freqs: int = 6) -> torch.Tensor:
+    """NeRF's embedder of points (..., h, w, k, 3) as an NCHW tensor (B, 3*k*(2*freqs+1), h, w).
+
+    Channel order (over the flattened points p, 3k values per ray):
+    [p, sin(2^0 p), cos(2^0 p), sin(2^1 p), cos(2^1 p), ...], where p lists point n's
+    x, y, z at 3n, 3n+1, 3n+2. So channel = b * 3k + 3n + axis, with block b = 0 for the raw
+    coordinates and b = 1 + 2i (sin) / 2 + 2i (cos) for frequency i."""
     p = pts.flatten(-2)  # (..., h, w, 3k)
     bands = [p]
     for i in range(freqs):

@@ -1,10 +1,16 @@
 """The student's teacher: the run's Gaussians rendered at the student's output size, as training goes.
 
 MobileR2L stored ~77 GB of pseudo images; a 3DGS teacher renders a view in milliseconds, so its
-renders are made when a pose is first drawn and kept in a bounded LRU cache of uint8 images
-(never on disk). The same render gives depth and alpha for free; they are cached beside the image
-(float16) when the student asks for them. Training photos (for a real-image fine-tune) and the
-test views' renders are cached here too, so every target a distillation reads comes from one place.
+renders are made when a pose is first drawn. A step trains on crop windows of its views, so the
+teacher renders what is reused whole and the rest as windows:
+- when the whole pose pool fits in the cache, every pose is rendered once, whole, and kept
+  (uint8, never on disk; depth and alpha beside it as float16 / uint8 when the student asks);
+- otherwise only the training poses (drawn far more often: a quarter of every batch from a few
+  dozen poses) are kept whole, and every other window is rendered by itself: a crop is a camera
+  with a shifted principal point and a small image, so a step costs the same on a 504x376 view as
+  on a 128x128 one instead of re-rendering whole views for 64x64 windows.
+Training photos (for a real-image fine-tune) and the test views' renders are cached here too, so
+every target a distillation reads comes from one place.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from budget3d.scene.camera import Camera
 
 class Teacher:
     """Renders of the pose pool at ``width`` x ``height``: ``image(pose)`` (H, W, 3) in [0, 1],
-    ``depth(pose)`` (H, W) camera-ray distance (0 where the teacher is transparent) and
-    ``alpha(pose)`` (H, W); at most ``limit`` poses kept (least recently used go first)."""
+    ``geometry(pose)``: (depth (H, W) distance along the ray, 0 where the teacher is transparent;
+    alpha (H, W)), and ``window(...)`` for a crop of either; at most ``limit`` whole poses kept
+    (least recently used go first)."""
 
     def __init__(self, gaussians: dict, sh_degree: Optional[int], backend: str, background, poses: PoseSampler,
                  scene, width: int, height: int, limit: int, device: torch.device):
@@ -33,7 +40,8 @@ class Teacher:
         self.cache: OrderedDict = OrderedDict()  # pose -> (uint8 image, float16 depth | None, uint8 alpha | None)
         self.photos: dict = {}  # training view -> uint8 photo at the output size
         self.tests: dict = {}  # test view -> float render
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.windows = 0
+        self.keep_all = limit >= len(poses)  # else only training poses are kept whole
 
     @torch.no_grad()
     def render(self, camera: Camera, size: Optional[tuple] = None):
@@ -52,8 +60,15 @@ class Teacher:
             self.cache.move_to_end(pose)
             return e
         self.misses += 1
-        camera = at_resolution(self.poses.camera(pose), self.width, self.height)
-        out = self.render(camera)
+        e = self._targets(at_resolution(self.poses.camera(pose), self.width, self.height), geometry)
+        self.cache[pose] = e
+        while len(self.cache) > self.limit:
+            self.cache.popitem(last=False)
+        return e
+
+    def _targets(self, camera: Camera, geometry: bool):
+        """(uint8 image, float16 depth | None, uint8 alpha | None) of one render of ``camera``."""
+        out = self.render(camera, (camera.width, camera.height))
         img = (out.image.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
         depth = alpha = None
         if geometry:  # distance along the (unit) ray: camera z over the ray's forward component
@@ -64,10 +79,23 @@ class Teacher:
                                   device=self.device)
             depth = (out.depth[..., 0] / (dirs @ fwd).clamp_min(1e-6)).half()  # render's depth: alpha-normalised
             alpha = (out.alpha[..., 0].clamp(0, 1) * 255 + 0.5).to(torch.uint8)
-        e = self.cache[pose] = (img, depth, alpha)
-        while len(self.cache) > self.limit:
-            self.cache.popitem(last=False)
-        return e
+        return img, depth, alpha
+
+    def window(self, pose: int, x0: int, y0: int, w: int, h: int, geometry: bool = False) -> torch.Tensor:
+        """The targets (h, w, 3, or 5 with depth and alpha) of the window at (x0, y0) of pool pose
+        ``pose`` at the output size: sliced from the whole view when it is kept, else rendered alone."""
+        if self.keep_all or pose in self.cache or pose < self.poses.n_train or (w, h) == (self.width, self.height):
+            img, depth, alpha = self._entry(pose, geometry)
+            img, depth, alpha = (None if t is None else t[y0:y0 + h, x0:x0 + w] for t in (img, depth, alpha))
+        else:
+            self.windows += 1
+            cam = at_resolution(self.poses.camera(pose), self.width, self.height)
+            crop = Camera(cam.fx, cam.fy, cam.cx - x0, cam.cy - y0, w, h, cam.world_to_camera)
+            img, depth, alpha = self._targets(crop, geometry)
+        out = img.float() / 255.0
+        if geometry:
+            out = torch.cat([out, depth.float()[..., None], alpha.float()[..., None] / 255.0], -1)
+        return out
 
     def image(self, pose: int) -> torch.Tensor:
         return self._entry(pose, False)[0].float() / 255.0

@@ -1,26 +1,29 @@
 """Student kinds, one file each, behind one small interface.
 
-- ``r2l``: MobileR2L (``budget3d.nelf.net``): K points per ray, positionally encoded, a deep
+- ``r2l`` (``students/r2l.py``): MobileR2L: K points per ray, positionally encoded, a deep
   1x1-conv MLP, PixelShuffle / ConvTranspose super-resolution. Paper parity; slow to learn.
-- ``grid``: learnable feature grids where the ray meets the surface (``students/grid.py``), a
+- ``grid`` (``students/grid.py``): learnable feature grids where the ray meets the surface, a
   small 1x1-conv decoder and the same PixelShuffle super-resolution. Learns in CPU-minutes.
 
-What every kind offers the distiller and the exporters:
-- ``build(preset, arch=None, frame=None, n_points=8, freqs=6)``: the network (``arch``: a
-  student.pt's record, so a student rebuilds as distilled; ``frame``: the grid kind's scene
-  centre and radius);
-- ``pose_forward(model, c2w, K, width, height, near, far, n_points, freqs)``: (B, 3, H, W)
-  images of cameras (B, 4, 4) / (B, 3, 3), plain torch ops, so one ONNX graph goes from the pose
-  to the image;
-- ``model.scale`` (the ray grid is at 1/scale of the output) and ``model.arch``.
+What every student offers the distiller and the exporters:
+- ``model(c2w (B, 4, 4), K (B, 3, 3), width, height)`` -> (B, 3, height, width): plain torch
+  ops, so one ONNX graph goes from the pose (world units) to the image;
+- ``model.frame`` (``nelf/frame.py``: the scale-free coordinates its points are in),
+  ``model.scale`` (the ray grid is at 1/scale of the output), ``model.arch``, ``model.kind``;
+- ``lr_groups(lr, grid_lr, weight_decay)``, ``macs_per_frame(h, w)``;
+- ``needs_geometry``: True when the student also learns from the teacher's depth and alpha
+  (``geometry_loss(target)``) and starts from its surfaces (``seed_density(points, weights)``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from budget3d.nelf import net
-from budget3d.nelf.rays import encode, rays_from_c2w
+from budget3d.errors import UserError
+from budget3d.nelf.frame import Frame
+from budget3d.nelf.students import r2l
 
 # preset -> (kind, the kind's settings)
 GRID_PRESETS = {
@@ -29,76 +32,70 @@ GRID_PRESETS = {
     # for phones: smaller planes (32, 64, 128) and atlas (48^3): a file under 5 MB
     "grid-mobile": dict(density_res=48, fine_res=(32, 64, 128)),
 }
-PRESETS = {**{name: "r2l" for name in net.PRESETS}, **{name: "grid" for name in GRID_PRESETS}}
+PRESETS = {**{name: "r2l" for name in r2l.PRESETS}, **{name: "grid" for name in GRID_PRESETS}}
 
 # per kind: the peak learning rate of the decoder (grid) / the whole network (r2l)
 LR = {"r2l": 3e-3, "grid": 1e-2}
 
 
-def kind_of(preset_or_model) -> str:
-    if isinstance(preset_or_model, str):
-        return PRESETS[preset_or_model]
-    return getattr(preset_or_model, "kind", "r2l")
-
-
-def build(preset: str, arch: dict = None, frame=None, n_points: int = 8, freqs: int = 6) -> torch.nn.Module:
-    """The preset's student (see the module docstring)."""
+def build(preset: str, arch: dict = None, frame: Frame = None, n_points: int = 8, freqs: int = 6) -> torch.nn.Module:
+    """The preset's student (``arch``: a student.pt's record, so a student rebuilds as distilled;
+    ``frame``: its input frame, default the identity)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown NeLF preset {preset!r}: expected one of {', '.join(PRESETS)}")
     if PRESETS[preset] == "r2l":
-        return net.build(preset, in_ch=3 * n_points * (2 * freqs + 1), arch=arch)
+        return r2l.build(preset, arch=arch, frame=frame, n_points=n_points, freqs=freqs)
     from budget3d.nelf.students.grid import GridStudent
 
-    centre, radius = frame if frame is not None else ((0.0, 0.0, 0.0), 1.0)
-    model = GridStudent(centre, radius, **(arch if arch is not None else GRID_PRESETS[preset]))
+    model = GridStudent(frame, **(arch if arch is not None else GRID_PRESETS[preset]))
     model.preset = preset
     return model
 
 
-def pose_forward(model, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int, near: float, far: float,
-                 n_points: int, freqs: int) -> torch.Tensor:
-    """(B, 3, height, width) images of the cameras c2w (B, 4, 4) with intrinsics K (B, 3, 3)
-    (or one camera, unbatched); ``model`` may be wrapped (DDP): its kind is read underneath."""
-    inner = getattr(model, "module", model)
-    if kind_of(inner) == "grid":
-        return model(c2w, K, width, height)
-    o, d = rays_from_c2w(c2w, K, width, height, inner.scale)
-    return model(encode(o, d, near, far, k=n_points, freqs=freqs))
+def saved_arch(arch, preset: str) -> dict:
+    """The network fields a student was distilled with: its saved record (older r2l files lack
+    ``block`` and ``out_act``: they were all "add" and "sigmoid"), or the preset's fields as they
+    were before records."""
+    if PRESETS[preset] == "grid":
+        return dict(arch) if arch is not None else None
+    arch = dict(arch) if arch is not None else {k: v for k, v in r2l.PRESETS[preset].items()
+                                                if k not in ("block", "out_act")}
+    arch["sr_channels"] = tuple(arch["sr_channels"])
+    return arch  # ``build`` fills the missing fields with the old defaults
 
 
-def lr_groups(model, lr: float, grid_lr: float, weight_decay: float) -> list:
-    """AdamW parameter groups: the grids at ``grid_lr`` without weight decay (it would pull every
-    texel a ray never reaches to zero), the network at ``lr``. ``lr_scale`` is what the schedule
-    multiplies."""
-    if kind_of(model) != "grid":
-        return [{"params": list(model.parameters()), "lr": lr, "lr_scale": 1.0, "weight_decay": weight_decay}]
-    return [{"params": model.net_parameters(), "lr": lr, "lr_scale": 1.0, "weight_decay": weight_decay},
-            {"params": model.grid_parameters(), "lr": grid_lr, "lr_scale": grid_lr / lr, "weight_decay": 0.0}]
+def from_payload(p: dict) -> torch.nn.Module:
+    """The student a student.pt (or a distillation checkpoint) describes, with its weights."""
+    frame = Frame.from_json(p.get("frame"), p.get("near"), p.get("far"))
+    model = build(p["preset"], arch=saved_arch(p.get("arch"), p["preset"]), frame=frame,
+                  n_points=p.get("n_points", 8), freqs=p.get("freqs", 6))
+    state = {k: v for k, v in p["state_dict"].items() if k != "centre"}  # grid files before frames kept it here
+    model.load_state_dict(state)
+    return model
 
 
-def macs_per_frame(model, h: int, w: int) -> int:
-    """Multiply-accumulates of the convs per h x w frame (the grid kind adds its texel reads,
-    counted one MAC each)."""
-    if kind_of(model) != "grid":
-        return net.macs_per_frame(model, h, w)
-    from budget3d.nelf.students.grid import lookups_per_frame
-
-    total = 0
-
-    def hook(m, inp, out):
-        nonlocal total
-        total += out.shape[2] * out.shape[3] * m.out_channels * m.in_channels // m.groups * m.weight[0, 0].numel()
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+def load_student(path) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, payload) from a student.pt written by ``distill``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; distill the run first (budget3d distill RUN)")
     try:
-        with torch.no_grad():  # a real forward (the grid lookups have no meta kernels); ~0.1 s
-            dev = model.centre.device
-            model(torch.eye(4, device=dev), torch.tensor([[w, 0.0, w / 2], [0.0, w, h / 2], [0.0, 0.0, 1.0]],
-                                                         device=dev), w, h)
-    finally:
-        for k in hooks:
-            k.remove()
-    return total + lookups_per_frame(model.arch, h, w)
+        p = torch.load(path, map_location="cpu", weights_only=False)
+        model = from_payload(p)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable NeLF student ({type(e).__name__}); distill the run again") from None
+    return model.eval(), p
 
 
-__all__ = ["GRID_PRESETS", "LR", "PRESETS", "build", "kind_of", "lr_groups", "macs_per_frame", "pose_forward"]
+def payload(model, **extra) -> dict:
+    """What rebuilds ``model`` (``from_payload``) without the teacher or the scene."""
+    return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "preset": model.preset,
+            "kind": model.kind, "arch": dict(model.arch), "frame": model.frame.to_json(), "in_ch": model.in_ch,
+            "scale": model.scale, "n_points": getattr(model, "n_points", 8), "freqs": getattr(model, "freqs", 6),
+            **extra}
+
+
+count_params = r2l.count_params
+
+__all__ = ["GRID_PRESETS", "LR", "PRESETS", "build", "count_params", "from_payload", "load_student", "payload",
+           "saved_arch"]

@@ -7,9 +7,10 @@ which takes ~600k steps on GPUs. Feature planes (TensoRF, K-Planes) store the fi
 step updates the few texels a ray touches and the function is learned in minutes; and a 3DGS
 teacher renders depth for free, so the student can be told where the surface is.
 
-Per low-resolution ray (origin o, unit direction d), in the scene's normalised frame (the
-teacher's centre and radius: the sphere that holds 99% of its Gaussians is the unit ball):
-1. **where**: ``coarse`` samples uniform on the ray's chord through the unit ball; a density per
+Per low-resolution ray, in the student's frame (``nelf/frame.py``: the unit ball holding 99% of
+the teacher's Gaussians for 360° scenes, NDC for forward-facing ones):
+1. **where**: ``coarse`` samples uniform on the ray's chord through the unit ball (in NDC: uniform
+   in disparity between the scene's bounds); a density per
    sample from a small multi-resolution tri-plane (a product of the three planes' bilinear
    features, as K-Planes, then a linear map and softplus); volume-rendering weights give the
    expected depth t̂ and the opacity A. Trained by the image loss and, beside it, by the
@@ -27,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from budget3d.nelf.net import ACTS, LinearClamp, sr_stage
+from budget3d.nelf.frame import Frame, scene_frame
+from budget3d.nelf.students.r2l import ACTS, LinearClamp, sr_stage
 
 # the settings that rebuild a grid student (a student.pt records them, so it rebuilds as distilled)
 DEFAULTS = dict(
@@ -140,27 +142,19 @@ def occupancy_atlas(points: torch.Tensor, weights: torch.Tensor, G: int, empty: 
     return raw.permute(1, 0, 2).reshape(1, 1, G, G * G).contiguous()  # row y, column z*G + x
 
 
-def _chord(o: torch.Tensor, d: torch.Tensor):
-    """(t0, t1): where rays o + t d (d unit) enter and leave the unit ball; rays that miss it get
-    a short chord at their closest point."""
-    b = (o * d).sum(-1)
-    root = torch.sqrt((b * b - (o * o).sum(-1) + 1.0).clamp_min(1e-4))
-    return (-b - root).clamp_min(1e-3), (-b + root).clamp_min(2e-3)
-
-
 class GridStudent(nn.Module):
     """``forward(c2w (B, 4, 4), K (B, 3, 3), width, height)`` -> (B, 3, height, width)."""
 
     kind = "grid"
+    needs_geometry = True  # the density is seeded from, and fitted to, the teacher's depth and alpha
 
-    def __init__(self, centre=(0.0, 0.0, 0.0), radius: float = 1.0, **arch):
+    def __init__(self, frame: Frame = None, **arch):
         super().__init__()
         a = {**DEFAULTS, **arch}
         for k in ("coarse_res", "fine_res", "sr_channels"):
             a[k] = tuple(int(v) for v in a[k])
         self.arch = a
-        self.register_buffer("centre", torch.as_tensor(centre, dtype=torch.float32).reshape(3).clone())
-        self.radius = float(radius)
+        self.frame = frame if frame is not None else Frame()
         if a["density"] == "atlas":
             G = int(a["density_res"])
             self.atlas = nn.Parameter(torch.zeros(1, 1, G, G * G))
@@ -198,18 +192,44 @@ class GridStudent(nn.Module):
     def seed_density(self, points_world: torch.Tensor, weights: torch.Tensor) -> None:
         """Start the density atlas from surface points of the teacher (world coordinates)."""
         if self.atlas is not None:
-            x = (points_world.float() - self.centre) / self.radius
+            x = self.frame.points(points_world.float().to(self.atlas.device))
             with torch.no_grad():
-                self.atlas.copy_(occupancy_atlas(x, weights, self.atlas.shape[2]))
+                self.atlas.copy_(occupancy_atlas(x.cpu(), weights.cpu(), self.atlas.shape[2]))
 
     def geometry_loss(self, target: torch.Tensor) -> torch.Tensor:
         """The last forward's expected depth and opacity against the teacher's (``target`` (B, H, W, 2):
-        distance along the ray and alpha at the output size, averaged over each ray's block): L1 on
-        the depth (in radii) where the teacher is opaque, L2 on the opacity."""
+        the depth as the frame's ray parameter t (``Frame.param``) and alpha at the output size,
+        averaged over each ray's block): L1 on the depth where the teacher is opaque, L2 on the opacity."""
         t = target.permute(0, 3, 1, 2)
         a = F.avg_pool2d(t[:, 1:2], self.scale)[:, 0]
         depth = F.avg_pool2d(t[:, :1] * t[:, 1:2], self.scale)[:, 0] / a.clamp_min(1e-6)
-        return (a * (self.aux["depth"] - depth).abs()).mean() / self.radius + ((self.aux["alpha"] - a) ** 2).mean()
+        return (a * (self.aux["depth"] - depth).abs()).mean() + ((self.aux["alpha"] - a) ** 2).mean()
+
+    def lr_groups(self, lr: float, grid_lr: float, weight_decay: float) -> list:
+        """AdamW parameter groups: the grids at ``grid_lr`` without weight decay (it would pull every
+        texel a ray never reaches to zero), the network at ``lr``. ``lr_scale`` is what the schedule
+        multiplies."""
+        return [{"params": self.net_parameters(), "lr": lr, "lr_scale": 1.0, "weight_decay": weight_decay},
+                {"params": self.grid_parameters(), "lr": grid_lr, "lr_scale": grid_lr / lr, "weight_decay": 0.0}]
+
+    def macs_per_frame(self, h: int, w: int) -> int:
+        """Multiply-accumulates of the convs per h x w frame, plus the grid's texel reads (one MAC each)."""
+        total = 0
+
+        def hook(m, inp, out):
+            nonlocal total
+            total += out.shape[2] * out.shape[3] * m.out_channels * m.in_channels // m.groups * m.weight[0, 0].numel()
+
+        hooks = [m.register_forward_hook(hook) for m in self.modules() if isinstance(m, nn.Conv2d)]
+        try:
+            with torch.no_grad():  # a real forward (the grid lookups have no meta kernels); ~0.1 s
+                dev = self.frame.centre.device
+                K = torch.tensor([[w, 0.0, w / 2], [0.0, w, h / 2], [0.0, 0.0, 1.0]], device=dev)
+                self(torch.eye(4, device=dev), K, w, h)
+        finally:
+            for k in hooks:
+                k.remove()
+        return total + lookups_per_frame(self.arch, h, w)
 
     def net_parameters(self):
         grids = {id(p) for p in self.grid_parameters()}
@@ -228,14 +248,14 @@ class GridStudent(nn.Module):
         if c2w.dim() == 2:
             c2w, K = c2w[None], K[None]
         a, s = self.arch, self.scale
-        o, d = rays_from_c2w(c2w, K, width, height, s)  # the ray grid (B, h, w, 3)
-        o = (o - self.centre) / self.radius  # the scene's unit ball
+        wo, d = rays_from_c2w(c2w, K, width, height, s)  # the ray grid (B, h, w, 3)
+        o, v, t0, t1 = self.frame.segment(wo, d, chord=True)  # points o + t v in the frame
         B, h, w, _ = o.shape
-        t0, t1 = _chord(o, d)
+        t0, t1 = (torch.as_tensor(t, dtype=o.dtype, device=o.device).expand(B, h, w) for t in (t0, t1))
         n = a["coarse"]
         u = (torch.arange(n, dtype=o.dtype, device=o.device) + 0.5) / n
         t = t0[..., None] + (t1 - t0)[..., None] * u  # (B, h, w, n)
-        pts = o[..., None, :] + t[..., None] * d[..., None, :]
+        pts = o[..., None, :] + t[..., None] * v[..., None, :]
         flat = pts.reshape(-1, 3).clamp(-1, 1)
         raw = atlas_lookup(self.atlas, flat)[:, None] if self.atlas is not None else \
             self.density(triplane(self.coarse_planes, flat))
@@ -247,16 +267,16 @@ class GridStudent(nn.Module):
         depth = (wts * t).sum(-1) + (1.0 - acc) * t1  # expected depth, the far end where nothing is
         delta = (t1 - t0) / n
         if self.training:
-            self.aux = {"depth": depth * self.radius, "alpha": acc}
+            self.aux = {"depth": depth, "alpha": acc}
         x = [acc[:, None], ((depth - t0) / (t1 - t0 + 1e-6))[:, None], d.permute(0, 3, 1, 2)]
         # the feature points of the ray grid and (``fine``) of every output pixel, at the expected
         # depth of its block, read in one lookup per plane (one gradient buffer per plane, not two)
         pts = []
         if a["ray_fine"] > 0:
-            pts.append(self._points(o, d, depth, delta, a["ray_fine"]))
+            pts.append(self._points(o, v, depth, delta, a["ray_fine"]))
         if a["fine"] > 0:
             of, df = rays_from_c2w(c2w, K, width, height, 1)
-            of = (of - self.centre) / self.radius
+            of, df, _, _ = self.frame.segment(of, df, chord=True)
             up = lambda v: F.interpolate(v[:, None], scale_factor=s, mode="bilinear",  # noqa: E731
                                          align_corners=False)[:, 0]
             pts.append(self._points(of, df, up(depth), up(delta), a["fine"]))
@@ -268,35 +288,6 @@ class GridStudent(nn.Module):
         if a["fine"] > 0:
             ctx = torch.cat([ctx, feats[-1].reshape(B, height, width, -1).permute(0, 3, 1, 2)], 1)
         return self.out_act(self.pixel(ctx))
-
-
-def scene_frame(gaussians: dict, cameras: list, quantile: float = 0.99) -> tuple[list, float]:
-    """(centre, radius) of the normalised frame: the centre the training cameras look at (least
-    squares over their optical axes; the Gaussians' median when ill-posed), the radius holding
-    ``quantile`` of the Gaussians' opacity-weighted mass, capped at 0.45 of the nearest camera's distance."""
-    import numpy as np
-
-    means = gaussians["means"].detach().double().cpu().numpy()
-    op = torch.sigmoid(gaussians["opacities"].detach().double().reshape(-1)).cpu().numpy()
-    C = np.stack([c.center for c in cameras])
-    D = np.stack([np.asarray(c.world_to_camera, np.float64)[2, :3] for c in cameras])
-    P = np.eye(3)[None] - D[:, :, None] * D[:, None, :]
-    try:
-        centre = np.linalg.solve(P.sum(0), (P @ C[:, :, None]).sum(0)[:, 0])
-    except np.linalg.LinAlgError:
-        centre = np.median(means, 0)
-    if not np.all(np.isfinite(centre)) or np.linalg.norm(centre - np.median(means, 0)) > 10 * np.std(means):
-        centre = np.median(means, 0)
-    dist = np.linalg.norm(means - centre, axis=1)
-    order = np.argsort(dist)
-    cum = np.cumsum(op[order]) / max(op.sum(), 1e-12)
-    r = float(dist[order][min(len(order) - 1, int(np.searchsorted(cum, quantile)))])
-    cam_min = float(np.linalg.norm(C - centre, axis=1).min())
-    # at most 0.45 of the nearest camera's distance: a handheld capture's far background would
-    # otherwise take the ball (ethiopian_head: 3.39 -> 1.86, +1.5 dB against the teacher at equal
-    # steps; the bundled scene and lego keep their 99% radius, a tighter ball cost the toy 2.3 dB)
-    r = min(max(r, 1e-3), 0.45 * cam_min) if cam_min > 0 else max(r, 1e-3)
-    return [float(v) for v in centre], r
 
 
 def lookups_per_frame(arch: dict, h: int, w: int) -> int:

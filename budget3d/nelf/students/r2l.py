@@ -1,7 +1,9 @@
-"""The MobileR2L student network and the tools to size and convert it.
+"""The MobileR2L student (kind ``r2l``) and the tools to size and convert it.
 
-Per low-res pixel the body is a stack of 1x1 convs (an MLP per ray, but as convs so mobile
-runtimes run it as one image), then super-resolution stages upsample x2 each to the output.
+Per low-resolution pixel a ray, K points along it in the student's frame (``nelf/frame.py``),
+positionally encoded (``rays.embed``); the body is a stack of 1x1 convs (an MLP per ray, but as
+convs so mobile runtimes run it as one image), then super-resolution stages upsample x2 each to
+the output.
 The paper upsamples with ConvTranspose2d, which has no int8 kernel on common runtimes; the
 "pixelshuffle" variant (3x3 conv to 4x channels + PixelShuffle) quantises well, and
 ``convert_to_pixelshuffle`` turns a trained paper model into it exactly, without retraining.
@@ -14,13 +16,15 @@ import copy
 import torch
 from torch import nn
 
+from budget3d.nelf.frame import Frame
+
 ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 PRESETS = {
     # the paper's net (~4.1 M params, x8): GELU and ConvTranspose2d SR
     "mobile-r2l": dict(width=256, n_blocks=28, act="gelu", sr="convT", sr_channels=(64, 64, 16)),
     # same size, built for int8: ReLU (fuses into int8 convs), PixelShuffle SR, ResNet blocks
-    # relu(x + f(x)) and a linear RGB output (README, "Quality of int8")
+    # relu(x + f(x)) and a linear RGB output (docs/export.md, "Quality of int8")
     "mobile-int8": dict(width=256, n_blocks=28, act="relu", sr="pixelshuffle", sr_channels=(64, 64, 16),
                         block="post", out_act="linear"),
     # laptop-CPU sizes (x4): quick to distil and to run at 1 thread
@@ -79,11 +83,18 @@ OUT_ACTS = {"sigmoid": nn.Sigmoid, "linear": LinearClamp, "none": nn.Identity}
 
 
 class NeLF(nn.Module):
-    """Encoded rays (1, in_ch, h, w) -> RGB (1, 3, h * scale, w * scale), scale = 2 ** len(sr_channels)."""
+    """``forward(c2w (B, 4, 4), K (B, 3, 3), width, height)`` -> (B, 3, height, width): rays at
+    1/scale of the output (scale = 2 ** len(sr_channels)), ``n_points`` points each in ``frame``,
+    encoded with ``freqs`` frequencies, then ``decode``: encoded rays (B, in_ch, h, w) -> RGB."""
+
+    kind = "r2l"
+    needs_geometry = False  # no teacher depth/alpha loss, no density to seed
 
     def __init__(self, in_ch=312, width=256, n_blocks=28, act="gelu", sr="convT", out_act="sigmoid",
-                 sr_channels=(64, 64, 16), block="add"):
+                 sr_channels=(64, 64, 16), block="add", frame: Frame = None, n_points: int = 8, freqs: int = 6):
         super().__init__()
+        self.frame = frame if frame is not None else Frame()
+        self.n_points, self.freqs = int(n_points), int(freqs)
         self.head = nn.Sequential(nn.Conv2d(in_ch, width, 1), ACTS[act]())
         self.body = nn.Sequential(*[ResBlock(width, act, block) for _ in range(n_blocks)])
         chans = (width, *sr_channels)
@@ -96,18 +107,36 @@ class NeLF(nn.Module):
         self.scale = 2 ** len(sr_channels)  # the ray grid is at 1/scale of the output
         self.preset = "custom"
 
-    def forward(self, x):
+    def forward(self, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        from budget3d.nelf.rays import embed, rays_from_c2w
+
+        if c2w.dim() == 2:
+            c2w, K = c2w[None], K[None]
+        o, d = rays_from_c2w(c2w, K, width, height, self.scale)
+        return self.decode(embed(self.frame.sample(o, d, self.n_points), self.freqs))
+
+    def decode(self, x):
         h = self.head(x)
         return self.out_act(self.tail(self.sr(h + self.body(h))))
 
+    def lr_groups(self, lr: float, grid_lr: float, weight_decay: float) -> list:
+        """AdamW parameter groups (one: the whole network); ``lr_scale`` is what the schedule multiplies."""
+        return [{"params": list(self.parameters()), "lr": lr, "lr_scale": 1.0, "weight_decay": weight_decay}]
 
-def build(preset: str, in_ch: int = 312, arch: dict = None) -> NeLF:
+    def macs_per_frame(self, h: int, w: int) -> int:
+        return macs_per_frame(self, h, w)
+
+
+def build(preset: str, in_ch: int = None, arch: dict = None, frame: Frame = None, n_points: int = 8,
+          freqs: int = 6) -> NeLF:
     """The preset's network; ``arch`` (a student.pt's record of the preset's fields when it was
-    distilled) overrides the preset's current fields, so older students rebuild as they were."""
+    distilled) overrides the preset's current fields, so older students rebuild as they were.
+    ``in_ch`` defaults to what ``n_points`` and ``freqs`` encode: 3 K (2 L + 1)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown NeLF preset {preset!r}: expected one of {', '.join(PRESETS)}")
     arch = {"block": "add", "out_act": "sigmoid", **(arch if arch is not None else PRESETS[preset])}
-    model = NeLF(in_ch=in_ch, **arch)
+    in_ch = 3 * n_points * (2 * freqs + 1) if in_ch is None else in_ch
+    model = NeLF(in_ch=in_ch, frame=frame, n_points=n_points, freqs=freqs, **arch)
     model.arch = arch
     model.preset = preset
     return model
@@ -138,7 +167,7 @@ def macs_per_frame(model: NeLF, out_h: int, out_w: int) -> int:
             m.register_forward_hook(hook)
     s = getattr(model, "scale", 1)
     with torch.no_grad():
-        meta(torch.empty(1, model.in_ch, out_h // s, out_w // s, device="meta"))
+        meta.decode(torch.empty(1, model.in_ch, out_h // s, out_w // s, device="meta"))
     return total
 
 
