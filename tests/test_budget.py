@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from budget3d.budget import (
-    TamingConfig,
     TamingStrategy,
     budget_schedule,
     compute_scores,
@@ -18,6 +17,7 @@ from budget3d.budget import (
 from budget3d.errors import UserError
 from budget3d.scene.camera import Camera
 from budget3d.splat import render, save_ply
+from budget3d.train.strategies import gsplat_info, set_means2d_grad
 
 
 @pytest.fixture(autouse=True)
@@ -127,8 +127,8 @@ def test_schedule_shrinking_and_flat():
 
 
 def test_densify_steps():
-    assert TamingConfig(budget=1).densify_steps() == list(range(600, 15001, 100))
-    assert TamingConfig(budget=1, start=10, stop=15, interval=10).densify_steps() == [15]
+    assert TamingStrategy(budget=1).densify_steps() == list(range(600, 15001, 100))
+    assert TamingStrategy(budget=1, refine_start_iter=10, refine_stop_iter=15, refine_every=10).densify_steps() == [15]
 
 
 # --- sampling and scores -----------------------------------------------------------------------
@@ -177,15 +177,15 @@ def test_scores_favour_what_matters():
     p = random_params(200, 3)
     cam = camera(32, 32)
     gt = render_fn(p, cam).image.detach()
-    cfg = TamingConfig(budget=300, w_grad=0, w_opacity=0, w_volume=0, w_depth=0, w_screen=0, w_pixels=0,
-                       w_blend=1.0)
+    cfg = TamingStrategy(budget=300, w_grad=0, w_opacity=0, w_volume=0, w_depth=0, w_screen=0, w_pixels=0,
+                         w_blend=1.0)
     p["means"][:20, 2] = -5.0  # behind the camera: never seen
     s = compute_scores(p, {}, cfg, [(cam, gt)], render_fn)
     assert s.shape == (200,) and torch.isfinite(s).all() and (s >= 0).all()
     assert (s[:20] == 0).all() and s[20:].sum() > 0
     # empty state and no views: the opacity term alone, larger for more opaque Gaussians
-    cfg2 = TamingConfig(budget=300, w_grad=1.0, w_opacity=1.0, w_volume=0, w_depth=0, w_screen=0, w_pixels=0,
-                        w_blend=0)
+    cfg2 = TamingStrategy(budget=300, w_grad=1.0, w_opacity=1.0, w_volume=0, w_depth=0, w_screen=0, w_pixels=0,
+                          w_blend=0)
     s2 = compute_scores(p, {"grad2d": None}, cfg2, [], render_fn)
     op = torch.sigmoid(p["opacities"])
     assert torch.equal(torch.argsort(s2), torch.argsort(op))
@@ -221,6 +221,8 @@ def check_aligned(params, optimizers, state):
 
 
 def train(budget, n_init, iters=60, start=5, stop=45, interval=5, reset_every=20, seed=0, finalize=True, **kw):
+    """The trainer's calls in miniature (gsplat's info from budget3d.train.strategies). Returns
+    params, optimizers, state, strategy and the extras (score views and renderer) it was called with."""
     torch.manual_seed(seed)
     cams, gts, params = make_scene(n_init, seed=seed)
     optimizers = make_optimizers(params)
@@ -229,20 +231,19 @@ def train(budget, n_init, iters=60, start=5, stop=45, interval=5, reset_every=20
     def score_views(k):
         return [(cams[i], gts[i]) for i in rng.choice(len(cams), min(k, len(cams)), replace=False)]
 
-    cfg = TamingConfig(budget=budget, start=start, stop=stop, interval=interval, reset_every=reset_every,
-                       n_score_views=2, **kw)
-    strategy = TamingStrategy(cfg, score_views=score_views, render_fn=render_fn)
+    extras = dict(score_views=score_views, render_fn=render_fn)
+    strategy = TamingStrategy(budget=budget, refine_start_iter=start, refine_stop_iter=stop, refine_every=interval,
+                              reset_every=reset_every, n_score_views=2, **kw)
     strategy.check_sanity(params, optimizers)
     state = strategy.initialize_state(scene_scale=1.0)
     for step in range(1, iters + 1):
         i = step % len(cams)
         out = render_fn(params, cams[i])
-        info = {"means2d_grad": None, "radii": out.radii, "n_pixels": out.n_pixels, "depths": out.depths,
-                "width": cams[i].width, "height": cams[i].height}
+        info = gsplat_info(out, cams[i])
         strategy.step_pre_backward(params, optimizers, state, step, info)
         loss = (out.image - gts[i]).abs().mean()
         loss.backward()
-        info["means2d_grad"] = out.means2d_grad()
+        set_means2d_grad(info, out)
         for opt in optimizers.values():
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -251,19 +252,19 @@ def train(budget, n_init, iters=60, start=5, stop=45, interval=5, reset_every=20
         if "row_step" not in st:
             st["row_step"] = torch.zeros(params["means"].shape[0])
         st["row_step"] += 1
-        strategy.step_post_backward(params, optimizers, state, step, info)
+        strategy.step_post_backward(params, optimizers, state, step, info, **extras)
         check_aligned(params, optimizers, state)
     if finalize:
-        strategy.finalize(params, optimizers, state, iters)
+        strategy.finalize(params, optimizers, state, iters, **extras)
         check_aligned(params, optimizers, state)
-    return params, optimizers, state, strategy
+    return params, optimizers, state, strategy, extras
 
 
 @pytest.mark.parametrize("spec", [1237, "2.5x", 57, 100, "0.02MB", 1])
 def test_strategy_reaches_exact_budget(spec):
     n_init = 100
     budget = parse_budget(spec, n_init, 1)
-    params, optimizers, state, strategy = train(budget, n_init, grow_grad2d=0.0)  # every Gaussian may grow
+    params, optimizers, state, strategy, _ = train(budget, n_init, grow_grad2d=0.0)  # every Gaussian may grow
     n = params["means"].shape[0]
     assert n == budget
     hist = state["history"]
@@ -286,7 +287,7 @@ def test_every_step_meets_the_schedule_whatever_qualifies():
     schedule's last (small) increment instead of topping up most of the budget."""
     budget = 1237
     for thr in (1e9, 1e-3, 0.0):  # nothing qualifies, some do, all do
-        params, _, state, strategy = train(budget, 100, grow_grad2d=thr)
+        params, _, state, strategy, _ = train(budget, 100, grow_grad2d=thr)
         counts = [c for _, c in state["history"]]
         assert counts == state["schedule"] and [s for s, _ in state["history"]] == strategy.steps
         assert counts[-1] - counts[-2] < 0.05 * budget
@@ -297,9 +298,8 @@ def test_qualifying_gaussians_grow_first():
     torch.manual_seed(0)
     params = {k: torch.nn.Parameter(v) for k, v in random_params(40, 5).items()}
     optimizers = make_optimizers(params)
-    strategy = TamingStrategy(TamingConfig(budget=50, start=0, stop=1, interval=1, reset_every=0, grow_grad2d=1.0,
-                                           grow_scale3d=1e9),  # every pick is cloned: a child is an exact copy
-                              score_views=None, render_fn=render_fn)
+    strategy = TamingStrategy(budget=50, refine_start_iter=0, refine_stop_iter=1, refine_every=1, reset_every=0,
+                              grow_grad2d=1.0, grow_scale3d=1e9)  # every pick is cloned: a child is an exact copy
     state = strategy.initialize_state()
     strategy._ensure_state(params, state)
     state["grad2d"][:10] = 2.0  # rows 0..9 qualify
@@ -320,9 +320,8 @@ def test_gaussians_large_on_screen_are_pruned_and_regrown():
     for frac, gone in ((0.5, True), (0.0, False)):
         p = {k: torch.nn.Parameter(v.detach().clone()) for k, v in params.items()}
         optimizers = make_optimizers(p)
-        strategy = TamingStrategy(TamingConfig(budget=40, start=0, stop=1, interval=1, reset_every=0, grow_grad2d=1.0,
-                                               prune_scale2d=frac, recycle_frac=0.0), score_views=None,
-                                  render_fn=render_fn)
+        strategy = TamingStrategy(budget=40, refine_start_iter=0, refine_stop_iter=1, refine_every=1, reset_every=0,
+                                  grow_grad2d=1.0, prune_scale2d=frac, recycle_frac=0.0)
         state = strategy.initialize_state()
         strategy._ensure_state(p, state)
         state["max_radii"][:] = 0.3
@@ -342,8 +341,7 @@ def test_pruning_never_empties_the_model():
     with torch.no_grad():
         params["opacities"].fill_(-10.0)  # sigmoid ~ 4.5e-5 < prune_opa
     optimizers = make_optimizers(params)
-    strategy = TamingStrategy(TamingConfig(budget=400, start=0, stop=1, interval=1, reset_every=0),
-                              score_views=None, render_fn=render_fn)
+    strategy = TamingStrategy(budget=400, refine_start_iter=0, refine_stop_iter=1, refine_every=1, reset_every=0)
     state = strategy.initialize_state()
     strategy._ensure_state(params, state)
     strategy._densify(params, optimizers, state, 1, 300)
@@ -352,12 +350,12 @@ def test_pruning_never_empties_the_model():
 
 def test_recycling_moves_low_score_gaussians():
     torch.manual_seed(0)
-    params, _, state, _ = train(300, 100, iters=20, start=0, stop=10, interval=5, reset_every=0, recycle_frac=0.1)
+    params, _, state, _, _ = train(300, 100, iters=20, start=0, stop=10, interval=5, reset_every=0, recycle_frac=0.1)
     assert state["last"]["trimmed"] >= 0.1 * 200 and params["means"].shape[0] == 300
 
 
 def test_growth_prunes_low_opacity_and_clones_and_splits():
-    params, _, state, _ = train(400, 100, iters=10, start=0, stop=5, interval=5, reset_every=0, recycle_frac=0.0)
+    params, _, state, _, _ = train(400, 100, iters=10, start=0, stop=5, interval=5, reset_every=0, recycle_frac=0.0)
     last = state["last"]
     assert last["pruned"] == 25  # the low-opacity quarter
     assert last["cloned"] + last["split"] == 400 - 75 and last["cloned"] > 0 and last["split"] > 0
@@ -365,17 +363,18 @@ def test_growth_prunes_low_opacity_and_clones_and_splits():
 
 
 def test_finalize_forces_budget_when_training_stops_early():
-    params, optimizers, state, strategy = train(777, 100, iters=20, start=5, stop=100, interval=5, finalize=False)
+    params, optimizers, state, strategy, extras = train(777, 100, iters=20, start=5, stop=100, interval=5,
+                                                        finalize=False)
     assert params["means"].shape[0] != 777
-    assert strategy.finalize(params, optimizers, state, 20) == 777 == params["means"].shape[0]
+    assert strategy.finalize(params, optimizers, state, 20, **extras) == 777 == params["means"].shape[0]
     assert state["history"][-1] == (20, 777)
-    assert strategy.finalize(params, optimizers, state, 21) == 777  # idempotent
+    assert strategy.finalize(params, optimizers, state, 21, **extras) == 777  # idempotent
     assert state["history"][-1] == (20, 777)
 
 
 def test_growth_beyond_twice_the_count_in_one_step():
     """More new Gaussians than exist: sampled in rounds, still exact."""
-    params, _, state, _ = train(1000, 50, iters=6, start=0, stop=5, interval=5)
+    params, _, state, _, _ = train(1000, 50, iters=6, start=0, stop=5, interval=5)
     assert params["means"].shape[0] == 1000 and state["history"] == [(5, 1000)]
 
 
@@ -383,23 +382,22 @@ def test_uniform_fallback_with_zero_scores_and_no_views():
     torch.manual_seed(0)
     params = {k: torch.nn.Parameter(v) for k, v in random_params(40, 5).items()}
     optimizers = make_optimizers(params)
-    cfg = TamingConfig(budget=90, start=0, stop=1, interval=1, w_grad=0, w_opacity=0, w_volume=0, w_depth=0,
-                       w_screen=0, w_pixels=0, w_blend=0)
-    strategy = TamingStrategy(cfg, score_views=None, render_fn=render_fn)
+    strategy = TamingStrategy(budget=90, refine_start_iter=0, refine_stop_iter=1, refine_every=1, w_grad=0, w_opacity=0,
+                              w_volume=0, w_depth=0, w_screen=0, w_pixels=0, w_blend=0)
     state = strategy.initialize_state()
     strategy.step_post_backward(params, optimizers, state, 1, {"radii": None, "width": 8, "height": 8})
     assert params["means"].shape[0] == 90
 
 
 def test_opacity_reset():
-    params, _, state, _ = train(150, 100, iters=20, start=100, stop=200, interval=100, reset_every=20,
+    params, _, state, _, _ = train(150, 100, iters=20, start=100, stop=200, interval=100, reset_every=20,
                              finalize=False)
     assert torch.sigmoid(params["opacities"]).max() <= 0.011
     # on a densification step too (step 20 of 5, 10, ..., 40): densify, then reset
-    params, _, state, _ = train(150, 100, iters=20, start=0, stop=40, interval=5, reset_every=20, finalize=False)
+    params, _, state, _, _ = train(150, 100, iters=20, start=0, stop=40, interval=5, reset_every=20, finalize=False)
     assert state["history"][-1][0] == 20 and torch.sigmoid(params["opacities"]).max() <= 0.011
     # never after the last densification step
-    params, _, state, _ = train(150, 100, iters=20, start=0, stop=10, interval=5, reset_every=20, finalize=False)
+    params, _, state, _, _ = train(150, 100, iters=20, start=0, stop=10, interval=5, reset_every=20, finalize=False)
     assert torch.sigmoid(params["opacities"]).max() > 0.5
 
 
@@ -411,8 +409,8 @@ def test_large_gaussians_survive_the_densification_after_a_reset():
     params = {k: torch.nn.Parameter(v) for k, v in random_params(100, 3).items()}
     params["scales"].data.fill_(0.0)  # 1.0 = 10 x the 3D-size threshold at scene scale 1
     optimizers = make_optimizers(params)
-    cfg = TamingConfig(budget=100, start=0, stop=2, interval=1, reset_every=1, prune_scale2d=0.0, recycle_frac=0.0)
-    strategy = TamingStrategy(cfg, score_views=None, render_fn=render_fn)
+    strategy = TamingStrategy(budget=100, refine_start_iter=0, refine_stop_iter=2, refine_every=1, reset_every=1,
+                              prune_scale2d=0.0, recycle_frac=0.0)
     state = strategy.initialize_state(scene_scale=1.0)
     before = params["means"].detach().clone()
     strategy.step_post_backward(params, optimizers, state, 1, {"radii": None, "width": 8, "height": 8})
@@ -428,9 +426,8 @@ def test_strategy_reads_gsplat_shaped_info():
     torch.manual_seed(0)
     cams, gts, params = make_scene(100)
     optimizers = make_optimizers(params)
-    strategy = TamingStrategy(TamingConfig(budget=151, start=0, stop=8, interval=4, reset_every=0, grow_grad2d=0.0,
-                                           n_score_views=1),
-                              score_views=lambda k: [(cams[0], gts[0])], render_fn=render_fn)
+    strategy = TamingStrategy(budget=151, refine_start_iter=0, refine_stop_iter=8, refine_every=4, reset_every=0,
+                              grow_grad2d=0.0, n_score_views=1)
     state = strategy.initialize_state(scene_scale=1.0)
     for step in range(1, 9):
         out = render_fn(params, cams[0])
@@ -445,6 +442,7 @@ def test_strategy_reads_gsplat_shaped_info():
             opt.zero_grad(set_to_none=True)
         if step == 3:
             assert state["grad2d"].sum() > 0 and state["count"].sum() > 0
-        strategy.step_post_backward(params, optimizers, state, step, info, packed=False)
+        strategy.step_post_backward(params, optimizers, state, step, info, packed=False,
+                                    score_views=lambda k: [(cams[0], gts[0])], render_fn=render_fn)
         check_aligned(params, optimizers, state)
     assert params["means"].shape[0] == 151 and [s for s, _ in state["history"]] == [4, 8]

@@ -1,12 +1,15 @@
 """Taming 3DGS densification (Mallick et al. 2024) to an exact Gaussian budget.
 
-A gsplat-shaped strategy (``initialize_state`` / ``check_sanity`` / ``step_pre_backward`` /
-``step_post_backward``) so it can run in our trainer or in gsplat's. Every ``interval`` steps
-from ``start`` to ``stop`` it scores every Gaussian, prunes low-opacity ones and ones grown to
-half a view on screen (probability proportional to 1/score) and grows the most useful ones
-(probability proportional to score, without replacement: clone when small, split when large) so
-that the count follows ``budget_schedule`` and, after the last densification step (or
-``finalize``), is exactly the budget.
+A gsplat strategy (a dataclass whose fields are its config, called with
+``step_pre_backward`` / ``step_post_backward(params, optimizers, state, step, info)`` where
+``info`` is what gsplat's ``rasterization`` returns), so it runs in our trainer or in gsplat's.
+Every ``refine_every`` steps after ``refine_start_iter`` up to ``refine_stop_iter`` it scores
+every Gaussian, prunes low-opacity ones and ones grown to half a view on screen (probability
+proportional to 1/score) and grows the most useful ones (probability proportional to score,
+without replacement: clone when small, split when large) so that the count follows
+``budget_schedule`` and, after the last densification step (or ``finalize``), is exactly the
+budget. It never renders on its own: the views it scores, and how to render them, come in with
+each call (``score_views`` / ``render_fn``).
 
 The score (``compute_scores``), per Gaussian i, with ``n(x) = min(x / median(x), norm_clip)``:
 
@@ -29,7 +32,8 @@ whole score is zero or not finite, sampling is uniform.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -40,46 +44,6 @@ from gsplat.strategy.ops import duplicate, remove, reset_opa, split
 from budget3d.budget.schedule import budget_schedule
 
 _MULTINOMIAL_MAX = 2**24  # torch.multinomial's category limit
-
-
-@dataclass
-class TamingConfig:
-    """Configuration of ``TamingStrategy``. Steps are training steps as the trainer counts them."""
-
-    budget: int  # exact final Gaussian count
-    start: int = 500  # first densification at start + interval
-    stop: int = 15_000  # last densification at the last start + k * interval <= stop
-    interval: int = 100
-    n_score_views: int = 6  # training views rendered to score each densification step
-    # score weights (see the module docstring)
-    w_grad: float = 1.0
-    w_opacity: float = 0.5
-    w_volume: float = 0.1
-    w_depth: float = 0.1
-    w_screen: float = 0.1
-    w_pixels: float = 0.5
-    w_blend: float = 1.0
-    edge_mix: float = 0.5  # pixel importance: 0 = L1 error only, 1 = gt edges only
-    norm_clip: float = 20.0  # cap on each median-normalised term, so one heavy tail cannot dominate
-    grow_grad2d: float = 0.0002  # Gaussians whose mean NDC positional gradient reaches this grow first
-    #                              (3DGS's test; Taming samples among them by score); when the schedule
-    #                              needs more, the others follow by score; 0 = all alike
-    grow_scale3d: float = 0.01  # clone if max scale <= this x scene scale, else split
-    prune_opa: float = 0.005  # opacity below which a Gaussian is a pruning candidate
-    prune_frac: float = 1.0  # fraction of the candidates pruned per step (chosen prop. to 1/score)
-    recycle_frac: float = 0.1  # fraction of the lowest-score Gaussians removed and re-grown each step
-    prune_scale2d: float = 0.5  # also prune Gaussians whose screen radius reached this fraction of
-    #                            the image since the last densification (haze in front of a camera;
-    #                            0.15 also took the background of tight budgets); 0 = off
-    reset_every: int = 3000  # opacity reset period while densifying; 0 = off
-    revised_opacity: bool = False  # gsplat's split option (arXiv:2404.06109)
-    verbose: bool = False
-
-    def densify_steps(self) -> list[int]:
-        """The steps at which the strategy densifies: start + k * interval <= stop, k >= 1
-        (Taming's N = (stop - start) // interval); a single step at max(start, stop) if none fit."""
-        steps = list(range(self.start + max(1, self.interval), self.stop + 1, max(1, self.interval)))
-        return steps or [max(self.start, self.stop)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,9 +152,9 @@ def view_statistics(params, views, render_fn, edge_mix: float) -> dict[str, torc
             "seen": seen}
 
 
-def compute_scores(params, state: dict, cfg: TamingConfig, views, render_fn, seen: Optional[dict] = None
-                   ) -> torch.Tensor:
-    """The non-negative score of every Gaussian (formula in the module docstring). ``seen``, if
+def compute_scores(params, state: dict, cfg, views, render_fn, seen: Optional[dict] = None) -> torch.Tensor:
+    """The non-negative score of every Gaussian (formula in the module docstring), weighed by
+    ``cfg``'s w_* fields, edge_mix and norm_clip (a ``TamingStrategy``). ``seen``, if
     given, receives "seen": a bool per Gaussian, visible in a score view (in a training step since
     the last densification when there are no score views): the ones whose score has evidence."""
     n = params["means"].shape[0]
@@ -230,37 +194,82 @@ def _count(params) -> int:
     return int(params["means"].shape[0])
 
 
+def _default_render(p, cam, extra):
+    from budget3d.splat import render
+
+    return render(p, cam, backend="auto", extra=extra)
+
+
+@functools.lru_cache(maxsize=16)
+def _densify_steps(start: int, stop: int, every: int) -> tuple[int, ...]:
+    steps = tuple(range(start + max(1, every), stop + 1, max(1, every)))
+    return steps or (max(start, stop),)
+
+
+@dataclass
 class TamingStrategy(Strategy):
-    """Score-based densification to an exact budget (see the module docstring).
+    """Score-based densification to an exact budget (see the module docstring). Its fields are
+    its config; steps are training steps as the trainer counts them.
 
-    ``score_views(k)`` returns k sampled training views as [(Camera, gt (H, W, 3) float in
-    [0, 1])]; ``render_fn(params, camera, extra)`` returns a ``RenderOutput`` (bind backend,
-    SH degree and background in a closure). Without ``score_views`` the view terms are 0.
+    The schedule has gsplat's names but Taming's own steps: densification at
+    ``refine_start_iter + k * refine_every <= refine_stop_iter``, k >= 1 (``densify_steps``).
 
-    The trainer calls ``step_post_backward`` after every backward with ``info`` holding
-    "means2d_grad" ((N, 2) pixel-space gradient or None), "radii" (N, 2), "width", "height"
-    (and optionally "n_pixels", "depths"); and ``finalize`` once after the last training step.
+    ``step_post_backward`` reads gsplat's ``info``: "means2d" (a [C, N, 2] tensor whose .grad
+    holds the pixel-space gradient after backward; ``step_pre_backward`` retains it), "radii"
+    [C, N, 2], "width", "height". Its view terms come from the call: ``score_views(k)`` returns
+    k training views as [(Camera, gt (H, W, 3) float in [0, 1])], called only on the steps that
+    score; ``render_fn(params, camera, extra)`` returns a ``RenderOutput`` (backend, SH degree and
+    background bound by the caller; default: ``budget3d.splat.render`` on the "auto" backend).
+    Without ``score_views`` the view terms are 0. Call ``finalize`` (same extras) once after the
+    last training step.
     """
 
-    def __init__(self, config: TamingConfig, score_views: Optional[Callable[[int], list]] = None,
-                 render_fn: Optional[Callable] = None, generator: Optional[torch.Generator] = None):
-        if config.budget <= 0:
-            raise ValueError(f"budget must be positive, got {config.budget}")
-        self.cfg = config
-        self.score_views = score_views
-        if render_fn is None:
-            from budget3d.splat import render
+    budget: int  # exact final Gaussian count
+    refine_start_iter: int = 500  # first densification at refine_start_iter + refine_every
+    refine_stop_iter: int = 15_000  # last densification at the last start + k * refine_every <= stop
+    refine_every: int = 100
+    reset_every: int = 3000  # opacity reset period while densifying; 0 = off
+    n_score_views: int = 6  # training views rendered to score each densification step
+    # score weights (see the module docstring)
+    w_grad: float = 1.0
+    w_opacity: float = 0.5
+    w_volume: float = 0.1
+    w_depth: float = 0.1
+    w_screen: float = 0.1
+    w_pixels: float = 0.5
+    w_blend: float = 1.0
+    edge_mix: float = 0.5  # pixel importance: 0 = L1 error only, 1 = gt edges only
+    norm_clip: float = 20.0  # cap on each median-normalised term, so one heavy tail cannot dominate
+    grow_grad2d: float = 0.0002  # Gaussians whose mean NDC positional gradient reaches this grow first
+    #                              (3DGS's test; Taming samples among them by score); when the schedule
+    #                              needs more, the others follow by score; 0 = all alike
+    grow_scale3d: float = 0.01  # clone if max scale <= this x scene scale, else split
+    prune_opa: float = 0.005  # opacity below which a Gaussian is a pruning candidate
+    prune_frac: float = 1.0  # fraction of the candidates pruned per step (chosen prop. to 1/score)
+    recycle_frac: float = 0.1  # fraction of the lowest-score Gaussians removed and re-grown each step
+    prune_scale2d: float = 0.5  # also prune Gaussians whose screen radius reached this fraction of
+    #                            the image since the last densification (haze in front of a camera;
+    #                            0.15 also took the background of tight budgets); 0 = off
+    revised_opacity: bool = False  # gsplat's split option (arXiv:2404.06109)
+    verbose: bool = False
+    generator: Optional[torch.Generator] = field(default=None, repr=False, compare=False)  # sampling
 
-            def render_fn(p, cam, extra):
-                return render(p, cam, backend="auto", extra=extra)
+    def __post_init__(self):
+        if self.budget <= 0:
+            raise ValueError(f"budget must be positive, got {self.budget}")
 
-        self.render_fn = render_fn
-        self.generator = generator
-        self.steps = config.densify_steps()
-        self._step_index = {s: i for i, s in enumerate(self.steps)}
+    def densify_steps(self) -> list[int]:
+        """The steps at which the strategy densifies: refine_start_iter + k * refine_every <=
+        refine_stop_iter, k >= 1 (Taming's N = (stop - start) // every); a single step at
+        max(start, stop) if none fit."""
+        return list(self._steps())
 
-    def __repr__(self) -> str:
-        return f"TamingStrategy({asdict(self.cfg)})"
+    @property
+    def steps(self) -> list[int]:
+        return self.densify_steps()
+
+    def _steps(self) -> tuple[int, ...]:
+        return _densify_steps(self.refine_start_iter, self.refine_stop_iter, self.refine_every)
 
     # -- gsplat's strategy shape ------------------------------------------------------------
 
@@ -280,26 +289,30 @@ class TamingStrategy(Strategy):
         if isinstance(m, torch.Tensor) and m.requires_grad:
             m.retain_grad()
 
-    def step_post_backward(self, params, optimizers, state, step, info, packed: bool = False):
+    def step_post_backward(self, params, optimizers, state, step, info, packed: bool = False,
+                           score_views: Optional[Callable[[int], list]] = None, render_fn: Optional[Callable] = None):
         if packed:
             raise ValueError("TamingStrategy needs unpacked per-Gaussian info (packed=False)")
         self._ensure_state(params, state)
-        if step > self.steps[-1]:
+        steps = self._steps()
+        if step > steps[-1]:
             return
         self._update_state(params, state, info)
-        if step in self._step_index:
-            i = self._step_index[step]
-            self._densify(params, optimizers, state, step, state["schedule"][i])
+        if step in steps:
+            target = state["schedule"][steps.index(step)]
+            self._densify(params, optimizers, state, step, target, score_views=score_views, render_fn=render_fn)
         # Reset after densifying (as 3DGS does), only while pruning still follows.
-        if self.cfg.reset_every > 0 and 0 < step < self.steps[-1] and step % self.cfg.reset_every == 0:
-            reset_opa(params=params, optimizers=optimizers, state=state, value=self.cfg.prune_opa * 2.0)
+        if self.reset_every > 0 and 0 < step < steps[-1] and step % self.reset_every == 0:
+            reset_opa(params=params, optimizers=optimizers, state=state, value=self.prune_opa * 2.0)
 
-    def finalize(self, params, optimizers, state, step: int) -> int:
+    def finalize(self, params, optimizers, state, step: int, score_views: Optional[Callable[[int], list]] = None,
+                 render_fn: Optional[Callable] = None) -> int:
         """Force exactly ``budget`` Gaussians (call once after the last training step; a no-op
         when the count is already right). Returns the count."""
         self._ensure_state(params, state)
-        if _count(params) != self.cfg.budget:
-            self._densify(params, optimizers, state, step, self.cfg.budget, prune_low_opacity=False)
+        if _count(params) != self.budget:
+            self._densify(params, optimizers, state, step, self.budget, prune_low_opacity=False,
+                          score_views=score_views, render_fn=render_fn)
         return _count(params)
 
     # -- internals -------------------------------------------------------------------------
@@ -308,7 +321,7 @@ class TamingStrategy(Strategy):
         n = _count(params)
         if state.get("n_init") is None:
             state["n_init"] = n
-            state["schedule"] = budget_schedule(n, self.cfg.budget, len(self.steps))
+            state["schedule"] = budget_schedule(n, self.budget, len(self._steps()))
         state.setdefault("history", [])
         state.setdefault("scene_scale", 1.0)
         dev = params["means"].device
@@ -324,9 +337,7 @@ class TamingStrategy(Strategy):
             return
         radii = radii.detach().reshape(-1, n, radii.shape[-1]).float()  # (C, N, 2)
         vis = (radii > 0).any(-1)  # (C, N)
-        grad = info.get("means2d_grad")
-        if grad is None and isinstance(info.get("means2d"), torch.Tensor):
-            grad = info["means2d"].grad
+        grad = info["means2d"].grad if isinstance(info.get("means2d"), torch.Tensor) else None
         dev = state["grad2d"].device
         if grad is not None:
             g = grad.detach().reshape(-1, n, 2).float().clone()
@@ -337,14 +348,9 @@ class TamingStrategy(Strategy):
         r = radii.max(-1).values.max(0).values / float(max(info["width"], info["height"]))
         state["max_radii"] = torch.maximum(state["max_radii"], r.to(dev))
 
-    def _views(self):
-        k = self.cfg.n_score_views
-        if self.score_views is None or k <= 0:
-            return []
-        return list(self.score_views(k))
-
     @torch.no_grad()
-    def _densify(self, params, optimizers, state, step, target: int, prune_low_opacity: bool = True):
+    def _densify(self, params, optimizers, state, step, target: int, prune_low_opacity: bool = True,
+                 score_views: Optional[Callable[[int], list]] = None, render_fn: Optional[Callable] = None):
         """One decision per densification step, ending at exactly ``target`` Gaussians:
 
         1. prune low-opacity and screen-filling (``prune_scale2d``) Gaussians, chosen by 1/score,
@@ -358,23 +364,24 @@ class TamingStrategy(Strategy):
         3. trim the lowest scores (shrinking budgets), or grow: Gaussians passing the gradient test
            first, prop. to score, then, if the target needs more, the others prop. to score.
         """
-        cfg = self.cfg
         target = max(1, int(target))
         n0 = _count(params)
         floor = (min(n0, target) + 1) // 2
-        bad = torch.sigmoid(params["opacities"].detach().reshape(n0, -1)[:, 0]) < cfg.prune_opa
-        if cfg.prune_scale2d > 0:
-            bad |= state["max_radii"] > cfg.prune_scale2d
+        bad = torch.sigmoid(params["opacities"].detach().reshape(n0, -1)[:, 0]) < self.prune_opa
+        if self.prune_scale2d > 0:
+            bad |= state["max_radii"] > self.prune_scale2d
         cand = torch.nonzero(bad).flatten() if prune_low_opacity else bad.new_zeros(0, dtype=torch.long)
-        k = min(int(round(len(cand) * min(max(cfg.prune_frac, 0.0), 1.0))), max(0, n0 - floor))
+        k = min(int(round(len(cand) * min(max(self.prune_frac, 0.0), 1.0))), max(0, n0 - floor))
         n_recycle = 0
-        if prune_low_opacity and cfg.recycle_frac > 0:  # only to serve growth the target has no room for
-            demand = int(((state["grad2d"] / state["count"].clamp_min(1)) >= cfg.grow_grad2d).sum())
-            n_recycle = min(int(cfg.recycle_frac * min(n0 - k, target)), max(0, demand - (target - (n0 - k))))
+        if prune_low_opacity and self.recycle_frac > 0:  # only to serve growth the target has no room for
+            demand = int(((state["grad2d"] / state["count"].clamp_min(1)) >= self.grow_grad2d).sum())
+            n_recycle = min(int(self.recycle_frac * min(n0 - k, target)), max(0, demand - (target - (n0 - k))))
         if k <= 0 and n_recycle <= 0 and n0 == target:  # nothing to do: skip the score renders
             return self._record(params, state, step, target)
         evidence = {}
-        score = compute_scores(params, state, cfg, self._views(), self.render_fn, seen=evidence)
+        k_views = self.n_score_views if score_views is not None else 0
+        views = list(score_views(k_views)) if k_views > 0 else []
+        score = compute_scores(params, state, self, views, render_fn or _default_render, seen=evidence)
 
         n_pruned = 0
         if k > 0:
@@ -395,8 +402,8 @@ class TamingStrategy(Strategy):
         while _count(params) < target:
             n = _count(params)
             w = score if score.sum() > 0 else torch.ones_like(score)
-            if cfg.grow_grad2d > 0:  # the gradient test ranks first: qualifying rows weigh ~1e6 x more
-                qual = (state["grad2d"] / state["count"].clamp_min(1)) >= cfg.grow_grad2d
+            if self.grow_grad2d > 0:  # the gradient test ranks first: qualifying rows weigh ~1e6 x more
+                qual = (state["grad2d"] / state["count"].clamp_min(1)) >= self.grow_grad2d
                 w = torch.where(qual, w + 1e-12 * float(w.max().clamp_min(1e-30)), w * 1e-6)
             pick = sample_without_replacement(w, min(target - n, n), self.generator)
             score, c, s = self._grow(params, optimizers, state, score, pick)
@@ -412,7 +419,7 @@ class TamingStrategy(Strategy):
         state["history"].append((int(step), n))
         state["last"] = {"step": int(step), "pruned": pruned, "trimmed": trimmed, "cloned": cloned,
                          "split": split_, "count": n}
-        if self.cfg.verbose:
+        if self.verbose:
             print(f"[taming] step {step}: -{pruned} low-opacity -{trimmed} trimmed +{cloned} cloned "
                   f"+{split_} split -> {n} (target {target})")
 
@@ -432,7 +439,7 @@ class TamingStrategy(Strategy):
         dev = params["means"].device
         pick = torch.zeros(n, dtype=torch.bool, device=dev)
         pick[idx.to(dev)] = True
-        small = torch.exp(params["scales"]).max(-1).values <= self.cfg.grow_scale3d * state["scene_scale"]
+        small = torch.exp(params["scales"]).max(-1).values <= self.grow_scale3d * state["scene_scale"]
         is_dup, is_split = pick & small, pick & ~small
         n_dup, n_split = int(is_dup.sum()), int(is_split.sum())
         state["_score"] = score
@@ -442,7 +449,10 @@ class TamingStrategy(Strategy):
                 is_split = torch.cat([is_split, torch.zeros(n_dup, dtype=torch.bool, device=dev)])
             if n_split:
                 split(params=params, optimizers=optimizers, state=state, mask=is_split,
-                      revised_opacity=self.cfg.revised_opacity)
+                      revised_opacity=self.revised_opacity)
             return state["_score"], n_dup, n_split
         finally:
             state.pop("_score", None)
+
+
+TamingConfig = TamingStrategy  # its old name, for callers that only score (compute_scores reads the weights)

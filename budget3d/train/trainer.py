@@ -33,12 +33,13 @@ from budget3d.train.checkpoint import CHECKPOINT, CONFIG, load_checkpoint, save_
 from budget3d.train.metrics import evaluate, peak_memory_mb, plot_progress, psnr, to_float
 from budget3d.train.optim import VisibleAdam, exp_decay
 
-STRATEGIES = ("taming", "default", "mcmc")
-from budget3d.train.config import DEVICES, SCORES, TrainConfig  # noqa: E402,F401
+from budget3d.train.config import DEVICES, SCORES, TrainConfig  # noqa: F401
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Validate and fill the auto (None) schedule fields from ``iters``."""
+    from budget3d.train.strategies import STRATEGIES
+
     c = dataclasses.replace(cfg)
     if c.strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {c.strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -109,6 +110,12 @@ class Session:
     def background(self):
         return torch.tensor(self.scene.background, dtype=torch.float32, device=self.device)
 
+    def extras(self) -> dict:
+        """What a strategy may take besides gsplat's arguments (strategies.step_post_backward hands
+        each the ones it names): the means' learning rate, Taming's score views and their renderer."""
+        return {"lr": self.optimizers["means"].param_groups[0]["lr"], "score_views": lambda k: _score_views(self, k),
+                "render_fn": self.render}
+
     def save(self) -> None:
         extra = {"budget": self.budget, "train_seconds": self.train_seconds, "init": self.init}
         for k in ("appearance", "poses"):
@@ -133,6 +140,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
     ``scene`` overrides loading ``cfg.data``; ``on_step(session)`` runs after every step and may
     return True to stop as Ctrl-C does (checkpoint, then ``TrainingInterrupted``).
     """
+    from budget3d.train import strategies
+
     s = setup(cfg, resume=resume, scene=scene, progress=progress)
     s.progress, cfg = progress, s.cfg
     if s.backend == "cpu":
@@ -150,14 +159,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
             gt = _target(s, view_idx, bg)
             out = s.render(s.params, view.camera, background=bg, viewmat=_viewmat(s, view_idx, step))
             img = _corrected(s, view_idx, out.image, gt)
-            loss = _loss(img, gt, cfg.ssim_lambda) + _regulariser(s)
-            info = _strategy_info(s, out, view.camera)
+            loss = _loss(img, gt, cfg.ssim_lambda) + strategies.regulariser(s.strategy, s.params)
+            info = strategies.gsplat_info(out, view.camera)
             s.strategy.step_pre_backward(s.params, s.optimizers, s.state, step, info)
             loss.backward()
-            _after_backward(s, info, out)
+            strategies.set_means2d_grad(info, out)
             _optimizer_step(s, out.visible)
             _refine_step(s, view_idx, step)
-            _strategy_post_backward(s, step, info)
+            strategies.step_post_backward(s.strategy, s.params, s.optimizers, s.state, step, info, **s.extras())
             if s.params["means"].shape[0] == 0:
                 bar.close()
                 raise UserError(
@@ -255,39 +264,10 @@ def _make_optimizers(cfg: TrainConfig, params: dict, extent: float) -> dict:
     return {k: torch.optim.Adam([params[k]], lr=lrs[k], eps=1e-15) for k in params}
 
 
-def _make_strategy(s: Session):
-    cfg = s.cfg
-    if cfg.strategy == "taming":
-        from budget3d.budget import TamingConfig, TamingStrategy
-
-        weights = {}
-        if cfg.score == "grad":  # the ablation: sample by positional gradient alone, no score renders
-            weights = dict(w_opacity=0.0, w_volume=0.0, w_depth=0.0, w_screen=0.0, w_pixels=0.0, w_blend=0.0,
-                           n_score_views=0)
-        tcfg = TamingConfig(budget=s.budget, start=cfg.densify_start, stop=cfg.densify_stop,
-                            interval=cfg.densify_every, reset_every=cfg.opacity_reset_every,
-                            recycle_frac=cfg.recycle_frac, prune_scale2d=cfg.prune_scale2d, **weights)
-        return TamingStrategy(tcfg, score_views=lambda k: _score_views(s, k), render_fn=s.render)
-    if cfg.strategy == "mcmc":
-        if s.device.type != "cuda":
-            raise UserError("--strategy mcmc needs a CUDA GPU (gsplat's MCMC kernels); use --strategy taming on CPU")
-        from gsplat import MCMCStrategy
-
-        return MCMCStrategy(cap_max=s.budget, refine_start_iter=cfg.densify_start,
-                            refine_stop_iter=cfg.densify_stop, refine_every=cfg.densify_every)
-    reset = cfg.opacity_reset_every or 10 * cfg.iters + 1
-    return _DefaultStrategy(refine_start_iter=cfg.densify_start, refine_stop_iter=cfg.densify_stop,
-                            refine_every=cfg.densify_every, reset_every=reset, cap=s.budget)
-
-
-def _init_strategy_state(s: Session) -> dict:
-    if s.cfg.strategy == "mcmc":
-        return s.strategy.initialize_state()
-    return s.strategy.initialize_state(scene_scale=s.extent)
-
-
 def setup(cfg: TrainConfig, *, resume: bool = False, scene=None, progress: bool = True) -> Session:
     """Build (or restore from the run folder's checkpoint) everything the loop needs."""
+    from budget3d.train import strategies
+
     run_dir = Path(cfg.out)
     ckpt = None
     if resume:
@@ -324,9 +304,9 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None, progress: bool 
                 optimizers=optimizers, strategy=None, state={}, budget=budget, extent=extent,
                 init=ckpt["extra"].get("init", "") if ckpt is not None else init_what)
     _make_refiners(s, ckpt)
-    s.strategy = _make_strategy(s)
+    s.strategy = strategies.make_strategy(cfg, budget, device=device)
     s.strategy.check_sanity(s.params, s.optimizers)
-    s.state = _init_strategy_state(s)
+    s.state = strategies.initialize_state(s.strategy, scene_scale=extent)
     if cfg.random_background and cfg.data:
         s.other_bg = (0.0, 0.0, 0.0) if sum(scene.background) > 1.5 else (1.0, 1.0, 1.0)
         s.gt_other = _load_scene(cfg, background=s.other_bg).train
@@ -416,14 +396,6 @@ def _loss(img: torch.Tensor, gt: torch.Tensor, ssim_lambda: float) -> torch.Tens
     from budget3d.train.ssim import ssim  # (pytorch_msssim's, as numba kernels on the CPU)
 
     return (1 - ssim_lambda) * l1 + ssim_lambda * (1 - ssim(img, gt))
-
-
-def _regulariser(s: Session):
-    """MCMC's opacity and scale regularisers (gsplat's defaults); nothing for the others."""
-    if s.cfg.strategy != "mcmc":
-        return 0.0
-    p = s.params
-    return 0.01 * torch.sigmoid(p["opacities"]).mean() + 0.01 * torch.exp(p["scales"]).mean()
 
 
 # ----------------------------------------------------------------------------- per-view corrections
@@ -516,28 +488,6 @@ def _refine_step(s: Session, k: int, step: int) -> None:
         s.poses.step(k)
 
 
-def _strategy_info(s: Session, out, camera) -> dict:
-    """What the strategy reads. gsplat's strategies want [C, N, ...] tensors and a means2d
-    tensor whose .grad they read; ours gets plain (N, ...) tensors and the gradient itself."""
-    if s.cfg.strategy == "taming":
-        return {"radii": out.radii, "n_pixels": out.n_pixels, "depths": out.depths,
-                "width": camera.width, "height": camera.height, "n_cameras": 1}
-    n = out.radii.shape[0]
-    means2d = torch.zeros(1, n, 2, device=s.device, requires_grad=True)  # .grad filled after backward
-    return {"means2d": means2d, "radii": out.radii.reshape(1, n, 2), "width": camera.width,
-            "height": camera.height, "n_cameras": 1, "gaussian_ids": None}
-
-
-def _after_backward(s: Session, info: dict, out) -> None:
-    grad = out.means2d_grad()
-    if grad is None:
-        grad = torch.zeros(out.radii.shape[0], 2, device=s.device)
-    if s.cfg.strategy == "taming":
-        info["means2d_grad"] = grad
-    else:
-        info["means2d"].grad = grad.reshape(1, -1, 2)
-
-
 def _optimizer_step(s: Session, visible: torch.Tensor) -> None:
     for opt in s.optimizers.values():
         if isinstance(opt, VisibleAdam):
@@ -545,14 +495,6 @@ def _optimizer_step(s: Session, visible: torch.Tensor) -> None:
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
-
-
-def _strategy_post_backward(s: Session, step: int, info: dict) -> None:
-    if s.cfg.strategy == "mcmc":
-        lr = s.optimizers["means"].param_groups[0]["lr"]
-        s.strategy.step_post_backward(s.params, s.optimizers, s.state, step, info, lr=lr)
-    else:
-        s.strategy.step_post_backward(s.params, s.optimizers, s.state, step, info)
 
 
 def _score_views(s: Session, k: int) -> list:
@@ -579,59 +521,6 @@ def _log(s: Session, bar, step: int, loss, img, gt) -> None:
     n = int(s.params["means"].shape[0])
     s.history.append({"step": s.step, "loss": round(float(loss.detach()), 6), "psnr": round(p, 3), "count": n})
     bar.set_postfix(loss=f"{float(loss.detach()):.4f}", psnr=f"{p:.2f}", n=n, refresh=False)
-
-
-class _DefaultStrategy:
-    """gsplat's DefaultStrategy, with its opacity reset made to fire: in gsplat 1.5.3 the test
-    ``step % self.reset_every == 0 & step > 0`` parses as a chained comparison that is never true.
-
-    With a ``cap`` (a budget given to ``--strategy default``) it is "Default made to end at the
-    count", the baseline of the quality-vs-budget sweep: each refinement grows only the
-    highest-gradient candidates that fit under the cap (its gradient threshold raised to fit),
-    and the last refinement then trims the lowest-opacity Gaussians, or splits the largest ones,
-    to the cap, so the rest of the run trains them (``finalize`` does it again only if the count
-    moved since). Splitting at the very end instead, untrained, cost ethiopian_head 1.6 dB at
-    47,273 (20.84 vs 22.42 dB) for just 186 split Gaussians."""
-
-    def __new__(cls, cap=None, **kw):
-        from gsplat import DefaultStrategy
-        from gsplat.strategy.ops import remove, reset_opa, split
-
-        class Default(DefaultStrategy):
-            def step_post_backward(self, params, optimizers, state, step, info, packed=False):
-                super().step_post_backward(params, optimizers, state, step, info, packed=packed)
-                if 0 < step < self.refine_stop_iter and step % self.reset_every == 0:
-                    reset_opa(params=params, optimizers=optimizers, state=state, value=self.prune_opa * 2.0)
-                last = (self.refine_stop_iter - 1) // self.refine_every * self.refine_every  # gsplat's last refinement
-                if cap is not None and step == last and step > self.refine_start_iter:
-                    self.finalize(params, optimizers, state, step)
-
-            def _grow_gs(self, params, optimizers, state, step):
-                if cap is not None and state["count"] is not None:
-                    grads = state["grad2d"] / state["count"].clamp_min(1)
-                    room = max(0, cap - len(params["means"]))
-                    if int((grads > self.grow_grad2d).sum()) > room:  # keep the `room` largest
-                        keep = torch.zeros_like(grads, dtype=torch.bool)
-                        keep[grads.topk(room).indices] = True
-                        state["grad2d"] = torch.where(keep, state["grad2d"], torch.zeros_like(grads))
-                return super()._grow_gs(params, optimizers, state, step)
-
-            @torch.no_grad()
-            def finalize(self, params, optimizers, state, step):
-                n = len(params["means"])
-                if cap is None or n == cap:
-                    return
-                if n > cap:
-                    mask = torch.zeros(n, dtype=torch.bool, device=params["means"].device)
-                    mask[params["opacities"].reshape(n).argsort()[: n - cap]] = True
-                    remove(params=params, optimizers=optimizers, state=state, mask=mask)
-                while len(params["means"]) < cap:
-                    n = len(params["means"])
-                    mask = torch.zeros(n, dtype=torch.bool, device=params["means"].device)
-                    mask[params["scales"].amax(-1).topk(min(cap - n, n)).indices] = True
-                    split(params=params, optimizers=optimizers, state=state, mask=mask)
-
-        return Default(**kw)
 
 
 class _StopOnCtrlC:
@@ -664,8 +553,9 @@ def finish(s: Session) -> dict:
     """Force the exact budget, save checkpoint + .ply, evaluate, write metrics and the plot."""
     from budget3d.splat import save_ply
 
-    if hasattr(s.strategy, "finalize"):
-        s.strategy.finalize(s.params, s.optimizers, s.state, s.step)
+    from budget3d.train import strategies
+
+    strategies.finalize(s.strategy, s.params, s.optimizers, s.state, s.step, **s.extras())
     s.sh_now = s.cfg.sh_degree
     for p in s.params.values():
         p.requires_grad_(True)
