@@ -1,5 +1,7 @@
 """Trainer: VisibleAdam, a short run that learns, the exact budget, resume == uninterrupted,
-Ctrl-C, the default strategy, and the run folder's contents. Tiny scenes made here."""
+Ctrl-C, the default strategy, the run folder's contents, and strategies.py (the config mapping,
+the extras each strategy takes, the capped Default's reset and growth against gsplat's versions).
+Tiny scenes made here."""
 
 import json
 import math
@@ -570,3 +572,140 @@ def test_default_capped_at_a_budget_ends_exactly_there(tmp_path, scene):
     last = (c.densify_stop - 1) // c.densify_every * c.densify_every
     hist = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["history"]
     assert last < 200 - 50 and all(h["count"] == 70 for h in hist if h["step"] > last)
+
+
+# ----------------------------------------------------------------------------- strategies.py
+
+
+def test_make_strategy_maps_the_run_config():
+    import dataclasses
+
+    from budget3d.budget import TamingStrategy
+    from budget3d.train import strategies
+
+    cfg = resolve_config(TrainConfig(data="", out="x", budget="100", iters=3000))
+    t = strategies.make_strategy(cfg, 100, device="cpu")
+    assert isinstance(t, TamingStrategy) and t.budget == 100
+    assert (t.refine_start_iter, t.refine_stop_iter, t.refine_every, t.reset_every) == \
+        (cfg.densify_start, cfg.densify_stop, cfg.densify_every, cfg.opacity_reset_every)
+    assert not any(callable(v) for v in vars(t).values())  # no render function held: views come per call
+    g = strategies.make_strategy(dataclasses.replace(cfg, score="grad"), 100, device="cpu")
+    assert g.n_score_views == 0 and g.w_blend == g.w_opacity == 0 and g.w_grad == 1.0
+    d = strategies.make_strategy(dataclasses.replace(cfg, strategy="default"), 70, device="cpu")
+    assert isinstance(d, strategies.CappedDefaultStrategy) and d.cap == 70
+    assert (d.refine_start_iter, d.refine_stop_iter, d.refine_every, d.reset_every) == \
+        (cfg.densify_start, cfg.densify_stop, cfg.densify_every, cfg.opacity_reset_every)
+    never = strategies.make_strategy(dataclasses.replace(cfg, strategy="default", opacity_reset_every=0), None,
+                                     device="cpu")
+    assert never.cap is None and never.reset_every > cfg.iters  # 0 = no reset
+    with pytest.raises(UserError, match="CUDA"):
+        strategies.make_strategy(dataclasses.replace(cfg, strategy="mcmc"), 100, device="cpu")
+    m = strategies.make_strategy(dataclasses.replace(cfg, strategy="mcmc"), 100, device="cuda")  # built, not run
+    assert m.cap_max == 100 and m.refine_every == cfg.densify_every
+    p = {"opacities": torch.zeros(4), "scales": torch.zeros(4, 3)}
+    assert float(strategies.regulariser(m, p)) == pytest.approx(0.01 * 0.5 + 0.01 * 1.0)
+    assert strategies.regulariser(t, p) == 0.0 and strategies.regulariser(d, p) == 0.0
+
+
+def test_strategies_get_only_the_extras_they_name():
+    from budget3d.train import strategies
+
+    calls = []
+
+    class NeedsLr:
+        def step_post_backward(self, params, optimizers, state, step, info, lr):
+            calls.append(lr)
+
+    class TakesAnything:
+        def step_post_backward(self, params, optimizers, state, step, info, packed=False, **kw):
+            calls.append(kw)
+
+    extras = dict(lr=0.5, score_views=None, render_fn=None)
+    strategies.step_post_backward(NeedsLr(), {}, {}, {}, 1, {}, **extras)
+    strategies.step_post_backward(TakesAnything(), {}, {}, {}, 1, {}, **extras)
+    assert calls == [0.5, {}]
+
+
+def _default_run(strategy, steps, n=6):
+    """``strategy.step_post_backward`` over ``steps`` with nothing visible (no growth, no pruning)."""
+    params = {"means": torch.nn.Parameter(torch.randn(n, 3)), "scales": torch.nn.Parameter(torch.zeros(n, 3) - 3),
+              "quats": torch.nn.Parameter(torch.randn(n, 4)), "opacities": torch.nn.Parameter(torch.full((n,), 3.0))}
+    opts = {k: torch.optim.Adam([v], lr=1e-3) for k, v in params.items()}
+    state = strategy.initialize_state(scene_scale=1.0)
+    for step in steps:
+        means2d = torch.zeros(1, n, 2, requires_grad=True)
+        means2d.grad = torch.zeros(1, n, 2)
+        info = {"means2d": means2d, "radii": torch.zeros(1, n, 2, dtype=torch.int32), "width": 8, "height": 8,
+                "n_cameras": 1, "gaussian_ids": None}
+        strategy.step_post_backward(params, opts, state, step, info)
+    return params
+
+
+def test_capped_default_resets_opacities_once(monkeypatch):
+    """gsplat 1.5.3's DefaultStrategy never resets opacities (``step % self.reset_every == 0 & step > 0``
+    is a chained comparison); the capped Default does, at each multiple of reset_every inside the
+    refinement window. Where gsplat's own reset works (a later release, or a git install of the fix
+    that still says 1.5.3) it adds none, so a reset never fires twice."""
+    import gsplat
+    import gsplat.strategy.default as gdefault
+    from gsplat import DefaultStrategy
+
+    from budget3d.train import strategies
+
+    calls = []
+    real = gdefault.reset_opa
+
+    def counted(who):
+        def reset(**kw):
+            calls.append((who, kw["value"]))
+            return real(**kw)
+        return reset
+
+    monkeypatch.setattr(strategies, "reset_opa", counted("ours"))
+    monkeypatch.setattr(gdefault, "reset_opa", counted("gsplat"))
+    kw = dict(refine_start_iter=1000, refine_stop_iter=45, refine_every=1000, reset_every=10)
+    if gsplat.__version__ == "1.5.3":
+        assert strategies._gsplat_reset_is_broken()
+    p = _default_run(strategies.CappedDefaultStrategy(**kw), range(0, 60))
+    assert [w for w, _ in calls] == ["ours" if strategies._RESET_IS_BROKEN else "gsplat"] * 4  # 10, 20, 30, 40
+    assert torch.sigmoid(p["opacities"]).max() <= 0.011
+
+    real_post = DefaultStrategy.step_post_backward
+
+    def fixed_post(self, params, optimizers, state, step, info, packed=False, **more):  # upstream's fix
+        real_post(self, params, optimizers, state, step, info, packed=packed)
+        if step < self.refine_stop_iter and step % self.reset_every == 0 and step > 0:
+            gdefault.reset_opa(params=params, optimizers=optimizers, state=state, value=self.prune_opa * 2.0)
+
+    monkeypatch.setattr(DefaultStrategy, "step_post_backward", fixed_post)
+    assert not strategies._gsplat_reset_is_broken()  # the source, not only the version, decides
+    monkeypatch.setattr(gsplat, "__version__", "1.6.0")
+    assert not strategies._gsplat_reset_is_broken()
+    monkeypatch.setattr(strategies, "_RESET_IS_BROKEN", strategies._gsplat_reset_is_broken())
+    calls.clear()
+    _default_run(strategies.CappedDefaultStrategy(**kw), range(0, 60))
+    assert [w for w, _ in calls] == ["gsplat"] * 4
+
+
+def test_capped_default_growth_passes_gsplat_arguments_through(monkeypatch):
+    from gsplat import DefaultStrategy
+
+    from budget3d.train import strategies
+
+    seen = {}
+
+    def grow_1_6(self, params, optimizers, state, step, scene=None):  # gsplat 1.6 adds scene=
+        seen.update(step=step, scene=scene, grad2d=state["grad2d"].clone())
+        return 0, 0
+
+    monkeypatch.setattr(DefaultStrategy, "_grow_gs", grow_1_6)
+    n = 8
+    params = {"means": torch.zeros(n, 3)}
+    state = {"grad2d": torch.arange(1.0, n + 1), "count": torch.ones(n), "scene_scale": 1.0}
+    assert strategies.CappedDefaultStrategy(cap=10)._grow_gs(params, {}, state, 5, scene="s") == (0, 0)
+    assert seen["step"] == 5 and seen["scene"] == "s"
+    assert seen["grad2d"].tolist() == [0.0] * 6 + [7.0, 8.0]  # room for 2: only the 2 largest gradients grow
+    monkeypatch.setattr(DefaultStrategy, "_grow_gs", lambda self, state, step: (0, 0))  # an incompatible gsplat
+    with pytest.raises(UserError, match="_grow_gs"):
+        strategies.CappedDefaultStrategy(cap=10)
+    strategies.CappedDefaultStrategy()  # uncapped: gsplat's own growth, nothing overridden matters

@@ -1,10 +1,11 @@
 """The trainer: one config dataclass, one short loop (``train``), helpers outside the loop.
 
 Per step: pick a training view, render, L1 + ssim_lambda * (1 - SSIM), backward, Adam on the
-rows this view saw, then the densification strategy (Taming to an exact budget, gsplat's
-classic 3DGS ``DefaultStrategy``, or gsplat's ``MCMCStrategy`` on CUDA). Everything a run
-makes goes into its run folder: config.json, checkpoint.pt, gaussians.ply, metrics.json,
-progress.png and renders/ (ground truth left, render right).
+rows this view saw, then the densification strategy (strategies.py: Taming to an exact budget,
+gsplat's classic 3DGS ``DefaultStrategy``, or gsplat's ``MCMCStrategy`` on CUDA), called as
+gsplat's trainers call it. Everything a run makes goes into its run folder: config.json,
+checkpoint.pt, gaussians.ply, metrics.json, progress.png and renders/ (ground truth left, render
+right).
 
 Schedules default to fractions of ``iters`` (None = auto, resolved once and written to
 config.json), so a 2000-step CPU run densifies and raises its SH degree like a 30k-step one.
