@@ -75,19 +75,10 @@ def render(
     quats = params["quats"]
 
     if backend == "cpu" and cpu_fused:
-        from budget3d.splat.cpu import project_sh_cpu
+        from budget3d.splat.cpu import project_sh_posed
 
-        if viewmat.requires_grad:  # pose refinement: see _pose_grad_through_gaussians
-            m_geo, q_geo, m_sh = _pose_grad_through_gaussians(means, quats, viewmat)
-            viewmat = viewmat.detach()
-            m2d, conics, depths, radii, rgb = project_sh_cpu(m_geo, q_geo, scales, opacities, params["sh0"], shN,
-                                                             viewmat, K, W, H, near, far, 0)
-            if deg > 0:
-                rgb = project_sh_cpu(m_sh, quats, scales, opacities, params["sh0"], shN, viewmat, K, W, H, near, far,
-                                     deg)[4]
-        else:
-            m2d, conics, depths, radii, rgb = project_sh_cpu(means, quats, scales, opacities, params["sh0"], shN,
-                                                             viewmat, K, W, H, near, far, deg)
+        m2d, conics, depths, radii, rgb = project_sh_posed(means, quats, scales, opacities, params["sh0"], shN, viewmat,
+                                                           K, W, H, near, far, deg)
         p = Projected(m2d, conics, depths, radii)
     elif deg > 0:
         cam_center = -viewmat[:3, :3].T @ viewmat[:3, 3]
@@ -119,39 +110,4 @@ def render(
     else:
         img, alpha, n_pixels = rasterize_torch(p.means2d, p.conics, opacities, features, p.depths, p.radii, W, H, bg)
     return finish(img, alpha, p.means2d, p.radii, n_pixels, p.depths, extra is not None)
-
-
-def _pose_grad_through_gaussians(means, quats, viewmat):
-    """The fused CPU kernels take the camera as constants, so a pose's gradient goes round them.
-    Camera V sees the world as camera V0 = V.detach() sees it moved by E = V0^-1 V: V0 (E x) = V x.
-    E is the identity in value, so the Gaussians moved by E are the same numbers, but they carry
-    V's gradient: exact for the projection (means and covariances) along rigid motions of the camera
-    (rotation and translation, what pose refinement moves; not along a general 4x4 perturbation).
-    The SH colours see the camera only through its centre c: their viewing direction m - c gets its
-    gradient from means shifted by c0 - c (zero in value), in a second, colour-only projection.
-    Returns (means and quats for the geometry, means for the colours)."""
-    V0 = viewmat.detach()
-    E = torch.linalg.solve(V0, viewmat)
-    dE = E - E.detach()  # zero in value, E's gradient
-    m0 = means.detach()
-    m_geo = means + m0 @ dE[:3, :3].T + dE[:3, 3]
-    qe = _rotmat_to_quat(E[:3, :3])
-    q0 = quats.detach()
-    q_geo = quats + _quat_mul(qe, q0) - _quat_mul(qe.detach(), q0)
-    c = -viewmat[:3, :3].T @ viewmat[:3, 3]
-    return m_geo, q_geo, means + (c.detach() - c)
-
-
-def _rotmat_to_quat(R: torch.Tensor) -> torch.Tensor:
-    """wxyz quaternion of a rotation near the identity (w > 0.5)."""
-    w = 0.5 * torch.sqrt((1.0 + R[0, 0] + R[1, 1] + R[2, 2]).clamp_min(1e-8))
-    return torch.stack([w, (R[2, 1] - R[1, 2]) / (4 * w), (R[0, 2] - R[2, 0]) / (4 * w), (R[1, 0] - R[0, 1]) / (4 * w)])
-
-
-def _quat_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Hamilton product a * b of a (4,) and (N, 4) wxyz quaternions: R(a * b) = R(a) R(b)."""
-    aw, ax, ay, az = a.unbind(-1)
-    bw, bx, by, bz = b.unbind(-1)
-    return torch.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
-                        aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], -1)
 

@@ -1,5 +1,12 @@
 """Projection and SH colour per Gaussian (the "cpu" backend's replacement for project.project and
-project.sh_to_rgb), float32, with a hand-written backward.
+project.sh_to_rgb): float32, the oracle's order of operations where it is cheap to follow. The
+backward recomputes the forward's intermediates and applies the chain rule by hand.
+
+The forward and the backward each write the projection out (not one shared inline helper): written
+once (the recomputation as one helper both call; the forward's stores of the backward's scratch
+compiled away by a constant flag), the same images and gradients bitwise, but 1 thread, 100k
+Gaussians at 256x256, 5 interleaved process pairs: forward +0.5% (SH degree 3) and +4% (degree 0),
+backward +4-7% (the generated code differs: 3014 -> 3152 lines of assembly).
 """
 
 from __future__ import annotations
@@ -10,12 +17,6 @@ import numpy as np
 from numba import njit
 
 from budget3d.splat.kernels.common import AMIN, F0, F1, HALF, opts
-
-
-# ----------------------------------------------------------------------------------------------
-# projection + SH colour (the "cpu" backend's replacement for project.project / sh_to_rgb):
-# per Gaussian, float32, the oracle's order of operations where it is cheap to follow. The backward
-# recomputes the forward's intermediates and applies the chain rule by hand.
 
 F2 = np.float32(2.0)
 F3 = np.float32(3.0)
