@@ -81,7 +81,8 @@ def run_variant(run: Path, name: str, kw: dict, iters: int, points: int, onnx: b
         extra = {"onnx": onnx_figures(copy)} if onnx else {}
         return {**extra, "run": str(run), "name": name, "settings": kw, "curve": curve, "wall_seconds": round(time.time() - t0, 1),
                 **{k: m.get(k) for k in ("preset", "params", "macs_per_frame", "resolution", "distill_seconds",
-                                         "threads", "student_vs_teacher_psnr", "student_psnr", "teacher_psnr")}}
+                                         "steps", "seconds_per_iter", "frame", "teacher_cache", "threads",
+                                         "student_vs_teacher_psnr", "student_psnr", "teacher_psnr")}}
 
 
 def plot(rows: list, path: Path, title: str) -> None:
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
                                        f" {o['onnx-int8']['fp32_psnr_vs_teacher'] - o['onnx-int8']['psnr_vs_teacher']:.2f} dB"
                                        " vs teacher")
                 print(f"{run.name:10s} {name:12s} {r['student_vs_teacher_psnr']:6.2f} dB vs teacher  "
-                      f"{r['distill_seconds']:7.1f} s  {r['threads']} threads{ox}  curve "
+                      f"{r['distill_seconds']:7.1f} s  {r['seconds_per_iter']:.3f} s/step  {r['frame']} frame  "
+                      f"{r['threads']} threads{ox}  curve "
                       + " ".join(f"{s:.0f}s:{v:.1f}" for s, v in r["curve"]), flush=True)
         source = ", ".join(args.run)
     Path(args.json).write_text(json.dumps({"source": source, "variants": rows}, indent=1) + "\n")

@@ -610,7 +610,8 @@ def finish(d: Distiller, progress: bool = True) -> dict:
         "device": str(d.device),
         "backend": d.backend,
         "threads": torch.get_num_threads(),
-        "teacher_cache": {"hits": d.teacher.hits, "misses": d.teacher.misses, "size": d.teacher.limit},
+        "teacher_cache": {"hits": d.teacher.hits, "misses": d.teacher.misses, "windows": d.teacher.windows,
+                          "size": d.teacher.limit, "keeps_all": d.teacher.keep_all},
         **d.init_metrics,
     }
     if d.cfg.eval:
