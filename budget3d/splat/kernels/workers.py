@@ -14,8 +14,6 @@ from budget3d.splat.kernels.project_sh import PCH, _project_sh_bwd, _project_sh_
 from budget3d.splat.kernels.raster import _backward, _forward, _reduce_counts, _reduce_grads
 
 
-
-
 @pool.kernel(**copts)
 def _prepare_w(data):
     d = P_.words(data)
