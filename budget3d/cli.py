@@ -308,7 +308,7 @@ def cmd_eval(args) -> int:
 
 def cmd_distill(args) -> int:
     from budget3d.nelf.distill import DistillConfig, distill
-    from budget3d.train.trainer import _pick_device
+    from budget3d.runtime import pick_device
 
     given = {k: getattr(args, k) for k in ("preset", "iters", "minutes", "resolution", "batch")
              if getattr(args, k) is not None}
@@ -327,7 +327,7 @@ def cmd_distill(args) -> int:
         if (Path(args.run) / "nelf" / "checkpoint.pt").is_file():
             raise UserError(f"{args.run}/nelf already holds a distillation; continue it with --resume, "
                             "or move that folder away to start again")
-        cuda = _pick_device(args.device).type == "cuda"
+        cuda = pick_device(args.device, args.backend).type == "cuda"
         # CPU: DistillConfig's defaults (`small`, 64x64 crops, 16 a step: docs/distill.md);
         # CUDA: the paper's network on whole views
         defaults = {"preset": "mobile-r2l", "iters": 20000, "crop": 0, "batch": 4} if cuda else {}

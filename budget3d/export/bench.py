@@ -379,10 +379,10 @@ def _splat_variant(b: _Bench, name: str, path: Path, nelf_res) -> Variant:
 
     from budget3d.export.splats import load_any
     from budget3d.nelf.distill import at_resolution
+    from budget3d.runtime import pick_backend
     from budget3d.splat import render
-    from budget3d.train.trainer import _pick_backend
 
-    backend = _pick_backend("auto", torch.device("cpu"))
+    backend = pick_backend("auto", torch.device("cpu"))
     own = nelf_res or (b.cams[0].width, b.cams[0].height)
     state, meta = {}, {"renderer": backend}
 

@@ -411,7 +411,7 @@ def teacher_images(run_dir: Path, cameras: list, width: int, height: int, payloa
     the run has no gaussians.ply (then quality is reported against the fp32 graph only)."""
     from budget3d.nelf.distill import at_resolution
     from budget3d.splat import load_ply, render
-    from budget3d.train.trainer import _pick_backend
+    from budget3d.runtime import pick_backend
 
     run_dir = Path(run_dir)
     if not (run_dir / "gaussians.ply").is_file():
@@ -419,7 +419,7 @@ def teacher_images(run_dir: Path, cameras: list, width: int, height: int, payloa
     saved = json.loads((run_dir / "config.json").read_text())
     sh = saved.get("sh_degree")
     gauss = {k: v.float() for k, v in load_ply(run_dir / "gaussians.ply").items()}
-    backend = _pick_backend("auto", torch.device("cpu"))
+    backend = pick_backend("auto", torch.device("cpu"))
     bg = torch.tensor(payload.get("background", (1.0, 1.0, 1.0)), dtype=torch.float32)
     out = []
     with torch.no_grad():

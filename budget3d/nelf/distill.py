@@ -230,7 +230,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
 
     ``on_step(distiller)`` runs after every step and may return True to stop as Ctrl-C does
     (checkpoint, then ``DistillInterrupted``)."""
-    from budget3d.train.trainer import _StopOnCtrlC
+    from budget3d.runtime import StopOnCtrlC as _StopOnCtrlC
 
     d = setup(cfg, resume=resume)
     cfg = d.cfg
@@ -365,7 +365,10 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
     """Build (or restore from RUN/nelf/checkpoint.pt) everything the loop needs."""
     from budget3d.runfolder import load_run_scene
     from budget3d.splat import load_ply
-    from budget3d.train.trainer import _pick_backend, _pick_device
+    from budget3d.runtime import pick_backend as _pick_backend
+    from budget3d.runtime import pick_device
+
+    _pick_device = lambda name: pick_device(name, cfg.backend)  # noqa: E731  (--device auto follows --backend)
 
     run_dir = Path(cfg.run)
     if not resume:

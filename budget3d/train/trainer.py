@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -29,6 +26,7 @@ import numpy as np
 import torch
 
 from budget3d.errors import UserError
+from budget3d.runtime import StopOnCtrlC, pick_backend, pick_device, seed_everything, write_json
 from budget3d.runfolder import check_run_dir, read_config, scene_path
 from budget3d.train.checkpoint import CHECKPOINT, CONFIG, load_checkpoint, save_checkpoint, set_rng_state
 from budget3d.train.metrics import evaluate, peak_memory_mb, plot_progress, psnr, to_float
@@ -148,7 +146,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
     if s.backend == "cpu":
         _compile_cpu_kernels(s)
     bar = _progress_bar(s, progress)
-    with _StopOnCtrlC() as ctrl_c:
+    with StopOnCtrlC() as ctrl_c:
         t0 = time.perf_counter()
         for step in range(s.step, cfg.iters):
             view_idx = _view_index(cfg.seed, step, len(s.scene.train))
@@ -193,14 +191,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
 # ----------------------------------------------------------------------------- setup
 
 
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available to torch here; use --device cpu (or auto)")
-    return torch.device(name)
-
-
 def _compile_cpu_kernels(s: Session, training: bool = True) -> None:
     """Compile the CPU kernels before the work (on all cores; only on a machine's first run, numba
     caches them), so that the progress bars and the training time measure the work."""
@@ -220,24 +210,6 @@ def _compile_cpu_kernels(s: Session, training: bool = True) -> None:
     sec = cpu.warmup(kernels, on_cold=say)
     if cold and s.progress:
         print(f"compiled in {sec:.0f} s", file=sys.stderr, flush=True)
-
-
-def _pick_backend(name: str, device: torch.device) -> str:
-    from budget3d.splat.render import resolve_backend
-
-    try:
-        backend = resolve_backend(name, device)
-    except ValueError as e:
-        raise UserError(f"--backend {name}: {e}") from None
-    if backend == "cpu":
-        try:
-            import budget3d.splat.cpu  # noqa: F401
-        except ImportError as e:
-            if name == "cpu":
-                raise UserError(f"--backend cpu: the compiled CPU backend is unavailable ({e}); use --backend torch") from None
-            warnings.warn(f"compiled CPU backend unavailable ({e}); using the slow 'torch' backend", stacklevel=2)
-            backend = "torch"
-    return backend
 
 
 def _load_scene(cfg: TrainConfig, background=None):
@@ -280,8 +252,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None, progress: bool 
     elif cfg.data and scene is None:  # stored absolute, so the run folder works from any directory
         cfg = dataclasses.replace(cfg, data=os.path.abspath(os.path.expanduser(cfg.data)))
     cfg = resolve_config(cfg)
-    device = _pick_device(cfg.device)
-    backend = _pick_backend(cfg.backend, device)
+    device = pick_device(cfg.device, cfg.backend)
+    backend = pick_backend(cfg.backend, device)
     if not resume and scene is None and cfg.data:  # a folder of photos or a video: make it a scene first
         from budget3d.capture import maybe_process
 
@@ -323,8 +295,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None, progress: bool 
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"{run_dir}: cannot create the run folder ({e.strerror}); choose another --out") from None
-        _seed_everything(cfg.seed)
-    _write_json(run_dir / CONFIG, cfg.to_json())
+        seed_everything(cfg.seed)
+    write_json(run_dir / CONFIG, cfg.to_json())
     return s
 
 
@@ -341,14 +313,6 @@ def _merge_state(fresh: dict, saved: dict, device) -> dict:
     for k, v in saved.items():
         out[k] = v.to(device) if isinstance(v, torch.Tensor) else v
     return out
-
-
-def _seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _check_run_dir(run_dir: Path, need_checkpoint: bool) -> None:
@@ -524,29 +488,6 @@ def _log(s: Session, bar, step: int, loss, img, gt) -> None:
     bar.set_postfix(loss=f"{float(loss.detach()):.4f}", psnr=f"{p:.2f}", n=n, refresh=False)
 
 
-class _StopOnCtrlC:
-    """The first Ctrl-C asks the loop to stop after the current step (so the checkpoint is
-    consistent); a second one interrupts at once."""
-
-    def __enter__(self):
-        self.requested = False
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: leave signals alone
-            self._old = None
-        return self
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-        return False
-
-
 # ----------------------------------------------------------------------------- the end of a run
 
 
@@ -564,7 +505,7 @@ def finish(s: Session) -> dict:
     save_ply(s.params, s.run_dir / "gaussians.ply")
     metrics = _train_metrics(s)
     metrics.update(_evaluate(s))
-    _write_json(s.run_dir / "metrics.json", metrics)
+    write_json(s.run_dir / "metrics.json", metrics)
     title = f"{s.cfg.strategy}: {metrics['num_gaussians']} Gaussians, test PSNR {metrics['psnr']:.2f} dB"
     plot_progress(s.history, s.run_dir / "progress.png", title=title)
     return metrics
@@ -639,7 +580,7 @@ def evaluate_run(run_dir, *, device: str = "auto", backend: str = "auto", progre
     except TypeError as e:
         raise UserError(f"{run_dir / CONFIG}: not a readable run config ({e}); retrain the run") from None
     cfg = dataclasses.replace(cfg, data=str(scene_path(run_dir, saved, data)))
-    dev = _pick_device(device)
+    dev = pick_device(device, backend)
     if (run_dir / "gaussians.ply").is_file():
         params = load_ply(run_dir / "gaussians.ply")
     elif (run_dir / CHECKPOINT).is_file():
@@ -648,7 +589,7 @@ def evaluate_run(run_dir, *, device: str = "auto", backend: str = "auto", progre
         raise UserError(f"{run_dir}: neither gaussians.ply nor {CHECKPOINT}; train the run first")
     params = {k: v.to(dev).float() for k, v in params.items()}
     scene = _load_scene(cfg)
-    s = Session(cfg=cfg, run_dir=run_dir, scene=scene, device=dev, backend=_pick_backend(backend, dev),
+    s = Session(cfg=cfg, run_dir=run_dir, scene=scene, device=dev, backend=pick_backend(backend, dev),
                 params=params, optimizers={}, strategy=None, state={}, budget=None, extent=1.0,
                 sh_now=cfg.sh_degree, progress=progress)
     if s.backend == "cpu":
@@ -661,23 +602,8 @@ def evaluate_run(run_dir, *, device: str = "auto", backend: str = "auto", progre
             metrics = {}
     metrics["num_gaussians"] = int(params["means"].shape[0])
     metrics.update(_evaluate(s))
-    _write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "metrics.json", metrics)
     return metrics
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        v = float(o)
-        return None if math.isnan(v) else v
-    return str(o)
 
 
 __all__ = ["TrainConfig", "TrainingInterrupted", "Session", "evaluate_run", "resolve_config", "setup", "train"]
