@@ -1,5 +1,6 @@
-"""The Gaussian budget: parse it, schedule it, and reach it exactly (Taming 3DGS scores)."""
+"""The Gaussian budget: parse it, schedule it, and reach it exactly (Taming 3DGS scores, or 3DGS-MCMC)."""
 
+from budget3d.budget.mcmc import BudgetMCMCStrategy, compute_relocation
 from budget3d.budget.schedule import (
     budget_schedule,
     max_gaussians_for_size,
@@ -17,7 +18,8 @@ from budget3d.budget.taming import (
 )
 
 __all__ = [
-    "TamingConfig", "TamingStrategy", "budget_schedule", "compute_scores", "max_gaussians_for_size",
+    "BudgetMCMCStrategy", "TamingConfig", "TamingStrategy", "budget_schedule", "compute_relocation",
+    "compute_scores", "max_gaussians_for_size",
     "parse_budget", "pixel_importance", "ply_bytes_per_gaussian", "ply_header_bytes", "ply_size",
     "sample_without_replacement",
 ]

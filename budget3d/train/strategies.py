@@ -8,8 +8,10 @@ Every strategy is a gsplat ``Strategy`` dataclass whose fields are its config, c
 - ``taming``: ``budget3d.budget.TamingStrategy``, score-based densification to an exact budget;
 - ``default``: ``CappedDefaultStrategy``, gsplat's ``DefaultStrategy`` (classic 3DGS) with its
   opacity reset made to fire on gsplat 1.5.3, optionally capped at a budget;
-- ``mcmc``: ``RegularisedMCMCStrategy``, gsplat's ``MCMCStrategy`` (CUDA kernels) with the opacity
-  and scale regularisers gsplat's trainer adds to the loss.
+- ``mcmc``: ``budget3d.budget.BudgetMCMCStrategy``, 3DGS-MCMC (relocation, MCMC's add, noise,
+  gsplat's opacity and scale regularisers) in torch on every device, its count following the
+  budget schedule to exactly the budget (gsplat's ``MCMCStrategy`` grows 5 % per refinement, never
+  shrinks, and needs CUDA kernels).
 
 Beyond gsplat's arguments a strategy may name extras in its ``step_post_backward`` / ``finalize``:
 ``lr`` (the means' learning rate: MCMC's noise), ``score_views`` and ``render_fn`` (Taming's score
@@ -17,7 +19,7 @@ views and how to render them; the trainer supplies both per call, the strategy k
 ``step_post_backward`` / ``finalize`` here pass each strategy the extras it names, so the trainer
 calls every strategy the same way.
 
-To add one (e.g. MCMC in torch for the CPU): write it as a gsplat ``Strategy`` dataclass, make it
+To add one: write it as a gsplat ``Strategy`` dataclass, make it
 in ``make_strategy`` (``_MAKERS``), and give it a ``regulariser(params)`` method if its loss wants one.
 """
 
@@ -30,7 +32,7 @@ from typing import Optional
 
 import gsplat
 import torch
-from gsplat import DefaultStrategy, MCMCStrategy
+from gsplat import DefaultStrategy
 from gsplat.strategy.ops import remove, reset_opa, split
 
 from budget3d.errors import UserError
@@ -65,10 +67,10 @@ def _default(cfg, budget, device):
 
 
 def _mcmc(cfg, budget, device):
-    if device.type != "cuda":
-        raise UserError("--strategy mcmc needs a CUDA GPU (gsplat's MCMC kernels); use --strategy taming on CPU")
-    return RegularisedMCMCStrategy(cap_max=budget, refine_start_iter=cfg.densify_start,
-                                   refine_stop_iter=cfg.densify_stop, refine_every=cfg.densify_every)
+    from budget3d.budget import BudgetMCMCStrategy
+
+    return BudgetMCMCStrategy(budget=budget, refine_start_iter=cfg.densify_start, refine_stop_iter=cfg.densify_stop,
+                              refine_every=cfg.densify_every)
 
 
 _MAKERS = {"taming": _taming, "default": _default, "mcmc": _mcmc}
@@ -210,21 +212,5 @@ class CappedDefaultStrategy(DefaultStrategy):
             split(params=params, optimizers=optimizers, state=state, mask=mask)
 
 
-# ----------------------------------------------------------------------------- MCMC
-
-
-@dataclass
-class RegularisedMCMCStrategy(MCMCStrategy):
-    """gsplat's MCMCStrategy (its relocation runs CUDA kernels) with the opacity and scale
-    regularisers gsplat's simple_trainer adds to the loss for it (its defaults)."""
-
-    opacity_reg: float = 0.01
-    scale_reg: float = 0.01
-
-    def regulariser(self, params):
-        return (self.opacity_reg * torch.sigmoid(params["opacities"]).mean()
-                + self.scale_reg * torch.exp(params["scales"]).mean())
-
-
-__all__ = ["STRATEGIES", "CappedDefaultStrategy", "RegularisedMCMCStrategy", "finalize", "gsplat_info",
+__all__ = ["STRATEGIES", "CappedDefaultStrategy", "finalize", "gsplat_info",
            "initialize_state", "make_strategy", "regulariser", "set_means2d_grad", "step_post_backward"]
