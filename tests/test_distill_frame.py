@@ -172,8 +172,8 @@ def test_forward_facing_scene_distils_in_ndc_at_any_scale(tmp_path):
         got[s] = m
     assert abs(got[20.0]["student_vs_teacher_psnr"] - got[1.0]["student_vs_teacher_psnr"]) < 0.3
     m = got[1.0]
-    # measured: 19.6 dB against the teacher after 240 steps (untrained 8.9, mean colour 12.5 vs GT)
-    assert m["student_vs_teacher_psnr"] > 17.0, m["student_vs_teacher_psnr"]
+    # measured: 23.8 dB against the teacher after 240 steps (untrained 16.8; the mean colour 17.3 vs GT)
+    assert m["student_vs_teacher_psnr"] > 21.0, m["student_vs_teacher_psnr"]
     assert m["student_psnr"] > m["mean_colour_psnr"] + 3, m
 
 
@@ -198,9 +198,9 @@ def test_teacher_renders_windows_equal_to_the_whole_view(tmp_path):
         assert (win[..., 4] - alpha[y0:y0 + 16, x0:x0 + 16]).abs().max() <= 1.5 / 255
         both = alpha[y0:y0 + 16, x0:x0 + 16] > 0.5
         assert torch.allclose(win[..., 3][both], depth[y0:y0 + 16, x0:x0 + 16][both], rtol=2e-3)
-    # training poses are kept whole (reused by a quarter of every batch)
+    # the first `limit` poses (the training poses first: a quarter of every batch) are kept whole
     t.window(0, 8, 8, 16, 16)
-    assert 0 in t.cache
+    assert 0 in t.cache and t.windows == 3
     # the distiller's batch: depth as the frame's ray parameter
     gt, cams = d.batch(3, d.poses.batch(3, 4))
     assert gt.shape == (4, 16, 16, 5)

@@ -5,10 +5,11 @@ renders are made when a pose is first drawn. A step trains on crop windows of it
 teacher renders what is reused whole and the rest as windows:
 - when the whole pose pool fits in the cache, every pose is rendered once, whole, and kept
   (uint8, never on disk; depth and alpha beside it as float16 / uint8 when the student asks);
-- otherwise only the training poses (drawn far more often: a quarter of every batch from a few
-  dozen poses) are kept whole, and every other window is rendered by itself: a crop is a camera
-  with a shifted principal point and a small image, so a step costs the same on a 504x376 view as
-  on a 128x128 one instead of re-rendering whole views for 64x64 windows.
+- otherwise the first ``limit`` poses of the pool are kept whole (the training poses first: a
+  quarter of every batch comes from those few dozen), and every window of the others is rendered
+  by itself: a crop is a camera with a shifted principal point and a small image, so a step costs
+  about the same on a 504x376 view as on a 128x128 one instead of re-rendering whole views for
+  64x64 windows (a least-recently-used cache smaller than the pool mostly missed).
 Training photos (for a real-image fine-tune) and the test views' renders are cached here too, so
 every target a distillation reads comes from one place.
 """
@@ -41,7 +42,7 @@ class Teacher:
         self.photos: dict = {}  # training view -> uint8 photo at the output size
         self.tests: dict = {}  # test view -> float render
         self.hits = self.misses = self.windows = 0
-        self.keep_all = limit >= len(poses)  # else only training poses are kept whole
+        self.keep_all = limit >= len(poses)  # else poses 0 .. limit-1 are kept whole, the others windowed
 
     @torch.no_grad()
     def render(self, camera: Camera, size: Optional[tuple] = None):
@@ -84,7 +85,7 @@ class Teacher:
     def window(self, pose: int, x0: int, y0: int, w: int, h: int, geometry: bool = False) -> torch.Tensor:
         """The targets (h, w, 3, or 5 with depth and alpha) of the window at (x0, y0) of pool pose
         ``pose`` at the output size: sliced from the whole view when it is kept, else rendered alone."""
-        if self.keep_all or pose in self.cache or pose < self.poses.n_train or (w, h) == (self.width, self.height):
+        if self.keep_all or pose < self.limit or pose in self.cache or (w, h) == (self.width, self.height):
             img, depth, alpha = self._entry(pose, geometry)
             img, depth, alpha = (None if t is None else t[y0:y0 + h, x0:x0 + w] for t in (img, depth, alpha))
         else:
