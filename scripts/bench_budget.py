@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Quality against Gaussian budget: Taming vs its gradient-only ablation vs Default at the same count.
+"""Quality against Gaussian budget: Taming vs its gradient-only ablation vs Default vs MCMC at the same count.
 
 Per seed: train ``--strategy default`` (3DGS's densification, no budget) to find the count C it
 reaches on this scene and step count; then, for each budget fraction f (default 10%, 25%, 50%,
@@ -9,7 +9,10 @@ reaches on this scene and step count; then, for each budget fraction f (default 
   - ``default-cap``  Default made to end at the count: each refinement grows only the
                      highest-gradient candidates that fit under the count (its threshold raised
                      to fit), and at the end the lowest-opacity Gaussians are trimmed (or the
-                     largest split) to exactly the count.
+                     largest split) to exactly the count;
+  - ``mcmc``         3DGS-MCMC (relocation of dead Gaussians, growth by opacity sampling, noise,
+                     L1 opacity/scale regularisers) with its count on the same budget schedule as
+                     Taming, exactly the count at the end (budget3d/budget/mcmc.py).
 Same steps, seed, learning rates and schedules for all. Writes a JSON with every run and the
 per-(method, fraction) means, and a PNG of PSNR against count, one line per method.
 
@@ -39,6 +42,7 @@ METHODS = {  # name -> TrainConfig fields
     "taming": dict(strategy="taming", score="full"),
     "taming-grad": dict(strategy="taming", score="grad"),
     "default-cap": dict(strategy="default"),
+    "mcmc": dict(strategy="mcmc"),
 }
 
 
