@@ -27,6 +27,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,10 +40,12 @@ HDR = 4
 
 # numba's cache (cache=True) checks only the source file of the function it caches, but a worker
 # inlines kernels and helpers from other files (budget3d/splat/kernels/*.py, this one): an edit
-# there would leave a stale worker in the cache. So the functions of budget3d's files are cached
-# under a stamp that also covers those files: an edit to any of them recompiles every kernel once.
-_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # budget3d/
-_KERNEL_SOURCES = tuple(sorted(glob.glob(os.path.join(_PKG, "splat", "kernels", "*.py")))) + (os.path.abspath(__file__),)
+# there would leave a stale worker in the cache. So the workers (``Kernel.compiled``) are cached
+# under a stamp that also covers those files: an edit to any of them recompiles every worker once.
+# (Only the workers: which locator an njit function gets must not depend on the import order.)
+_HERE = os.path.abspath(__file__)
+_KERNEL_SOURCES = tuple(sorted(glob.glob(os.path.join(os.path.dirname(_HERE), "kernels", "*.py")))) + (_HERE,)
+_COMPILING = threading.local()  # .worker: True while Kernel.compiled compiles (see _install_cache_stamp)
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,7 +79,7 @@ def _install_cache_stamp():
 
         @classmethod
         def from_function(cls, py_func, py_file):
-            if not os.path.abspath(py_file).startswith(_PKG + os.sep):
+            if not getattr(_COMPILING, "worker", False):
                 return None
             return super().from_function(py_func, py_file)
 
@@ -258,7 +261,11 @@ class Kernel:
     @property
     def compiled(self):
         if self._c is None:
-            self._c = cfunc(types.void(types.voidptr), cache=True, **self.opts)(self.fn)
+            _COMPILING.worker = True  # cached under the kernels' sources' stamp (see _install_cache_stamp)
+            try:
+                self._c = cfunc(types.void(types.voidptr), cache=True, **self.opts)(self.fn)
+            finally:
+                _COMPILING.worker = False
         return self._c
 
 
