@@ -40,9 +40,11 @@ HDR = 4
 
 # numba's cache (cache=True) checks only the source file of the function it caches, but a worker
 # inlines kernels and helpers from other files (budget3d/splat/kernels/*.py, this one): an edit
-# there would leave a stale worker in the cache. So the workers (``Kernel.compiled``) are cached
-# under a stamp that also covers those files: an edit to any of them recompiles every worker once.
-# (Only the workers: which locator an njit function gets must not depend on the import order.)
+# there would leave a stale worker in the cache. So the workers (``Kernel.compiled``, wherever they
+# are defined) and the njit functions of those files are cached under a stamp that also covers those
+# files: an edit to any of them recompiles every kernel once. (kernels/common.py imports this module
+# first, so every kernel file is decorated after the stamp is installed; other njit functions keep
+# numba's own stamp.)
 _HERE = os.path.abspath(__file__)
 _KERNEL_SOURCES = tuple(sorted(glob.glob(os.path.join(os.path.dirname(_HERE), "kernels", "*.py")))) + (_HERE,)
 _COMPILING = threading.local()  # .worker: True while Kernel.compiled compiles (see _install_cache_stamp)
@@ -79,7 +81,7 @@ def _install_cache_stamp():
 
         @classmethod
         def from_function(cls, py_func, py_file):
-            if not getattr(_COMPILING, "worker", False):
+            if not (getattr(_COMPILING, "worker", False) or os.path.abspath(py_file) in _KERNEL_SOURCES):
                 return None
             return super().from_function(py_func, py_file)
 

@@ -12,6 +12,8 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
+from budget3d.splat import pool  # noqa: F401  (first: installs the kernels' cache stamp, see pool)
+
 TW = 8  # tile width: a row of a tile is one AVX2 vector of float32
 TH = 32  # tile height
 TP = TW * TH  # pixels per tile
