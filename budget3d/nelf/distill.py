@@ -202,9 +202,9 @@ class Distiller:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from budget3d.runtime import save_torch
+
+    save_torch(obj, path)
 
 
 def lr_at(cfg: DistillConfig, step: int, seconds: float = 0.0) -> float:
@@ -234,8 +234,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
 
     d = setup(cfg, resume=resume)
     cfg = d.cfg
-    if d.step == 0 and not d.init_metrics and cfg.eval and d.main:
-        d.init_metrics = {"student_vs_teacher_psnr_init": _quick_eval(d)}  # the untrained student, for reference
+    if d.step == 0 and "student_vs_teacher_psnr_init" not in d.init_metrics and cfg.eval and d.main:
+        d.init_metrics["student_vs_teacher_psnr_init"] = _quick_eval(d)  # the untrained student, for reference
     bar = _progress_bar(d, progress and d.main)
     with _StopOnCtrlC() as ctrl_c:
         t0 = time.perf_counter()
@@ -451,8 +451,11 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
         from budget3d.splat import cpu
 
         cpu.warmup()
-    if ckpt is None and model.needs_geometry:
-        _seed_grid(d)
+    if ckpt is None:
+        pts, wts, t = _teacher_surfaces(d, 32 if model.needs_geometry else 8)
+        d.init_metrics["frame_coverage"] = _frame_coverage(d, t)
+        if model.needs_geometry and len(pts):  # start the density where the teacher's surfaces are
+            model.seed_density(pts, wts)
     d.net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -462,24 +465,35 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
 
 
 @torch.no_grad()
-def _seed_grid(d: Distiller, views: int = 32) -> None:
-    """Start a grid student's density where the teacher's surfaces are: up to ``views`` training
-    cameras rendered at the ray-grid size, their depth back-projected, weighted by alpha."""
+def _teacher_surfaces(d: Distiller, views: int = 32) -> tuple:
+    """Where the teacher's surfaces are: up to ``views`` training cameras rendered at the ray-grid
+    size, their opaque pixels' depth back-projected: (world points, alpha weights, the frame's t)."""
     step = max(1, len(d.scene.train) // views)
-    pts, wts = [], []
+    pts, wts, ts = [], [], []
     for v in d.scene.train[::step][:views]:
         cam = at_resolution(v.camera, max(1, d.width // d.model.scale), max(1, d.height // d.model.scale))
         out = d.teacher.render(cam, (cam.width, cam.height))
         o, dirs = camera_rays(cam, 1, device=d.device)  # unit directions; depth is camera z
-        z = out.depth[..., 0]
         fwd = torch.as_tensor(np.asarray(cam.world_to_camera, np.float64)[2, :3], dtype=torch.float32,
                               device=d.device)
-        t = z / (dirs @ fwd).clamp_min(1e-6)
+        dist = out.depth[..., 0] / (dirs @ fwd).clamp_min(1e-6)
         keep = out.alpha[..., 0] > 0.5
-        pts.append((o + t[..., None] * dirs)[keep])
+        pts.append((o + dist[..., None] * dirs)[keep])
         wts.append(out.alpha[..., 0][keep])
-    if pts and sum(len(p) for p in pts):
-        d.model.seed_density(torch.cat(pts), torch.cat(wts))
+        ts.append(d.model.frame.param(o, dirs, dist)[keep])
+    return torch.cat(pts), torch.cat(wts), torch.cat(ts)
+
+
+def _frame_coverage(d: Distiller, t: torch.Tensor) -> dict:
+    """Where the teacher's surfaces fall along the rays, in the frame's t against the sampled
+    [t0, t1]: whether the K points cover them (and how much of the interval they use)."""
+    f = d.model.frame
+    if not len(t):
+        return {"t0": f.t0, "t1": f.t1}
+    q = torch.quantile(t.float().cpu()[:200_000], torch.tensor([0.01, 0.5, 0.99])).tolist()
+    inside = float(((t >= f.t0) & (t <= f.t1)).float().mean())
+    return {"t0": round(f.t0, 4), "t1": round(f.t1, 4), "surface_t_p01_p50_p99": [round(v, 4) for v in q],
+            "surfaces_inside": round(inside, 4)}
 
 
 FLAGS = ("preset", "iters", "minutes", "batch", "resolution")  # DistillConfig fields with a flag of their own
@@ -538,7 +552,7 @@ def _student_one(d: Distiller, camera: Camera) -> torch.Tensor:
 
 def _quick_eval(d: Distiller) -> float:
     """Mean student-vs-teacher PSNR over the test views (in eval mode)."""
-    from budget3d.train.metrics import psnr
+    from budget3d.runtime import psnr
 
     vals = [psnr(_student_one(d, v.camera), d.teacher.test(i, v)) for i, v in enumerate(_test_views(d))]
     return float(np.mean(vals))
@@ -548,7 +562,8 @@ def _quick_eval(d: Distiller) -> float:
 def evaluate(d: Distiller, strip_path: Optional[Path] = None) -> dict:
     """Student PSNR/SSIM against the ground truth and the teacher, the teacher's own PSNR, and
     the mean-colour baseline, over the test views; writes the GT | teacher | student strip."""
-    from budget3d.train.metrics import psnr, ssim
+    from budget3d.runtime import psnr
+    from budget3d.train.metrics import ssim
 
     views = _test_views(d)
     train_mean = torch.as_tensor(np.mean([v.image().reshape(-1, 3).mean(0) for v in d.scene.train[:50]], 0) / 255.0,
@@ -574,12 +589,9 @@ def evaluate(d: Distiller, strip_path: Optional[Path] = None) -> dict:
 
 
 def _write_png(img: torch.Tensor, path: Path) -> None:
-    import cv2
+    from budget3d.runtime import write_png
 
-    arr = (img.clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    cv2.imwrite(str(tmp), cv2.cvtColor(arr, cv2.COLOR_RGB2BGR))
-    os.replace(tmp, path)
+    write_png(path, img)
 
 
 def student_payload(d: Distiller) -> dict:
@@ -630,9 +642,9 @@ def finish(d: Distiller, progress: bool = True) -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    from budget3d.runtime import write_json
+
+    write_json(path, obj)
 
 
 def _plot(d: Distiller, metrics: dict) -> None:
@@ -659,11 +671,9 @@ def _plot(d: Distiller, metrics: dict) -> None:
         title += f": student {metrics['student_psnr']:.2f} dB, teacher {metrics['teacher_psnr']:.2f} dB vs GT"
     ax.set_title(title)
     fig.tight_layout()
-    path = d.out_dir / "progress.png"
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from budget3d.runtime import save_figure
+
+    save_figure(fig, d.out_dir / "progress.png")
 
 
 __all__ = ["DistillConfig", "DistillInterrupted", "Distiller", "PoseSampler", "at_resolution", "distill",
