@@ -22,7 +22,6 @@ Both frames map a scene scaled by any factor to the same coordinates.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
