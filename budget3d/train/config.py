@@ -33,7 +33,7 @@ class TrainConfig:
     downscale: int = _flag(1, "image downscale factor")
     sh_degree: int = _flag(3, "spherical-harmonics degree 0..3")
     strategy: str = _flag("taming", "densification: taming (exact budget), default (classic 3DGS, no budget), "
-                          "mcmc (gsplat MCMC capped at the budget, CUDA only)", choices=("taming", "default", "mcmc"))
+                          "mcmc (3DGS-MCMC relocation, grown on the budget schedule to exactly the budget, every device)", choices=("taming", "default", "mcmc"))
     seed: int = _flag(0, "random seed")
     # initialisation (budget3d/train/init.py): the scene's points, else random ones
     init_points: int = _flag(5000, "random points when the scene has none")
