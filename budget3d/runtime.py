@@ -130,12 +130,15 @@ def atomic_path(path, keep_suffix: bool = False) -> Iterator[Path]:
 
 
 def json_default(o):
-    """``json.dumps`` default: numpy scalars as Python numbers (NaN as null), anything else as str."""
+    """``json.dumps`` default: numpy scalars as Python numbers, anything else ``float()`` takes (a
+    0-d tensor) as a float (NaN as null), the rest as str (a path)."""
     import numpy as np
 
+    if isinstance(o, np.bool_):
+        return bool(o)
     if isinstance(o, np.integer):
         return int(o)
-    if isinstance(o, np.floating):
+    if isinstance(o, np.floating) or hasattr(o, "__float__"):
         v = float(o)
         return None if math.isnan(v) else v
     return str(o)

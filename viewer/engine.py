@@ -31,11 +31,12 @@ from typing import Optional
 import numpy as np
 
 from budget3d.errors import UserError
+from budget3d.export import ONNX_FILES
+from budget3d.runtime import psnr
 
 RUNTIMES = ("torch", "onnx", "onnx-int8", "onnx-mixed")
 RUNTIME_LABELS = {"torch": "torch", "onnx": "ONNX fp32", "onnx-int8": "ONNX int8", "onnx-mixed": "ONNX mixed"}
-ONNX_FILES = {"onnx": "nelf.onnx", "onnx-int8": "nelf-int8.onnx", "onnx-mixed": "nelf-mixed.onnx"}
-DOWNLOADS = ("gaussians.ply", "gaussians.splat", "gaussians.spz", "nelf.onnx", "nelf-int8.onnx", "nelf-mixed.onnx")
+DOWNLOADS = ("gaussians.ply", "gaussians.splat", "gaussians.spz", *ONNX_FILES.values())
 SH_C0 = 0.28209479177387814
 
 # One computation at a time: with 2 cores, two clients rendering at once would each report the
@@ -116,11 +117,6 @@ def fit_aspect(img: np.ndarray, aspect: float, fill) -> np.ndarray:
     x0 = (want - w) // 2
     out[:, x0:x0 + w] = img
     return out
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.clip(a, 0, 1).astype(np.float64) - np.clip(b, 0, 1)) ** 2))
-    return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
 
 
 # ----------------------------------------------------------------------------- the run folder

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from budget3d.errors import UserError
+from budget3d.runtime import write_json
 
 PROCESS_JSON = "process.json"
 DOWNSCALES = (2, 4, 8)
@@ -106,7 +107,7 @@ def process(src, out, opts: Optional[ProcessOptions] = None, progress: bool = Tr
     try:
         info = _build(src, kind, tmp, opts, progress, inputs, sfm)
         info["scene"] = str(out.resolve().parent / out.name)
-        _write_json(tmp / "scene" / PROCESS_JSON, info)
+        write_json(tmp / "scene" / PROCESS_JSON, info)
         if out.is_dir():
             out.rmdir()  # an empty folder (checked above)
         os.replace(tmp / "scene", out)
@@ -260,12 +261,6 @@ def _downscaled_copies(images: Path, progress: bool) -> None:
             d.mkdir(exist_ok=True)
             params = [cv2.IMWRITE_JPEG_QUALITY, 95] if f.suffix.lower() in (".jpg", ".jpeg") else []
             cv2.imwrite(str(d / f.name), cv2.resize(img, size, interpolation=cv2.INTER_AREA), params)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def summary(info: dict) -> str:

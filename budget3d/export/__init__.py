@@ -8,7 +8,10 @@ _SPLATS = (
     "orbit_scores", "read_spz_streams", "reprune", "run_scores", "save_any", "save_splat", "save_spz", "sniff",
 )
 
-__all__ = list(_SPLATS)
+# The NeLF's ONNX files, by export format (budget3d.export.onnx writes them; bench, web and the viewer find them)
+ONNX_FILES = {"onnx": "nelf.onnx", "onnx-int8": "nelf-int8.onnx", "onnx-mixed": "nelf-mixed.onnx"}
+
+__all__ = list(_SPLATS) + ["ONNX_FILES"]
 
 
 def __getattr__(name):

@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 
 from budget3d.errors import UserError
+from budget3d.export import ONNX_FILES
 
-ONNX_FILES = {"onnx-fp32": "nelf.onnx", "onnx-int8": "nelf-int8.onnx", "onnx-mixed": "nelf-mixed.onnx"}
 SPLAT_FILES = {"3dgs-splat": "gaussians.splat", "3dgs-spz": "gaussians.spz"}
 ORDER = ("3dgs", "3dgs-splat", "3dgs-spz", "nelf-torch", "onnx-fp32", "onnx-int8", "onnx-mixed", "pte")
 HOW = {
@@ -493,7 +493,7 @@ def inventory(run: Path) -> tuple[dict, list]:
 
     files = {"3dgs": run / "gaussians.ply", "nelf-torch": run / "nelf" / "student.pt"}
     files.update({k: run / "export" / v for k, v in SPLAT_FILES.items()})
-    files.update({k: run / "export" / v for k, v in ONNX_FILES.items()})
+    files.update({("onnx-fp32" if k == "onnx" else k): run / "export" / v for k, v in ONNX_FILES.items()})
     files["pte"] = run / "export" / pte.FILENAME
     present = {k: files[k] for k in ORDER if files[k].is_file()}
     if "pte" in present and not pte.available():
@@ -507,7 +507,7 @@ def _metrics(imgs: list, refs: list) -> tuple[float, float]:
     import torch
     from pytorch_msssim import ssim
 
-    from budget3d.train.metrics import psnr
+    from budget3d.runtime import psnr
 
     p = [psnr(a, r) for a, r in zip(imgs, refs)]
     nchw = lambda xs: torch.stack([x.clamp(0, 1) for x in xs]).permute(0, 3, 1, 2)  # noqa: E731
@@ -530,7 +530,8 @@ def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None,
     import torch
     from tqdm import tqdm
 
-    from budget3d.export.onnx import _finite, _write_json
+    from budget3d.export.onnx import _finite
+    from budget3d.runtime import write_json
 
     run = _check_run(run_dir)
     threads = tuple(sorted({int(t) for t in threads}))
@@ -671,7 +672,7 @@ def run_bench(run_dir, *, quick: bool = False, threads=(1, 2), resolutions=None,
     }
     result["ratios"] = ratios(result)
     result = _finite(result)
-    _write_json(run / "bench.json", result)
+    write_json(run / "bench.json", result, indent=1, allow_nan=False)
     plot(result, run / "bench.png")
     return result
 
@@ -768,6 +769,8 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
+    from budget3d.runtime import save_figure
+
     rows = [r for r in result["variants"] if r.get("psnr") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, key, label in ((axes[0], "latency", "median latency at 1 thread (ms, log)"),
@@ -789,7 +792,4 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"{Path(result['run']).name}: quality against latency and size ({', '.join(sorted(res))}, "
                  f"{result['n_views']} views)", fontsize=10)
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)

@@ -51,9 +51,10 @@ import torch
 from torch import nn
 
 from budget3d.errors import UserError
+from budget3d.export import ONNX_FILES
+from budget3d.runtime import atomic_path, psnr_from_mse, write_json
 
-FORMATS = ("onnx", "onnx-int8", "onnx-mixed")
-FILENAMES = {"onnx": "nelf.onnx", "onnx-int8": "nelf-int8.onnx", "onnx-mixed": "nelf-mixed.onnx"}
+FORMATS = tuple(ONNX_FILES)  # onnx, onnx-int8, onnx-mixed
 INPUT, OUTPUT = "c2w", "image"
 CONV_OPS = ("Conv", "ConvTranspose")  # the layers mixed precision chooses between
 
@@ -180,9 +181,8 @@ def export_torch(module: PoseToImage, path: Path, dynamo: Optional[bool] = None)
     example = (torch.eye(4, dtype=torch.float32),)
     errors = []
     for use_dynamo in ([True, False] if dynamo is None else [bool(dynamo)]):
-        tmp = path.with_name(path.stem + ".tmp.onnx")
         try:
-            with torch.no_grad():
+            with atomic_path(path, keep_suffix=True) as tmp, torch.no_grad():
                 if use_dynamo:
                     prog = torch.onnx.export(module, example, dynamo=True, input_names=[INPUT],
                                              output_names=[OUTPUT], optimize=True, verbose=False)
@@ -190,12 +190,10 @@ def export_torch(module: PoseToImage, path: Path, dynamo: Optional[bool] = None)
                 else:
                     torch.onnx.export(module, example, str(tmp), dynamo=False, input_names=[INPUT],
                                       output_names=[OUTPUT], opset_version=17, do_constant_folding=True)
-            session(tmp)  # a graph onnxruntime cannot load is a failed export
-            os.replace(tmp, path)
+                session(tmp)  # a graph onnxruntime cannot load is a failed export
             return "dynamo" if use_dynamo else "torchscript"
         except Exception as e:  # exporter failures come in many types
             errors.append(f"{'dynamo' if use_dynamo else 'torchscript'}: {type(e).__name__}: {str(e)[:200]}")
-            tmp.unlink(missing_ok=True)
     raise RuntimeError("ONNX export failed: " + " | ".join(errors))
 
 
@@ -233,16 +231,10 @@ def torch_poses(module: nn.Module, poses: list) -> list:
     return [module(torch.as_tensor(np.asarray(p, dtype=np.float32))).numpy() for p in poses]
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.clip(a, 0, 1).astype(np.float64) - np.clip(b, 0, 1)) ** 2))
-    return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
-
-
 def mean_psnr(outs: list, refs: list) -> float:
     """PSNR of the mean MSE over the views (finite for identical images only when all are)."""
-    mse = float(np.mean([np.mean((np.clip(a, 0, 1).astype(np.float64) - np.clip(b, 0, 1)) ** 2)
-                         for a, b in zip(outs, refs)]))
-    return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
+    return psnr_from_mse(np.mean([np.mean((np.clip(a, 0, 1).astype(np.float64) - np.clip(b, 0, 1)) ** 2)
+                                  for a, b in zip(outs, refs)]))
 
 
 def latency_ms(path, pose, threads: int = 1, repeats: int = 5) -> float:
@@ -345,9 +337,8 @@ def strip_metadata(path) -> None:
     for n in m.graph.node:
         n.doc_string = ""
         del n.metadata_props[:]
-    tmp = Path(path).with_name(Path(path).stem + ".strip.onnx")
-    onnx.save(m, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path, keep_suffix=True) as tmp:
+        onnx.save(m, str(tmp))
 
 
 def quantize(fp32_path, out_path, calib_poses: list, *, exclude: list = (), only: Optional[list] = None,
@@ -356,14 +347,12 @@ def quantize(fp32_path, out_path, calib_poses: list, *, exclude: list = (), only
     ``exclude``: node names kept float; ``only``: if given, quantize just these nodes."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.stem + ".tmp.onnx")
-    quantize_static(str(fp32_path), str(tmp), PoseReader(calib_poses), quant_format=QuantFormat.QDQ,
-                    per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=list(exclude), nodes_to_quantize=list(only) if only else None,
-                    calibrate_method=CalibrationMethod.MinMax)
-    strip_metadata(tmp)
-    os.replace(tmp, out_path)
+    with atomic_path(out_path, keep_suffix=True) as tmp:
+        quantize_static(str(fp32_path), str(tmp), PoseReader(calib_poses), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(exclude), nodes_to_quantize=list(only) if only else None,
+                        calibrate_method=CalibrationMethod.MinMax)
+        strip_metadata(tmp)
 
 
 # ----------------------------------------------------------------------------- the run folder
@@ -487,7 +476,7 @@ def export(run_dir: Path, fmt: str, out_dir: Path, **opts) -> dict:
     t0 = time.perf_counter()
     module = pose_model(model, payload, res)
     ref = torch_poses(pose_model(model, payload, res, fold=False), evals)  # the student as distilled
-    path = out_dir / FILENAMES[fmt]
+    path = out_dir / ONNX_FILES[fmt]
     src = path if fmt == "onnx" else out_dir / ".nelf-fp32.tmp.onnx"
     exporter = export_torch(module, src, opts.get("dynamo"))
     try:
@@ -540,7 +529,7 @@ def export(run_dir: Path, fmt: str, out_dir: Path, **opts) -> dict:
         if fmt != "onnx":
             Path(src).unlink(missing_ok=True)
     result = _finite(result)
-    _write_json(path.with_suffix(".json"), result)
+    write_json(path.with_suffix(".json"), result, indent=1, allow_nan=False)
     return result
 
 
@@ -664,12 +653,6 @@ def conv_modules(path) -> dict:
         except (KeyError, ValueError, SyntaxError, IndexError):
             out[n.name] = n.name
     return out
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float, allow_nan=False))
-    os.replace(tmp, path)
 
 
 def describe(result: dict) -> str:

@@ -121,8 +121,9 @@ def export_pte(run_dir, fmt, out_dir, **opts) -> dict:
     import numpy as np
     import torch
 
-    from budget3d.export.onnx import (_finite, _write_json, held_out_poses, mean_psnr, pose_model, prepare,
+    from budget3d.export.onnx import (_finite, held_out_poses, mean_psnr, pose_model, prepare,
                                       size_mb, teacher_images, torch_poses)
+    from budget3d.runtime import write_bytes, write_json
 
     opts, run_dir, out_dir, model, payload, res = prepare(run_dir, out_dir, opts)
     evals, _, cams = held_out_poses(run_dir, n_jitter=0, data=opts.get("data"))
@@ -132,9 +133,7 @@ def export_pte(run_dir, fmt, out_dir, **opts) -> dict:
         program = torch.export.export(module, (torch.eye(4, dtype=torch.float32),))
         buffer = lower(program, partitioner=[partitioner()]).to_executorch().buffer
     path = out_dir / FILENAME
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buffer)
-    os.replace(tmp, path)
+    write_bytes(path, buffer)
     method = load_method(path, threads=1)
     outs = [run_pose(method, p) for p in evals]
     ref = torch_poses(pose_model(model, payload, res, fold=False), evals)
@@ -155,7 +154,7 @@ def export_pte(run_dir, fmt, out_dir, **opts) -> dict:
             times.append((time.perf_counter() - t) * 1e3)
         result["latency_ms_1thread"] = round(float(np.median(times)), 3)
     result = _finite(result)
-    _write_json(out_dir / SIDECAR, result)
+    write_json(out_dir / SIDECAR, result, indent=1, allow_nan=False)
     return result
 
 

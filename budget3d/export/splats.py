@@ -64,7 +64,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import struct
 from pathlib import Path
 from typing import Optional
@@ -73,6 +72,7 @@ import numpy as np
 import torch
 
 from budget3d.errors import UserError
+from budget3d.runtime import write_bytes
 
 C0 = 0.28209479177387814
 SPZ_MAGIC = 0x5053474E
@@ -121,13 +121,6 @@ def _unit_quats(q: np.ndarray) -> np.ndarray:
     return q.astype(np.float32)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _read(path) -> bytes:
     path = Path(path)
     if not path.is_file():
@@ -156,7 +149,7 @@ def save_splat(params, path) -> int:
     rec["rgba"][:, :3] = _u8(rgb * 255)
     rec["rgba"][:, 3] = _u8(_sigmoid(p["opacities"][order]) * 255)
     rec["rot"] = _u8(_unit_quats(p["quats"][order]) * 128 + 128)
-    _write_atomic(Path(path), rec.tobytes())
+    write_bytes(path, rec.tobytes())
     return n
 
 
@@ -282,7 +275,7 @@ def save_spz(params, path, version: int = 3, convert: bool = True) -> int:
         header = struct.pack("<IIIBBBBI12x", SPZ_MAGIC, 4, n, deg, fb, 0, len(comp), 32)
         toc = b"".join(struct.pack("<QQ", len(c), len(s)) for c, s in zip(comp, streams))
         data = header + toc + b"".join(comp)
-    _write_atomic(Path(path), data)
+    write_bytes(path, data)
     return n
 
 

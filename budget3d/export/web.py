@@ -31,6 +31,7 @@ import threading
 from pathlib import Path
 
 from budget3d.errors import UserError
+from budget3d.export import ONNX_FILES
 
 ASSETS = Path(__file__).resolve().parent / "web_assets"
 PAGE_FILES = ("index.html", "app.js")
@@ -181,7 +182,7 @@ def _nelf_file(run_dir: Path, out_dir: Path, variant: str, student: Path, data=N
     from budget3d.export import onnx as ex
 
     fmt = VARIANTS[variant]
-    path = out_dir / ex.FILENAMES[fmt]
+    path = out_dir / ONNX_FILES[fmt]
     meta_path = path.with_suffix(".json")
     if not path.is_file() or path.stat().st_mtime < student.stat().st_mtime:
         ex.export(run_dir, fmt, out_dir, progress=False, data=data)

@@ -2,13 +2,12 @@
 
 A checkpoint holds the parameters, each optimizer's state, the strategy's running state, the
 step to run next, the progress history, the RNG states (torch, CUDA, numpy, python) and the
-config. It is written to a temporary file and moved over ``checkpoint.pt`` with os.replace,
-so an interrupted write never leaves a broken checkpoint behind.
+config. It is written to a temporary file and moved over ``checkpoint.pt`` with os.replace
+(``runtime.save_torch``), so an interrupted write never leaves a broken checkpoint behind.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from budget3d.errors import UserError
+from budget3d.runtime import save_torch
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -49,9 +49,7 @@ def save_checkpoint(path, *, params, optimizers, strategy_state, step, history, 
         "config": dict(config),
         "extra": extra or {},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    save_torch(ckpt, path)
 
 
 def load_checkpoint(path, device="cpu") -> dict:

@@ -1,6 +1,6 @@
 """Image metrics, test-split evaluation with renders saved for a look, and the progress plot.
 
-PSNR is computed by hand, SSIM with pytorch-msssim. LPIPS needs backbone weights that are
+PSNR is ``runtime.psnr``, SSIM with pytorch-msssim. LPIPS needs backbone weights that are
 downloaded at run time by its package: we never download; it is computed only when ``lpips``
 is importable *and* its weights are already on disk, and reported as ``None`` ("absent")
 otherwise -- never as 0.
@@ -8,7 +8,6 @@ otherwise -- never as 0.
 
 from __future__ import annotations
 
-import math
 import resource
 from pathlib import Path
 from typing import Optional
@@ -16,10 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-
-def psnr(img: torch.Tensor, gt: torch.Tensor) -> float:
-    mse = float(torch.mean((img.clamp(0, 1) - gt) ** 2))
-    return float("inf") if mse <= 0 else -10.0 * math.log10(mse)
+from budget3d.runtime import psnr, save_figure
 
 
 def ssim(img: torch.Tensor, gt: torch.Tensor) -> float:
@@ -103,8 +99,6 @@ def evaluate(params, views, *, render_fn, background, renders_dir: Optional[Path
 
 def plot_progress(history: list, path: Path, title: str = "") -> None:
     """Training PSNR and Gaussian count against step, written atomically as a PNG."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,8 +117,4 @@ def plot_progress(history: list, path: Path, title: str = "") -> None:
     if title:
         ax1.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

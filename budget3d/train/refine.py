@@ -53,6 +53,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from budget3d.runtime import psnr_from_mse
 from budget3d.train.optim import VisibleAdam
 
 
@@ -162,7 +163,7 @@ def matched_psnr(img: torch.Tensor, gt: torch.Tensor) -> float:
         out.append(img[:, score, c] * sol[0] + sol[1])
     pred = torch.stack(out, -1).clamp(0, 1)
     mse = float(((pred - gt[:, score]) ** 2).mean())
-    return 10 * math.log10(1.0 / max(mse, 1e-10))
+    return psnr_from_mse(mse, floor=1e-10)
 
 
 def _hat(w: torch.Tensor) -> torch.Tensor:

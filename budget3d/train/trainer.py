@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from budget3d.errors import UserError
-from budget3d.runtime import StopOnCtrlC, pick_backend, pick_device, seed_everything, write_json
+from budget3d.runtime import StopOnCtrlC, pick_backend, pick_device, psnr, seed_everything, write_json
 from budget3d.runfolder import check_run_dir, read_config, scene_path
 from budget3d.train.checkpoint import CHECKPOINT, CONFIG, load_checkpoint, save_checkpoint, set_rng_state
-from budget3d.train.metrics import evaluate, peak_memory_mb, plot_progress, psnr, to_float
+from budget3d.train.metrics import evaluate, peak_memory_mb, plot_progress, to_float
 from budget3d.train.optim import VisibleAdam, exp_decay
 
 from budget3d.train.config import DEVICES, SCORES, TrainConfig  # noqa: F401
