@@ -314,10 +314,10 @@ def cmd_distill(args) -> int:
              if getattr(args, k) is not None}
     fields = {k: v for k, v in _config_fields(DistillConfig).items() if k not in ("run", "device", "backend", "data")}
     given.update(_parse_sets(args.set, fields, "the settings are: " + ", ".join(fields)))
-    from budget3d.nelf.distill import _check_config
+    from budget3d.nelf.config import check_config
 
     if not args.resume:  # the flags first, in the words they were typed
-        _check_config(DistillConfig(**given))
+        check_config(DistillConfig(**given))
     if args.resume:
         if given:
             flags = ", ".join("--" + k for k in sorted(given))

@@ -172,8 +172,8 @@ def test_forward_facing_scene_distils_in_ndc_at_any_scale(tmp_path):
         got[s] = m
     assert abs(got[20.0]["student_vs_teacher_psnr"] - got[1.0]["student_vs_teacher_psnr"]) < 0.3
     m = got[1.0]
-    # measured: 23.8 dB against the teacher after 240 steps (untrained 16.8; the mean colour 17.3 vs GT)
-    assert m["student_vs_teacher_psnr"] > 21.0, m["student_vs_teacher_psnr"]
+    # measured: 25.6 dB against the teacher after 240 steps (untrained 16.8; the mean colour 17.3 vs GT)
+    assert m["student_vs_teacher_psnr"] > 23.0, m["student_vs_teacher_psnr"]
     assert m["student_psnr"] > m["mean_colour_psnr"] + 3, m
 
 
