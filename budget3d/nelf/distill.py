@@ -42,6 +42,7 @@ from budget3d.nelf.rays import camera_rays, scene_bounds
 from budget3d.nelf.students import PRESETS, count_params, load_student
 from budget3d.nelf.students.grid import DEFAULTS
 from budget3d.nelf.teacher import Teacher, photo
+from budget3d.runtime import StopOnCtrlC, pick_backend, pick_device, save_torch, write_json, write_png
 from budget3d.scene.camera import Camera
 
 NELF_DIR = "nelf"
@@ -155,13 +156,7 @@ class Distiller:
             "frame": self.model.frame.to_json(),
             "rng": torch.get_rng_state(),
         }
-        _atomic_save(ckpt, self.out_dir / CHECKPOINT)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    from budget3d.runtime import save_torch
-
-    save_torch(obj, path)
+        save_torch(ckpt, self.out_dir / CHECKPOINT)
 
 
 def lr_at(cfg: DistillConfig, step: int, seconds: float = 0.0) -> float:
@@ -187,14 +182,13 @@ def distill(cfg: DistillConfig, *, resume: bool = False, progress: bool = True,
 
     ``on_step(distiller)`` runs after every step and may return True to stop as Ctrl-C does
     (checkpoint, then ``DistillInterrupted``)."""
-    from budget3d.runtime import StopOnCtrlC as _StopOnCtrlC
 
     d = setup(cfg, resume=resume)
     cfg = d.cfg
     if d.step == 0 and "student_vs_teacher_psnr_init" not in d.init_metrics and cfg.eval and d.main:
         d.init_metrics["student_vs_teacher_psnr_init"] = _quick_eval(d)  # the untrained student, for reference
     bar = _progress_bar(d, progress and d.main)
-    with _StopOnCtrlC() as ctrl_c:
+    with StopOnCtrlC() as ctrl_c:
         t0 = time.perf_counter()
         for step in range(d.step, cfg.iters):
             d.net.train()
@@ -322,11 +316,6 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
     """Build (or restore from RUN/nelf/checkpoint.pt) everything the loop needs."""
     from budget3d.runfolder import load_run_scene
     from budget3d.splat import load_ply
-    from budget3d.runtime import pick_backend as _pick_backend
-    from budget3d.runtime import pick_device
-
-    _pick_device = lambda name: pick_device(name, cfg.backend)  # noqa: E731  (--device auto follows --backend)
-
     run_dir = Path(cfg.run)
     if not resume:
         check_config(cfg)
@@ -345,7 +334,7 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
         cfg = dataclasses.replace(old, run=str(run_dir), device=cfg.device, backend=cfg.backend, data=cfg.data)
     check_config(cfg)
     rank, world, local_rank = _world()
-    device = _pick_device(cfg.device)
+    device = pick_device(cfg.device, cfg.backend)  # auto follows the backend
     if world > 1:
         if cfg.batch % world:
             raise UserError(f"batch {cfg.batch} does not split over {world} processes; give --batch a multiple of "
@@ -356,7 +345,7 @@ def setup(cfg: DistillConfig, *, resume: bool = False) -> Distiller:
         else:  # share the cores between the processes on this machine
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
         _join(device, world)
-    backend = _pick_backend(cfg.backend, device)
+    backend = pick_backend(cfg.backend, device)
     scene = load_run_scene(run_dir, saved, cfg.data or None)
     if not scene.train:
         raise UserError(f"{saved.get('data')}: the scene has no training views")
@@ -495,19 +484,13 @@ def evaluate(d: Distiller, strip_path: Optional[Path] = None) -> dict:
         if len(strip) < d.cfg.strip_views:
             strip.append(torch.cat([gt, teacher, student], dim=1))
     if strip_path is not None and strip:
-        _write_png(torch.cat(strip, dim=0), strip_path)
+        write_png(strip_path, torch.cat(strip, dim=0))
     mean = lambda k: round(float(np.mean([r[k] for r in rows])), 4)  # noqa: E731
     out = {k: mean(k) for k in ("teacher_psnr", "student_psnr", "student_vs_teacher_psnr", "student_ssim",
                                 "student_vs_teacher_ssim", "mean_colour_psnr")}
     out["n_test_views"] = len(rows)
     out["per_view"] = [{k: (round(x, 4) if isinstance(x, float) else x) for k, x in r.items()} for r in rows]
     return out
-
-
-def _write_png(img: torch.Tensor, path: Path) -> None:
-    from budget3d.runtime import write_png
-
-    write_png(path, img)
 
 
 def student_payload(d: Distiller) -> dict:
@@ -521,7 +504,7 @@ def student_payload(d: Distiller) -> dict:
 def finish(d: Distiller, progress: bool = True) -> dict:
     """Save the checkpoint and student.pt, evaluate, write metrics.json, strip.png and progress.png."""
     d.save()
-    _atomic_save(student_payload(d), d.out_dir / STUDENT)
+    save_torch(student_payload(d), d.out_dir / STUDENT)
     metrics = {
         "preset": d.cfg.preset,
         "params": count_params(d.model),
@@ -552,15 +535,9 @@ def finish(d: Distiller, progress: bool = True) -> dict:
     else:
         metrics.update({k: None for k in ("teacher_psnr", "student_psnr", "student_vs_teacher_psnr", "student_ssim")})
     metrics["history"] = d.history
-    _write_json(d.out_dir / "metrics.json", metrics)
+    write_json(d.out_dir / "metrics.json", metrics)
     _plot(d, metrics)
     return metrics
-
-
-def _write_json(path: Path, obj) -> None:
-    from budget3d.runtime import write_json
-
-    write_json(path, obj)
 
 
 def _plot(d: Distiller, metrics: dict) -> None:
