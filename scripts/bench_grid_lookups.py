@@ -20,7 +20,8 @@ import numpy as np
 
 
 def main(argv=None) -> int:
-    from budget3d.export import onnx as ex
+    from budget3d.export.onnx import export_torch, pose_model
+    from budget3d.export.ortrun import run_poses, session
     from budget3d.nelf.students import load_student
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,18 +37,18 @@ def main(argv=None) -> int:
     pose = np.eye(4, dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         for name, gather in (("GridSample", False), ("Gather", True)):
-            module = ex.pose_model(model, payload, res)
+            module = pose_model(model, payload, res)
             module.model.export_lookups = gather
             path = Path(tmp) / f"{name}.onnx"
-            ex.export_torch(module, path)
-            sessions[name] = ex.session(path, threads=1)
+            export_torch(module, path)
+            sessions[name] = session(path, threads=1)
             pose[:3, 3] = module.model.frame.centre.numpy()  # at the scene's centre: every ray crosses the ball
-            outs[name] = ex.run_poses(sessions[name], [pose])[0]
+            outs[name] = run_poses(sessions[name], [pose])[0]
         times = {k: [] for k in sessions}
         for _ in range(args.rounds):
             for k, s in sessions.items():
                 t = time.perf_counter()
-                ex.run_poses(s, [pose])
+                run_poses(s, [pose])
                 times[k].append(1e3 * (time.perf_counter() - t))
     med = {k: statistics.median(v[1:] or v) for k, v in times.items()}
     w, h = res or payload["resolution"]

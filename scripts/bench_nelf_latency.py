@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from budget3d.export.bench import measure, ort_session, profile_onnx
-from budget3d.export.onnx import INPUT, encoding_nodes, export_torch, pose_model, quantize, size_mb, tail_nodes
+from budget3d.export.onnx import export_torch, pose_model
+from budget3d.export.ortrun import INPUT, size_mb
+from budget3d.export.quantize import encoding_nodes, quantize, tail_nodes
 from budget3d.nelf.students.r2l import build, count_params, macs_per_frame
 from budget3d.scene.camera import look_at_w2c
 

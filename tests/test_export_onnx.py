@@ -10,6 +10,8 @@ from torch import nn
 
 from budget3d.errors import UserError
 from budget3d.export import onnx as ex
+from budget3d.export.ortrun import mean_psnr, run_poses, session
+from budget3d.export.quantize import encoding_nodes, layer_table, quantize, tail_nodes
 from budget3d.nelf.distill import distill
 from budget3d.nelf.students.r2l import build
 from test_distill import cfg_for, make_run
@@ -80,7 +82,7 @@ def test_fp32_onnx_matches_torch(run, fp32):
     assert fp32["max_abs_diff"] < 1e-4, fp32
     assert fp32["resolution"] == [32, 32] and fp32["size_mb"] > 0 and fp32["latency_ms_1thread"] > 0
     assert (run / "export" / "nelf.json").is_file()
-    sess = ex.session(path)
+    sess = session(path)
     (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
     assert inp.name == "c2w" and list(inp.shape) == [4, 4] and inp.type == "tensor(float)"
     assert list(out.shape) == [1, 3, 32, 32]
@@ -88,7 +90,7 @@ def test_fp32_onnx_matches_torch(run, fp32):
     model, payload = ex.load_run(run)
     _, calib, _ = ex.held_out_poses(run)
     ref = ex.torch_poses(ex.pose_model(model, payload, fold=False), calib[-2:])
-    got = ex.run_poses(sess, calib[-2:])
+    got = run_poses(sess, calib[-2:])
     assert max(float(np.abs(a - b).max()) for a, b in zip(got, ref)) < 1e-4
     assert all(0 <= g.min() and g.max() <= 1 for g in got) and np.std(got[0]) > 0.01
 
@@ -96,7 +98,7 @@ def test_fp32_onnx_matches_torch(run, fp32):
 def test_export_at_another_resolution(run, tmp_path):
     r = ex.export(run, "onnx", tmp_path, resolution="16x16", latency=False, teacher=False)
     assert r["resolution"] == [16, 16] and r["max_abs_diff"] < 1e-4
-    assert list(ex.session(r["path"]).get_outputs()[0].shape) == [1, 3, 16, 16]
+    assert list(session(r["path"]).get_outputs()[0].shape) == [1, 3, 16, 16]
     with pytest.raises(UserError, match="multiples of 4"):
         ex.export(run, "onnx", tmp_path, resolution="30x30")
 
@@ -113,7 +115,7 @@ def test_exporter_fallback_never_keeps_a_broken_file(run, tmp_path):
         assert "torchscript" in str(e) and not path.exists()
         return
     poses = ex.held_out_poses(run)[0]
-    got, ref = ex.run_poses(ex.session(path), poses), ex.torch_poses(module, poses)
+    got, ref = run_poses(session(path), poses), ex.torch_poses(module, poses)
     assert max(float(np.abs(a - b).max()) for a, b in zip(got, ref)) < 1e-4
 
 
@@ -129,7 +131,7 @@ def test_int8_is_smaller_and_close_to_fp32(run, fp32, int8):
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     assert "DepthToSpace" not in ops  # the shuffles are NHWC reshape / transpose (ShuffleNHWC)
     # rays and encoding stay float: nothing upstream of the first conv is quantized
-    enc, convs = ex.encoding_nodes(run / "export" / "nelf.onnx")
+    enc, convs = encoding_nodes(run / "export" / "nelf.onnx")
     by_name = {n.name: n for n in g.node}
     producer = {o: n.name for n in g.node for o in n.output}
     assert {by_name[n].op_type for n in enc} >= {"Sin", "Cos", "Mul"}
@@ -137,11 +139,11 @@ def test_int8_is_smaller_and_close_to_fp32(run, fp32, int8):
         assert all(producer[i] in enc for i in by_name[n].input if i in producer), n
     assert int8["float_convs"] == [convs[-1]]  # the RGB tail; the head is int8 by default
     assert int8["quantize_head"] and not int8["quantize_tail"]
-    tail = ex.tail_nodes(run / "export" / "nelf.onnx")
+    tail = tail_nodes(run / "export" / "nelf.onnx")
     assert convs[-1] in tail and {by_name[n].op_type for n in tail if n in by_name} >= {"Conv", "Sigmoid"}
     consumers = {i for n in g.node if n.op_type == "QuantizeLinear" for i in n.input}
     assert not any(o in consumers for n in tail if n in by_name for o in by_name[n].output)  # nothing after it int8
-    x = ex.run_poses(ex.session(path), ex.held_out_poses(run)[0])[0]
+    x = run_poses(session(path), ex.held_out_poses(run)[0])[0]
     assert x.shape == (1, 3, 32, 32) and np.isfinite(x).all()
 
 
@@ -152,23 +154,23 @@ def test_quantizing_the_encoding_hurts(run, tmp_path):
     evals, calib, _ = ex.held_out_poses(run)
     src = tmp_path / "fp32.onnx"
     ex.export_torch(ex.pose_model(model, payload), src)
-    ref = ex.run_poses(ex.session(src), evals)
-    enc, _ = ex.encoding_nodes(src)
-    ex.quantize(src, tmp_path / "all.onnx", calib)
-    ex.quantize(src, tmp_path / "net.onnx", calib, exclude=enc)
-    p_all = ex.mean_psnr(ex.run_poses(ex.session(tmp_path / "all.onnx"), evals), ref)
-    p_net = ex.mean_psnr(ex.run_poses(ex.session(tmp_path / "net.onnx"), evals), ref)
+    ref = run_poses(session(src), evals)
+    enc, _ = encoding_nodes(src)
+    quantize(src, tmp_path / "all.onnx", calib)
+    quantize(src, tmp_path / "net.onnx", calib, exclude=enc)
+    p_all = mean_psnr(run_poses(session(tmp_path / "all.onnx"), evals), ref)
+    p_net = mean_psnr(run_poses(session(tmp_path / "net.onnx"), evals), ref)
     assert p_net > p_all + 2, (p_net, p_all)
 
 
 def test_mixed_precision_table_and_budget(run, int8, tmp_path):
     r = ex.export(run, "onnx-mixed", tmp_path / "a", latency=False, progress=False)
-    convs = ex.encoding_nodes(run / "export" / "nelf.onnx")[1]
+    convs = encoding_nodes(run / "export" / "nelf.onnx")[1]
     assert sorted(row["node"] for row in r["layers"]) == sorted(convs[:-1])  # the RGB tail stays float anyway
     assert sorted(row["rank"] for row in r["layers"]) == list(range(1, len(convs)))
     assert all("drop_db" in row and row["params"] > 0 and row["module"] for row in r["layers"])
     assert r["drop_db"] <= 0.3 and r["float_convs"] == []  # plain int8 already within 0.3 dB here
-    assert "rank" in ex.layer_table(r) and "head.0" in ex.layer_table(r)
+    assert "rank" in layer_table(r) and "head.0" in layer_table(r)
     assert "convs kept float" in ex.describe(r) and "\n" not in ex.describe(r)
     # an unreachable drop target: layers are tried in float, most sensitive first, until max_mb
     # (here int8 costs ~0.01 dB, so a float copy may not help enough to be kept)
@@ -185,7 +187,7 @@ def test_mixed_precision_table_and_budget(run, int8, tmp_path):
     assert all(b["drop_db"] < a["drop_db"] for a, b in zip(kept, kept[1:]))
     assert all(s["drop_db"] > kept[-1]["drop_db"] - 0.01 for s in f["steps"] if not s.get("kept", True))
     assert (f["size_mb"] > r["size_mb"]) == bool(f["float_convs"])
-    x = ex.run_poses(ex.session(f["path"]), ex.held_out_poses(run)[0])[0]
+    x = run_poses(session(f["path"]), ex.held_out_poses(run)[0])[0]
     assert x.shape == (1, 3, 32, 32) and np.isfinite(x).all()
 
 

@@ -242,7 +242,7 @@ def test_one_camera_for_both_renderers(page, web_dir, exported_run, capsys):
     """The pose the page feeds the ONNX graph is the configured one; the web NeLF equals native
     onnxruntime at that pose; the splats Spark draws equal our rasteriser's at that pose (and
     not at a pose turned 0.5 rad), so both renderers show the same camera."""
-    from budget3d.export import onnx as ex
+    from budget3d.export.ortrun import run_poses, session
 
     cfg = cfg_of(web_dir)
     page.evaluate("window.b3d.reset(); window.b3d.setMode('nelf')")
@@ -251,7 +251,7 @@ def test_one_camera_for_both_renderers(page, web_dir, exported_run, capsys):
     np.testing.assert_allclose(c2w, cfg["camera"]["c2w"], atol=1e-5)
     np.testing.assert_allclose(np.asarray(page.evaluate("window.b3d.lastPose")).reshape(4, 4), c2w, atol=1e-6)
     webnelf = np.asarray(page.evaluate("window.b3d.nelfPixels()"), np.float32).reshape(1, 3, 32, 32)
-    native = ex.run_poses(ex.session(web_dir / cfg["nelf"]["file"]), [c2w.astype(np.float32)])[0]
+    native = run_poses(session(web_dir / cfg["nelf"]["file"]), [c2w.astype(np.float32)])[0]
     assert np.abs(webnelf - native).max() < 2 / 255
 
     shot = splat_image(page, cfg["background"], size=(128, 128))
@@ -316,7 +316,7 @@ def test_mouse_and_touch_orbit(page):
 def test_frame_times_under_4x_cpu_throttling(page, web_dir, exported_run, capsys):
     """NeLF ms/frame recorded in the page with the CPU slowed 4x through the DevTools protocol,
     beside native onnxruntime (1 thread) on the same file and pose."""
-    from budget3d.export import onnx as ex
+    from budget3d.export.ortrun import latency_ms
 
     cfg = cfg_of(web_dir)
     page.evaluate("window.b3d.reset(); window.b3d.setMode('nelf')")
@@ -336,7 +336,7 @@ def test_frame_times_under_4x_cpu_throttling(page, web_dir, exported_run, capsys
         cdp.detach()
     assert all(0 < f["infer"] <= f["ms"] for f in throttled)
     assert np.median(ms) > 1.5 * np.median(free), (ms, free)  # the throttling took effect
-    native = ex.latency_ms(web_dir / cfg["nelf"]["file"], np.asarray(cfg["camera"]["c2w"], np.float32), repeats=8)
+    native = latency_ms(web_dir / cfg["nelf"]["file"], np.asarray(cfg["camera"]["c2w"], np.float32), repeats=8)
     with capsys.disabled():
         print(f"\nweb NeLF (int8 32x32) ms/frame: {np.median(free):.2f} unthrottled, {np.median(ms):.2f} at 4x "
               f"CPU throttling; native onnxruntime 1 thread: {native:.2f}")

@@ -103,14 +103,15 @@ def test_grid_onnx_equals_torch_and_int8_stays_close(grid_run):
     """Measured on this run: fp32 within 2e-4 of torch; int8 (convs only, lookups float) 51.6 dB
     against its own fp32."""
     from budget3d.export import onnx as ex
+    from budget3d.export.ortrun import run_poses, session
 
     run, _ = grid_run
     fp32 = ex.export(run, "onnx", run / "export", latency=False, teacher=False)
     assert fp32["max_abs_diff"] < 2e-3 and fp32["psnr"] > 60
     int8 = ex.export(run, "onnx-int8", run / "export", latency=False, teacher=False)
     assert int8["psnr_vs_fp32"] > 40, int8["psnr_vs_fp32"]
-    sess = ex.session(run / "export" / "nelf.onnx")
-    out = ex.run_poses(sess, [np.eye(4, dtype=np.float32)])[0]
+    sess = session(run / "export" / "nelf.onnx")
+    out = run_poses(sess, [np.eye(4, dtype=np.float32)])[0]
     assert out.shape[-2:] == (32, 32) and np.isfinite(out).all()
 
 

@@ -178,7 +178,7 @@ class Run:
             bg = tuple(float(c) for c in student[1].get("background", bg))
         exports = {n: path / "export" / n for n in DOWNLOADS if (path / "export" / n).is_file()}
         if student is not None:  # a damaged ONNX file is an error now, not a failure mid-session
-            from budget3d.export.onnx import session
+            from budget3d.export.ortrun import session
 
             for n in exports:
                 if n.endswith(".onnx"):
@@ -326,7 +326,8 @@ class Nelf:
     def onnx_path(self, runtime: str, scale: float) -> Path:
         """The graph for ``runtime`` at resolution scale ``scale``: the run's file at 1x, else one
         exported (and quantized like the run's file) on demand, once."""
-        from budget3d.export import onnx as ex
+        from budget3d.export.onnx import export_torch, pose_model
+        from budget3d.export.quantize import quantize, recipe_exclude
 
         res = self.onnx_resolution(runtime, scale)
         key = (runtime, res)
@@ -341,14 +342,14 @@ class Nelf:
                 d = self.cache_dir / f"{res[0]}x{res[1]}"
                 fp32 = d / "nelf.onnx"
                 if not fp32.is_file():
-                    ex.export_torch(ex.pose_model(self.model, self.payload, res), fp32)
+                    export_torch(pose_model(self.model, self.payload, res), fp32)
                 path = d / ONNX_FILES[runtime]
                 if runtime != "onnx" and not path.is_file():
                     variant = "onnx-int8" if runtime == "onnx-int8" else "onnx-mixed"
-                    exclude = ex.recipe_exclude(fp32, self.sidecars.get(runtime, {}), variant)
+                    exclude = recipe_exclude(fp32, self.sidecars.get(runtime, {}), variant)
                     if exclude is None:  # the sidecar does not say: the int8 export's current recipe
-                        exclude = ex.recipe_exclude(fp32, {"float_convs": [], "quantize_tail": False}, "onnx-int8")
-                    ex.quantize(fp32, path, self._calibration_poses(), exclude=exclude)
+                        exclude = recipe_exclude(fp32, {"float_convs": [], "quantize_tail": False}, "onnx-int8")
+                    quantize(fp32, path, self._calibration_poses(), exclude=exclude)
             self._files[key] = path
             return path
 
@@ -361,12 +362,12 @@ class Nelf:
         return self._calib
 
     def session(self, path: Path, threads: int):
-        from budget3d.export import onnx as ex
+        from budget3d.export import ortrun
 
         key = (str(path), int(threads))
         if key not in self._sessions:
-            sess = ex.session(path, int(threads))
-            sess.run(None, {ex.INPUT: np.eye(4, dtype=np.float32)})  # warm-up: the first run allocates
+            sess = ortrun.session(path, int(threads))
+            sess.run(None, {ortrun.INPUT: np.eye(4, dtype=np.float32)})  # warm-up: the first run allocates
             self._sessions[key] = sess
         return self._sessions[key]
 
@@ -376,12 +377,13 @@ class Nelf:
         (``onnx_camera``), so give it that camera to compare like with like."""
         import torch
 
-        from budget3d.export import onnx as ex
+        from budget3d.export.onnx import PoseToImage
+        from budget3d.export.ortrun import INPUT
 
         c2w = np.linalg.inv(np.asarray(camera.world_to_camera, np.float64)).astype(np.float32)
         torch.set_num_threads(int(threads))
         if runtime == "torch":
-            module = ex.PoseToImage(self.net, camera.K(), camera.width, camera.height).eval()
+            module = PoseToImage(self.net, camera.K(), camera.width, camera.height).eval()
             x = torch.as_tensor(c2w)
             t = time.perf_counter()
             with torch.no_grad():
@@ -392,7 +394,7 @@ class Nelf:
             raise ValueError(f"unknown runtime {runtime!r}")
         sess = self.session(self.onnx_path(runtime, scale), threads)
         t = time.perf_counter()
-        out = sess.run(None, {ex.INPUT: c2w})[0]
+        out = sess.run(None, {INPUT: c2w})[0]
         ms = (time.perf_counter() - t) * 1e3
         return np.ascontiguousarray(out[0].transpose(1, 2, 0)), ms
 

@@ -166,7 +166,7 @@ def measure(runners: dict, n_views: int, *, rounds: int, min_rounds: int = 3, bu
 
 
 def ort_session(path, threads: int, profile_prefix=None):
-    from budget3d.export.onnx import session
+    from budget3d.export.ortrun import session
 
     return session(path, threads, profile_prefix)
 
@@ -178,7 +178,7 @@ def profile_onnx(path, poses: list, prefix: Path, runs: int = 5, top: int = 5) -
     minimum drops that."""
     import numpy as np
 
-    from budget3d.export.onnx import INPUT
+    from budget3d.export.ortrun import INPUT
 
     sess = ort_session(path, 1, profile_prefix=prefix)
     for i in range(runs + 1):
@@ -314,7 +314,8 @@ class _Bench:
     def onnx_at(self, variant: str, sidecar: dict, res) -> Path:
         """A temporary ONNX file of ``variant`` at ``res``: exported from student.pt, quantized
         with the float convs its sidecar records (None when that cannot be reproduced)."""
-        from budget3d.export.onnx import export_torch, pose_model, quantize, recipe_exclude
+        from budget3d.export.onnx import export_torch, pose_model
+        from budget3d.export.quantize import quantize, recipe_exclude
 
         if self.model is None:
             return None
@@ -433,7 +434,7 @@ def _onnx_variant(b: _Bench, name: str, path: Path) -> Variant:
     import numpy as np
     import torch
 
-    from budget3d.export.onnx import INPUT
+    from budget3d.export.ortrun import INPUT
 
     sidecar = _read_json(path.with_suffix(".json"))
     shape = ort_session(path, 1).get_outputs()[0].shape

@@ -121,8 +121,8 @@ def export_pte(run_dir, fmt, out_dir, **opts) -> dict:
     import numpy as np
     import torch
 
-    from budget3d.export.onnx import (_finite, held_out_poses, mean_psnr, pose_model, prepare,
-                                      size_mb, teacher_images, torch_poses)
+    from budget3d.export.onnx import _finite, held_out_poses, pose_model, prepare, teacher_images, torch_poses
+    from budget3d.export.ortrun import mean_psnr, size_mb
     from budget3d.runtime import write_bytes, write_json
 
     opts, run_dir, out_dir, model, payload, res = prepare(run_dir, out_dir, opts)

@@ -432,7 +432,7 @@ def measure(folder, throttle: float = 4.0, frames: int = 30, browser: str = CHRO
     finally:
         server.shutdown()
         server.server_close()
-    from budget3d.export.onnx import latency_ms
+    from budget3d.export.ortrun import latency_ms
 
     native = latency_ms(folder / cfg["nelf"]["file"], np.asarray(cfg["camera"]["c2w"], np.float32), threads=1,
                         repeats=max(5, frames))
