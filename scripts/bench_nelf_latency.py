@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from budget3d.export.bench import measure, ort_session, profile_onnx
+from budget3d.export.measure import measure, ort_session, profile_onnx
 from budget3d.export.onnx import export_torch, pose_model
 from budget3d.export.ortrun import INPUT, size_mb
 from budget3d.export.quantize import encoding_nodes, quantize, tail_nodes
