@@ -1,7 +1,8 @@
 """Exports for devices: splat files (ply / splat / spz, and readers of other tools' files) in
-``budget3d.export.splats``; the NeLF's ONNX export in ``budget3d.export.onnx``; ``pte``, ``web``
-and ``bench`` beside them. Names are imported on first use, so ``budget3d --help`` (which imports
-the bench and web modules for their flags) does not load torch."""
+``budget3d.export.splats``; the NeLF's ONNX export in ``budget3d.export.onnx``, its int8 / mixed
+precision in ``quantize`` and running the graphs in onnxruntime in ``ortrun``; ``pte``, ``web``
+and ``bench`` (which measures with ``measure``) beside them. Names are imported on first use, so
+``budget3d --help`` (which imports the bench and web modules for their flags) does not load torch."""
 
 _SPLATS = (
     "FORMATS", "importance", "load_any", "load_compressed_ply", "load_splat", "load_spz", "look_at", "orbit_cameras",
