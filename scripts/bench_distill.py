@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -62,7 +62,6 @@ Gaussians are unchanged. Measured (PSNR against the full model, 4 held-out orbit
 from __future__ import annotations
 
 import gzip
-import json
 import math
 import struct
 from pathlib import Path
