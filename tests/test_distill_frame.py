@@ -177,6 +177,15 @@ def test_forward_facing_scene_distils_in_ndc_at_any_scale(tmp_path):
     assert m["student_psnr"] > m["mean_colour_psnr"] + 3, m
 
 
+def test_grid_student_learns_a_forward_facing_scene_in_ndc(tmp_path):
+    """The grid student's density and feature grids live in the same NDC cube (seeded from the
+    teacher's depth there): measured 26.2 dB against the teacher after 120 steps at x1 (5.95 untrained)."""
+    run = forward_facing_run(tmp_path, 20.0)
+    m = distill(cfg_for(run, preset="grid-small", lr=None, iters=120, batch=8, crop=16), progress=False)
+    assert m["frame"] == "ndc" and m["frame_coverage"]["surfaces_inside"] > 0.99
+    assert m["student_vs_teacher_psnr"] > 23.0, m["student_vs_teacher_psnr"]
+
+
 # ----------------------------------------------------------------------------- the teacher's windows
 
 
