@@ -167,13 +167,14 @@ def test_forward_facing_scene_distils_in_ndc_at_any_scale(tmp_path):
         run = forward_facing_run(tmp_path / f"s{s}", s)
         d = setup(cfg_for(run, preset="small", iters=1))
         assert d.poses.forward_facing and d.model.frame.kind == "ndc"
-        m = distill(cfg_for(run, preset="small", iters=2 * STEPS, batch=4, crop=16), progress=False)
+        # lr 5e-3: at the tests' usual 1e-2 two seeds of this scene end 2 dB apart at 240 steps
+        m = distill(cfg_for(run, preset="small", iters=2 * STEPS, batch=4, crop=16, lr=5e-3), progress=False)
         assert m["frame"] == "ndc"
         got[s] = m
     assert abs(got[20.0]["student_vs_teacher_psnr"] - got[1.0]["student_vs_teacher_psnr"]) < 0.3
     m = got[1.0]
-    # measured: 25.6 dB against the teacher after 240 steps (untrained 16.8; the mean colour 17.3 vs GT)
-    assert m["student_vs_teacher_psnr"] > 23.0, m["student_vs_teacher_psnr"]
+    # measured: 26.1 dB against the teacher after 240 steps at x1, 25.9 at x20 (the mean colour: 17.3 vs GT)
+    assert m["student_vs_teacher_psnr"] > 23.5, m["student_vs_teacher_psnr"]
     assert m["student_psnr"] > m["mean_colour_psnr"] + 3, m
 
 
