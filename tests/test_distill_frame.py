@@ -17,6 +17,7 @@ from budget3d.nelf.frame import Frame, ndc_frame
 from budget3d.scene.camera import Camera
 from budget3d.splat import load_ply, render, save_ply
 from test_distill import cfg_for, make_run
+from test_train import wall_gaussians
 
 STEPS = 120
 
@@ -42,21 +43,6 @@ def scaled_run(root, s: float):
         open(path, "w").write(json.dumps(d))
     save_ply(scale_gaussians(load_ply(run / "gaussians.ply"), s), run / "gaussians.ply")
     return run
-
-
-def wall_gaussians():
-    """A textured wall of Gaussians 4..6 units down +z (as test_train's forward-facing scene)."""
-    from budget3d.splat import random_init
-
-    g = torch.Generator().manual_seed(3)
-    n = 300
-    z = torch.rand(n, generator=g) * 2 + 4
-    truth = random_init(n, (0.0, 0.0, 5.0), 1.0, sh_degree=1, seed=3)
-    truth["means"] = torch.cat([(torch.rand(n, 2, generator=g) * 2 - 1) * z[:, None] * 0.6, z[:, None]], 1)
-    truth["scales"] = torch.log(torch.rand(n, 3, generator=g) * 0.2 + 0.2)
-    truth["opacities"] = torch.logit(torch.full((n,), 0.9))
-    truth["sh0"] = (torch.rand(n, 1, 3, generator=g) - 0.5) * 3.0
-    return truth
 
 
 def forward_facing_run(root, s: float = 1.0, size: int = 32, n_views: int = 12):

@@ -453,9 +453,8 @@ def test_random_background_targets_follow_the_background(tmp_path):
 # ----------------------------------------------------------------------------- real-capture robustness
 
 
-def forward_facing_scene(n_views=8, size=SIZE):
-    """An LLFF-like capture: cameras on a small grid looking down +z at a textured wall of
-    Gaussians 4..6 units away, with near/far bounds and no points (so random init)."""
+def wall_gaussians():
+    """A textured wall of 300 Gaussians 4..6 units down +z."""
     g = torch.Generator().manual_seed(3)
     n = 300
     z = torch.rand(n, generator=g) * 2 + 4
@@ -464,6 +463,13 @@ def forward_facing_scene(n_views=8, size=SIZE):
     truth["scales"] = torch.log(torch.rand(n, 3, generator=g) * 0.2 + 0.2)
     truth["opacities"] = torch.logit(torch.full((n,), 0.9))
     truth["sh0"] = (torch.rand(n, 1, 3, generator=g) - 0.5) * 3.0
+    return truth
+
+
+def forward_facing_scene(n_views=8, size=SIZE):
+    """An LLFF-like capture: cameras on a small grid looking down +z at ``wall_gaussians``, with
+    near/far bounds and no points (so random init)."""
+    truth = wall_gaussians()
     f = size * 1.0
     views = []
     for i in range(n_views):
