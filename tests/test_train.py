@@ -164,6 +164,38 @@ def test_visible_adam_updates_only_visible_rows_with_per_row_bias_correction():
     assert torch.equal(p.detach()[1:], before[1:])
 
 
+def test_visible_adam_torch_path_has_no_host_sync_and_equals_the_gathered_rows(monkeypatch):
+    """The path CUDA takes (here forced by float64): a masked update with no ``nonzero()`` or
+    ``bool(...)`` (each a host sync per parameter per step on a GPU), bit-equal to updating the
+    gathered visible rows and leaving the others untouched."""
+    from budget3d.train.optim import _adam_rows
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(12, 2, 3, dtype=torch.float64))
+    opt = VisibleAdam([p], lr=0.05)
+    m = torch.zeros_like(p.detach())
+    v, t, ref = m.clone(), torch.zeros(12), p.detach().clone()  # row_step is float32
+
+    def no_sync(*a, **k):
+        raise AssertionError("host sync on the optimiser's path")
+
+    for step in range(6):
+        vis = torch.rand(12) < 0.5
+        p.grad = torch.randn(12, 2, 3, dtype=torch.float64)
+        with monkeypatch.context() as mp:
+            mp.setattr(torch.Tensor, "nonzero", no_sync)
+            mp.setattr(torch.Tensor, "__bool__", no_sync)
+            opt.step(vis)
+        r = vis.nonzero()[:, 0]
+        if len(r):
+            pr, mr, vr, tr = ref[r], m[r], v[r], t[r]
+            _adam_rows(pr, p.grad[r], mr, vr, tr, 0.05, 0.9, 0.999, 1e-15)
+            ref[r], m[r], v[r], t[r] = pr, mr, vr, tr
+        assert torch.equal(p.detach(), ref), step
+    st = opt.state[p]
+    assert torch.equal(st["exp_avg"], m) and torch.equal(st["exp_avg_sq"], v)
+
+
 def test_visible_adam_cpu_kernel_matches_the_torch_ops():
     from budget3d.train import optim
 

@@ -68,19 +68,25 @@ class VisibleAdam(torch.optim.Optimizer):
                     _adam_cpu(p, m, v, t, visible, group["lr"], beta1, beta2, group["eps"],
                               _bias_table(beta1, beta2, self._tmax + 1))
                     continue
-                if visible is None or bool(visible.all()):
+                if visible is None:
                     _adam_rows(p, p.grad, m, v, t, group["lr"], beta1, beta2, group["eps"])
-                    continue
-                rows = visible.nonzero()[:, 0]
-                if rows.numel() == 0:
-                    continue
-                p_r, m_r, v_r, t_r = p[rows], m[rows], v[rows], t[rows]
-                _adam_rows(p_r, p.grad[rows], m_r, v_r, t_r, group["lr"], beta1, beta2, group["eps"])
-                p.index_copy_(0, rows, p_r)
-                m.index_copy_(0, rows, m_r)
-                v.index_copy_(0, rows, v_r)
-                t.index_copy_(0, rows, t_r)
+                else:
+                    _adam_masked(p, p.grad, m, v, t, visible, group["lr"], beta1, beta2, group["eps"])
         return loss
+
+
+def _adam_masked(p, g, m, v, t, visible, lr, beta1, beta2, eps):
+    """``_adam_rows`` on the rows where ``visible``, the others untouched, without a host sync (no
+    ``nonzero()``, no ``bool(...)``: on CUDA the step stays queued): the update is computed for
+    every row and selected with ``torch.where``. The same elementwise ops as ``_adam_rows`` on the
+    gathered rows, so the same bits (rows never visible divide 0 by 0 in the unselected branch)."""
+    p_n, m_n, v_n, t_n = p.clone(), m.clone(), v.clone(), t.clone()
+    _adam_rows(p_n, g, m_n, v_n, t_n, lr, beta1, beta2, eps)
+    rows = visible.view((-1,) + (1,) * (p.dim() - 1))
+    p.copy_(torch.where(rows, p_n, p))
+    m.copy_(torch.where(rows, m_n, m))
+    v.copy_(torch.where(rows, v_n, v))
+    t.copy_(torch.where(visible, t_n, t))
 
 
 def _adam_rows(p, g, m, v, t, lr, beta1, beta2, eps):
