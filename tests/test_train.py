@@ -196,6 +196,20 @@ def test_visible_adam_torch_path_has_no_host_sync_and_equals_the_gathered_rows(m
     assert torch.equal(st["exp_avg"], m) and torch.equal(st["exp_avg_sq"], v)
 
 
+def test_default_steps_fit_the_device():
+    """No --iters: 3,000 steps on the CPU; on CUDA the 3DGS/Taming schedule (30,000 steps,
+    densification every 100 from 500 to 15,000); given values win on both."""
+    from budget3d.train.trainer import resolve_config
+
+    cpu = resolve_config(TrainConfig(budget="100"), "cpu")
+    assert (cpu.iters, cpu.densify_start, cpu.densify_stop, cpu.densify_every) == (3000, 300, 1800, 100)
+    gpu = resolve_config(TrainConfig(budget="100"), "cuda")
+    assert (gpu.iters, gpu.densify_start, gpu.densify_stop, gpu.densify_every) == (30_000, 500, 15_000, 100)
+    assert gpu.opacity_reset_every == 3000 and gpu.sh_up_every == 1000
+    mine = resolve_config(TrainConfig(budget="100", iters=2000, densify_start=50), "cuda")
+    assert (mine.iters, mine.densify_start, mine.densify_stop) == (2000, 50, 1200)
+
+
 def test_visible_adam_cpu_kernel_matches_the_torch_ops():
     from budget3d.train import optim
 

@@ -27,7 +27,8 @@ class TrainConfig:
     budget: Optional[str] = _flag(None, 'Gaussian budget: a count ("200000", "200k"), "15x" the initial points, or '
                                   'a .ply size ("30MB"); not needed for --strategy default',
                                   metavar="BUDGET", shown="none")
-    iters: int = _flag(3000, "training steps")
+    iters: Optional[int] = _flag(None, "training steps (auto: 3000 on the CPU; 30000 on CUDA, densifying every 100 "
+                                 "from 500 to 15000, the 3DGS/Taming schedule)")
     device: str = _flag("auto", "auto | cpu | cuda", choices=DEVICES)
     backend: str = _flag("auto", "renderer backend", choices=("auto", "torch", "cpu", "cuda"))  # budget3d.splat.render
     downscale: int = _flag(1, "image downscale factor")

@@ -35,19 +35,30 @@ from budget3d.train.optim import VisibleAdam, exp_decay
 from budget3d.train.config import DEVICES, SCORES, TrainConfig  # noqa: F401
 
 
-def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """Validate and fill the auto (None) schedule fields from ``iters``."""
+def _check_names(c: TrainConfig) -> None:
+    from budget3d.splat.render import BACKENDS
     from budget3d.train.strategies import STRATEGIES
 
-    c = dataclasses.replace(cfg)
     if c.strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {c.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if c.device not in DEVICES:
         raise UserError(f"unknown device {c.device!r}; choose one of {', '.join(DEVICES)}")
-    from budget3d.splat.render import BACKENDS
-
     if c.backend not in BACKENDS:
         raise UserError(f"unknown backend {c.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def resolve_config(cfg: TrainConfig, device_type: str = "cpu") -> TrainConfig:
+    """Validate and fill the auto (None) fields: ``iters`` by the device (on CUDA the 3DGS/Taming
+    schedule: 30,000 steps, densification every 100 from 500 to 15,000; on the CPU 3,000 steps),
+    the schedules from ``iters``."""
+    c = dataclasses.replace(cfg)
+    _check_names(c)
+    if c.iters is None:
+        c.iters = 30_000 if device_type == "cuda" else 3_000
+        if device_type == "cuda":
+            c.densify_start = 500 if c.densify_start is None else c.densify_start
+            c.densify_stop = 15_000 if c.densify_stop is None else c.densify_stop
+            c.densify_every = 100 if c.densify_every is None else c.densify_every
     if not isinstance(c.iters, int) or c.iters < 1:
         raise UserError(f"--iters must be a positive whole number (got {c.iters!r})")
     if c.sh_degree not in (0, 1, 2, 3):
@@ -251,8 +262,9 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None, progress: bool 
         cfg = dataclasses.replace(saved, out=str(run_dir), device=cfg.device, backend=cfg.backend, data=data)
     elif cfg.data and scene is None:  # stored absolute, so the run folder works from any directory
         cfg = dataclasses.replace(cfg, data=os.path.abspath(os.path.expanduser(cfg.data)))
-    cfg = resolve_config(cfg)
+    _check_names(cfg)
     device = pick_device(cfg.device, cfg.backend)
+    cfg = resolve_config(cfg, device.type)
     backend = pick_backend(cfg.backend, device)
     if not resume and scene is None and cfg.data:  # a folder of photos or a video: make it a scene first
         from budget3d.capture import maybe_process
