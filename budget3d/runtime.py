@@ -70,7 +70,23 @@ def pick_backend(name: str, device) -> str:
                 raise UserError(f"--backend cpu: the compiled CPU backend is unavailable ({e}); use --backend torch") from None
             warnings.warn(f"compiled CPU backend unavailable ({e}); using the slow 'torch' backend", stacklevel=2)
             backend = "torch"
+    if backend == "cuda":  # before any timed loop: the first use builds gsplat's kernels (minutes, once)
+        why = cuda_kernels_missing()
+        if why:
+            raise UserError(f"--backend {name}: gsplat's CUDA kernels cannot be built or loaded ({why}); install the "
+                            f"CUDA toolkit (nvcc) that matches torch's CUDA {torch.version.cuda}, or use --device cpu")
     return backend
+
+
+def cuda_kernels_missing() -> Optional[str]:
+    """None when gsplat's CUDA kernels load (importing ``gsplat.cuda._backend`` compiles them the
+    first time on a machine), else why not. gsplat without its kernels has ``_C = None``, and its
+    first render would die with an AttributeError."""
+    try:
+        from gsplat.cuda import _backend
+    except Exception as e:  # noqa: BLE001  (a failed build raises whatever the compiler's wrapper raises)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None if getattr(_backend, "_C", None) is not None else "gsplat's _C is None: no nvcc, or the build failed"
 
 
 def seed_everything(seed: int) -> None:

@@ -166,3 +166,28 @@ def test_stop_on_ctrl_c():
         with pytest.raises(KeyboardInterrupt):  # the second interrupts
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is old
+
+
+def test_cuda_backend_without_gsplat_kernels_is_one_line(monkeypatch):
+    """gsplat without its compiled kernels (no nvcc) has ``_C = None`` and died at the first render
+    with an AttributeError; now the backend is checked before any work, in one line."""
+    import sys
+    import types
+
+    import torch
+
+    from budget3d.errors import UserError
+    from budget3d.runtime import pick_backend
+
+    fake = types.ModuleType("gsplat.cuda._backend")
+    fake._C = None
+    monkeypatch.setitem(sys.modules, "gsplat.cuda._backend", fake)
+    import gsplat.cuda
+
+    monkeypatch.setattr(gsplat.cuda, "_backend", fake, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(UserError, match="CUDA kernels cannot be built or loaded.*--device cpu") as e:
+        pick_backend("auto", torch.device("cuda"))
+    assert "\n" not in str(e.value)
+    fake._C = object()  # kernels present: the backend is cuda
+    assert pick_backend("auto", torch.device("cuda")) == "cuda"
