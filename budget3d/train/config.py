@@ -1,12 +1,15 @@
 """``TrainConfig``: everything a run depends on (saved as config.json). No torch here, so the
 CLI can build its flags from it quickly: each field is a ``budget3d train`` flag, its metadata the
-flag's help (and argparse's choices/metavar/action where a field needs them)."""
+flag's help (and argparse's choices/metavar/action where a field needs them). ``resolve_config``
+fills its auto fields once the device is known."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
+
+from budget3d.errors import UserError
 
 SCORES = ("full", "grad")
 DEVICES = ("auto", "cpu", "cuda")
@@ -89,3 +92,52 @@ class TrainConfig:
     def from_json(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_names(c: TrainConfig) -> None:
+    from budget3d.splat.render import BACKENDS
+    from budget3d.train.strategies import STRATEGIES
+
+    if c.strategy not in STRATEGIES:
+        raise UserError(f"unknown strategy {c.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if c.device not in DEVICES:
+        raise UserError(f"unknown device {c.device!r}; choose one of {', '.join(DEVICES)}")
+    if c.backend not in BACKENDS:
+        raise UserError(f"unknown backend {c.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def resolve_config(cfg: TrainConfig, device_type: str = "cpu") -> TrainConfig:
+    """Validate and fill the auto (None) fields: ``iters`` by the device (on CUDA the 3DGS/Taming
+    schedule: 30,000 steps, densification every 100 from 500 to 15,000; on the CPU 3,000 steps),
+    the schedules from ``iters``."""
+    c = dataclasses.replace(cfg)
+    check_names(c)
+    if c.iters is None:
+        c.iters = 30_000 if device_type == "cuda" else 3_000
+        if device_type == "cuda":
+            c.densify_start = 500 if c.densify_start is None else c.densify_start
+            c.densify_stop = 15_000 if c.densify_stop is None else c.densify_stop
+            c.densify_every = 100 if c.densify_every is None else c.densify_every
+    if not isinstance(c.iters, int) or c.iters < 1:
+        raise UserError(f"--iters must be a positive whole number (got {c.iters!r})")
+    if c.sh_degree not in (0, 1, 2, 3):
+        raise UserError(f"--sh-degree must be 0, 1, 2 or 3 (got {c.sh_degree!r})")
+    if c.shN_every < 1 or c.log_every < 1 or c.checkpoint_every < 0:
+        raise UserError("shN_every and log_every must be >= 1 and checkpoint_every >= 0")
+    if c.strategy != "default" and c.budget in (None, ""):
+        raise UserError(f"strategy {c.strategy!r} needs a budget: give --budget (e.g. 200000, 15x or 30MB)")
+    n = c.iters
+    if c.sh_up_every is None:
+        c.sh_up_every = max(1, min(1000, n // 30))
+    if c.densify_start is None:
+        c.densify_start = max(1, round(0.1 * n))
+    if c.densify_stop is None:
+        c.densify_stop = max(c.densify_start + 1, round(0.6 * n))
+    if c.densify_every is None:
+        c.densify_every = max(1, (c.densify_stop - c.densify_start) // 15)
+    if c.opacity_reset_every is None:  # short runs: one reset, a third of the way (docs/training.md, "Real captures")
+        c.opacity_reset_every = 3000 if n >= 10_000 else max(1, n // 3)
+    if c.score not in SCORES:
+        raise UserError(f"unknown score {c.score!r}; choose one of {', '.join(SCORES)}")
+    c.resolved = True
+    return c

@@ -32,56 +32,7 @@ from budget3d.train.checkpoint import CHECKPOINT, CONFIG, load_checkpoint, save_
 from budget3d.train.metrics import evaluate, peak_memory_mb, plot_progress, to_float
 from budget3d.train.optim import VisibleAdam, exp_decay
 
-from budget3d.train.config import DEVICES, SCORES, TrainConfig  # noqa: F401
-
-
-def _check_names(c: TrainConfig) -> None:
-    from budget3d.splat.render import BACKENDS
-    from budget3d.train.strategies import STRATEGIES
-
-    if c.strategy not in STRATEGIES:
-        raise UserError(f"unknown strategy {c.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if c.device not in DEVICES:
-        raise UserError(f"unknown device {c.device!r}; choose one of {', '.join(DEVICES)}")
-    if c.backend not in BACKENDS:
-        raise UserError(f"unknown backend {c.backend!r}; choose one of {', '.join(BACKENDS)}")
-
-
-def resolve_config(cfg: TrainConfig, device_type: str = "cpu") -> TrainConfig:
-    """Validate and fill the auto (None) fields: ``iters`` by the device (on CUDA the 3DGS/Taming
-    schedule: 30,000 steps, densification every 100 from 500 to 15,000; on the CPU 3,000 steps),
-    the schedules from ``iters``."""
-    c = dataclasses.replace(cfg)
-    _check_names(c)
-    if c.iters is None:
-        c.iters = 30_000 if device_type == "cuda" else 3_000
-        if device_type == "cuda":
-            c.densify_start = 500 if c.densify_start is None else c.densify_start
-            c.densify_stop = 15_000 if c.densify_stop is None else c.densify_stop
-            c.densify_every = 100 if c.densify_every is None else c.densify_every
-    if not isinstance(c.iters, int) or c.iters < 1:
-        raise UserError(f"--iters must be a positive whole number (got {c.iters!r})")
-    if c.sh_degree not in (0, 1, 2, 3):
-        raise UserError(f"--sh-degree must be 0, 1, 2 or 3 (got {c.sh_degree!r})")
-    if c.shN_every < 1 or c.log_every < 1 or c.checkpoint_every < 0:
-        raise UserError("shN_every and log_every must be >= 1 and checkpoint_every >= 0")
-    if c.strategy != "default" and c.budget in (None, ""):
-        raise UserError(f"strategy {c.strategy!r} needs a budget: give --budget (e.g. 200000, 15x or 30MB)")
-    n = c.iters
-    if c.sh_up_every is None:
-        c.sh_up_every = max(1, min(1000, n // 30))
-    if c.densify_start is None:
-        c.densify_start = max(1, round(0.1 * n))
-    if c.densify_stop is None:
-        c.densify_stop = max(c.densify_start + 1, round(0.6 * n))
-    if c.densify_every is None:
-        c.densify_every = max(1, (c.densify_stop - c.densify_start) // 15)
-    if c.opacity_reset_every is None:  # short runs: one reset, a third of the way (docs/training.md, "Real captures")
-        c.opacity_reset_every = 3000 if n >= 10_000 else max(1, n // 3)
-    if c.score not in SCORES:
-        raise UserError(f"unknown score {c.score!r}; choose one of {', '.join(SCORES)}")
-    c.resolved = True
-    return c
+from budget3d.train.config import TrainConfig, check_names, resolve_config  # noqa: F401 (resolve_config: re-exported)
 
 
 @dataclass
@@ -262,7 +213,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None, progress: bool 
         cfg = dataclasses.replace(saved, out=str(run_dir), device=cfg.device, backend=cfg.backend, data=data)
     elif cfg.data and scene is None:  # stored absolute, so the run folder works from any directory
         cfg = dataclasses.replace(cfg, data=os.path.abspath(os.path.expanduser(cfg.data)))
-    _check_names(cfg)
+    check_names(cfg)
     device = pick_device(cfg.device, cfg.backend)
     cfg = resolve_config(cfg, device.type)
     backend = pick_backend(cfg.backend, device)
