@@ -189,7 +189,7 @@ def test_auto_settings_follow_the_scene():
     assert not got["blender"].appearance and all(got[k].appearance for k in ("llff", "colmap", "nerfstudio"))
     assert not any(g.pose_opt for g in got.values())  # measured: it cost the processed ethiopian_head 0.5 dB
     assert got["processed"].pose_start == 100 and got["processed"].appearance_start == 100
-    explicit = _resolve_for_scene(TrainConfig(appearance=False, pose_opt=True), fmt("colmap"))
+    explicit = _resolve_for_scene(TrainConfig(iters=3000, appearance=False, pose_opt=True), fmt("colmap"))
     assert explicit.appearance is False and explicit.pose_opt is True
 
 
