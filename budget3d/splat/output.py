@@ -4,7 +4,7 @@ a backend's composited channels (colour, depth, extra)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -17,8 +17,16 @@ class RenderOutput:
     extra: Optional[torch.Tensor]  # (H, W, K) extra channels, background 0
     means2d: torch.Tensor  # projected centres ((N,2); (1,N,2) on cuda), retain_grad: see means2d_grad()
     radii: torch.Tensor  # (N, 2) int32 box half-extents, 0 = not visible
-    n_pixels: torch.Tensor  # (N,) pixels each Gaussian was composited into
+    counts: Union[torch.Tensor, Callable[[], torch.Tensor]]  # n_pixels, or how to count them on first use
     depths: torch.Tensor  # (N,) camera-space z of each Gaussian
+
+    @property
+    def n_pixels(self) -> torch.Tensor:
+        """(N,) pixels each Gaussian was composited into. The cuda backend counts them only when
+        asked (a second pass over gsplat's tiles), since only the score views need them."""
+        if callable(self.counts):
+            self.counts = self.counts()
+        return self.counts
 
     @property
     def visible(self) -> torch.Tensor:
@@ -41,6 +49,6 @@ def finish(img, alpha, means2d, radii, n_pixels, depths, has_extra) -> RenderOut
         extra=img[..., 4:] if has_extra else None,
         means2d=means2d,
         radii=radii,
-        n_pixels=n_pixels,
+        counts=n_pixels,
         depths=depths,
     )

@@ -86,7 +86,7 @@ def gsplat_info(out, camera) -> dict:
     n = out.radii.shape[0]
     means2d = torch.zeros(1, n, 2, device=out.radii.device, requires_grad=True)
     return {"means2d": means2d, "radii": out.radii.reshape(1, n, 2), "depths": out.depths.reshape(1, n),
-            "n_pixels": out.n_pixels.reshape(1, n), "width": camera.width, "height": camera.height,
+            "width": camera.width, "height": camera.height,
             "n_cameras": 1, "gaussian_ids": None}
 
 
