@@ -37,6 +37,16 @@ def pick_device(name: str = "auto", backend: str = "auto"):
             return torch.device("cpu")
         if backend == "cuda" and not torch.cuda.is_available():
             raise UserError("--backend cuda: no CUDA GPU is available to torch here; use --backend auto (or cpu)")
+        if backend == "auto" and torch.cuda.is_available():
+            why = cuda_kernels_missing()
+            if why:  # a GPU without gsplat's kernels: auto means "what works here"
+                import warnings
+
+                warnings.warn(f"gsplat's CUDA kernels cannot be built or loaded ({why}); training on the CPU instead. "
+                              f"Install the CUDA toolkit (nvcc) that matches torch's CUDA {torch.version.cuda} to use "
+                              "the GPU", stacklevel=2)
+                return torch.device("cpu")
+            return torch.device("cuda")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda":
@@ -81,11 +91,28 @@ def pick_backend(name: str, device) -> str:
 def cuda_kernels_missing() -> Optional[str]:
     """None when gsplat's CUDA kernels load (importing ``gsplat.cuda._backend`` compiles them the
     first time on a machine), else why not. gsplat without its kernels has ``_C = None``, and its
-    first render would die with an AttributeError."""
-    try:
-        from gsplat.cuda import _backend
-    except Exception as e:  # noqa: BLE001  (a failed build raises whatever the compiler's wrapper raises)
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    first render would die with an AttributeError.
+
+    The processes of a machine (torchrun's ranks) take turns under one file lock: the first builds,
+    the others load its build. Building at once, each would delete the others' lock in the shared
+    build folder (gsplat removes a stale ``lock`` before building) and race on the same files."""
+    import sys
+    import tempfile
+
+    if "gsplat.cuda._backend" not in sys.modules:
+        print("loading gsplat's CUDA kernels (the first time on a machine builds them: a few minutes)",
+              file=sys.stderr, flush=True)
+    with open(Path(tempfile.gettempdir()) / "budget3d-gsplat-kernels.lock", "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        except (ImportError, OSError):  # no fcntl (Windows) or a filesystem without locks: build unguarded
+            pass
+        try:
+            from gsplat.cuda import _backend
+        except Exception as e:  # noqa: BLE001  (a failed build raises whatever the compiler's wrapper raises)
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None if getattr(_backend, "_C", None) is not None else "gsplat's _C is None: no nvcc, or the build failed"
 
 

@@ -15,8 +15,30 @@ from budget3d.errors import UserError
 
 @pytest.fixture
 def gpu_host(monkeypatch):
-    """torch believes a CUDA GPU is there (nothing may then touch it: these tests stop before)."""
+    """torch believes a CUDA GPU with gsplat's kernels is there (nothing may then touch it: these
+    tests stop before)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runtime, "cuda_kernels_missing", lambda: None)
+
+
+def test_auto_falls_back_to_the_cpu_when_gsplats_kernels_are_missing(gpu_host, monkeypatch):
+    """A GPU without nvcc: --device auto trains on the CPU with a warning that says what to
+    install; asking for the GPU explicitly stays a one-line error."""
+    monkeypatch.setattr(runtime, "cuda_kernels_missing", lambda: "gsplat's _C is None: no nvcc, or the build failed")
+    with pytest.warns(UserWarning, match="training on the CPU instead.*nvcc"):
+        assert runtime.pick_device("auto", "auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="kernels cannot be built") as e:
+        runtime.pick_backend("auto", torch.device("cuda"))
+    assert "\n" not in str(e.value)
+
+
+def test_kernel_check_without_a_gpu_says_why():
+    """On this CPU machine gsplat has no kernels (no nvcc): the check returns a reason instead of
+    letting the first render die with an AttributeError."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU host builds the kernels")
+    why = runtime.cuda_kernels_missing()
+    assert why and "\n" not in why
 
 
 def test_auto_device_follows_the_backend_on_a_gpu_host(gpu_host):

@@ -44,14 +44,26 @@ class Camera:
     width: int
     height: int
     world_to_camera: np.ndarray  # (4, 4) float64, OpenCV convention
+    # the matrices as tensors on an accelerator, made once per camera (a host-to-device copy per
+    # render otherwise); not an init field, so dataclasses.replace starts a new camera's cache empty
+    _on_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def K(self, device="cpu", dtype=torch.float32) -> torch.Tensor:
-        return torch.tensor(
-            [[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]], device=device, dtype=dtype
-        )
+        return self._cached("K", device, dtype, lambda: torch.tensor(
+            [[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]], device=device, dtype=dtype))
 
     def viewmat(self, device="cpu", dtype=torch.float32) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(self.world_to_camera), dtype=dtype, device=device)
+        return self._cached("viewmat", device, dtype,
+                            lambda: torch.as_tensor(np.asarray(self.world_to_camera), dtype=dtype, device=device))
+
+    def _cached(self, what, device, dtype, make) -> torch.Tensor:
+        device = torch.device(device)
+        if device.type == "cpu":  # cheap here, and a caller may write into it
+            return make()
+        key = (what, str(device), dtype)
+        if key not in self._on_device:
+            self._on_device[key] = make()
+        return self._on_device[key]
 
     @property
     def center(self) -> np.ndarray:

@@ -60,6 +60,8 @@ class Session:
     init: str = ""  # where the first Gaussians came from, in words
     appearance: Optional[object] = None  # refine.Appearance (per training image), or None
     poses: Optional[object] = None  # refine.PoseRefine (per training camera), or None
+    _bg: Optional[torch.Tensor] = None
+    _resident: object = None  # {(view, other): uint8 image on the GPU}, or False when they do not fit
 
     def render(self, params, camera, extra=None, background=None, viewmat=None):
         from budget3d.splat import render
@@ -69,7 +71,25 @@ class Session:
                       viewmat=viewmat)
 
     def background(self):
-        return torch.tensor(self.scene.background, dtype=torch.float32, device=self.device)
+        if self._bg is None:  # once: on a GPU each new small tensor is a host-to-device copy
+            self._bg = torch.tensor(self.scene.background, dtype=torch.float32, device=self.device)
+        return self._bg
+
+    def image(self, k: int, other: bool = False) -> torch.Tensor:
+        """Training image ``k`` as uint8 (H, W, 3) on the run's device (``other``: on the second
+        background). On a GPU the images stay there after their first use when all of them fit in
+        a quarter of its memory, so no step copies an image from the host."""
+        view = (self.gt_other if other else self.scene.train)[k]
+        if self.device.type == "cpu":
+            return torch.as_tensor(view.image())
+        if self._resident is None:
+            need = sum(v.camera.width * v.camera.height * 3 for v in self.scene.train) * (2 if self.gt_other else 1)
+            self._resident = {} if need <= torch.cuda.get_device_properties(self.device).total_memory // 4 else False
+        if self._resident is False:
+            return torch.as_tensor(view.image()).to(self.device, non_blocking=True)
+        if (k, other) not in self._resident:
+            self._resident[(k, other)] = torch.as_tensor(view.image()).to(self.device)
+        return self._resident[(k, other)]
 
     def extras(self) -> dict:
         """What a strategy may take besides gsplat's arguments (strategies.step_post_backward hands
@@ -307,10 +327,10 @@ def _target(s: Session, view_idx: int, bg: torch.Tensor) -> torch.Tensor:
     (1 - alpha) is recovered from the same image composited on a second background:
     img - other = (1 - alpha) * (own_bg - other_bg). Opaque sources give 0 and stay as they are.
     """
-    img = torch.as_tensor(s.scene.train[view_idx].image(), device=s.device).float() / 255.0
+    img = s.image(view_idx).float() / 255.0
     if not s.cfg.random_background or s.gt_other is None:
         return img
-    other = torch.as_tensor(s.gt_other[view_idx].image(), device=s.device).float() / 255.0
+    other = s.image(view_idx, other=True).float() / 255.0
     own = s.background()
     d = own - torch.tensor(s.other_bg, device=s.device)
     transparency = (((img - other) * d).sum(-1, keepdim=True) / (d * d).sum()).clamp(0, 1)
