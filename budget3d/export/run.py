@@ -18,12 +18,22 @@ EXPORT_FORMATS = SPLAT_FORMATS + NELF_FORMATS + BUNDLE_FORMATS
 
 def add_arguments(x) -> None:
     x.add_argument("run", help="run folder written by 'budget3d train'")
-    x.add_argument("--format", required=True, metavar="FMT[,FMT...]",
-                   help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated")
+    x.add_argument("--format", metavar="FMT[,FMT...]",
+                   help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated (with --lod, the splat "
+                        "formats are the levels' formats)")
     x.add_argument("--budget", metavar="N",
                    help="splats: keep only the N Gaussians of highest Taming score (over a few training views; "
                         "over orbit views of the model itself when the run's scene is gone), e.g. 50000 or 50k; "
                         "no fine-tune")
+    x.add_argument("--lod", metavar="N[,N...]",
+                   help="a budget ladder in OUT/lod/: nested levels, each the top-N Gaussians by the --budget "
+                        "score, as counts (10k,30k,100k) or fractions (0.1,0.3,1.0), smallest first; one "
+                        "budget-ordered lod.splat whose byte prefixes are the levels, each level as the splat "
+                        "formats in --format (default spz), and lod.json (counts, sizes, byte ranges, test PSNR); "
+                        "--format web then streams the ladder")
+    x.add_argument("--lod-ms", type=float, default=33.0, metavar="MS",
+                   help="web: the frame-time target of the streamed ladder: the page shows a larger level only "
+                        "while frames take less (default 33; the page's ?lod_ms= overrides it)")
     x.add_argument("--out", metavar="DIR", help="output folder (default RUN/export)")
     x.add_argument("--resolution", metavar="WxH|W", help="NeLF formats: output size (default: the student's own)")
     x.add_argument("--max-mb", type=float, help="onnx-mixed: stop keeping layers in float once the file is this small")
@@ -53,15 +63,18 @@ def _size(n_bytes: int) -> str:
 
 def main(args) -> int:
     run = Path(args.run)
-    fmts = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+    lod = getattr(args, "lod", None)
+    if args.format is None and lod is None:
+        raise UserError(f"export: give --format FMT[,FMT...] ({', '.join(EXPORT_FORMATS)}) or --lod N[,N...]")
+    fmts = [f.strip().lower() for f in (args.format or "").split(",") if f.strip()]
     unknown = [f for f in fmts if f not in EXPORT_FORMATS]
-    if unknown or not fmts:
+    if unknown or (not fmts and lod is None):
         raise UserError(f"--format {args.format}: unknown format {', '.join(unknown) or '(none)'}; "
                         f"choose from {', '.join(EXPORT_FORMATS)}")
     from budget3d.runfolder import check_run_dir
 
     check_run_dir(run)
-    if any(f in SPLAT_FORMATS for f in fmts) and not (run / "gaussians.ply").is_file():
+    if (lod is not None or any(f in SPLAT_FORMATS for f in fmts)) and not (run / "gaussians.ply").is_file():
         raise UserError(f"{run}: no gaussians.ply; this is not a finished run folder (train it with 'budget3d train')")
     out = Path(args.out) if args.out else run / "export"
     try:
@@ -69,6 +82,15 @@ def main(args) -> int:
     except OSError as e:
         raise UserError(f"{out}: cannot create the output folder ({e.strerror}); choose another --out") from None
     budget = parse_count(args.budget, "--budget") if args.budget is not None else None
+    if lod is not None:
+        if budget is not None:
+            raise UserError("--lod and --budget: give one (the ladder's largest level is its budget)")
+        from budget3d.export.lod import export_lod, summary
+
+        manifest = export_lod(run, lod, out, formats=[f for f in fmts if f in SPLAT_FORMATS] or ["spz"],
+                              data=args.data)
+        print(summary(manifest))
+        fmts = [f for f in fmts if f not in SPLAT_FORMATS]  # the levels are the splat files
     params = None
     for fmt in fmts:
         if fmt in SPLAT_FORMATS:
@@ -91,7 +113,8 @@ def main(args) -> int:
         elif fmt == "web":
             from budget3d.export.web import export_web
 
-            result = export_web(run, out, variant=args.web_nelf, data=args.data)
+            result = export_web(run, out, variant=args.web_nelf, data=args.data,
+                                lod_target_ms=getattr(args, "lod_ms", 33.0))
             print(f"{fmt:9s} " + "  ".join(f"{k}: {v}" for k, v in (result or {}).items()))
         else:
             opts = {"resolution": args.resolution, "max_mb": args.max_mb, "max_drop_db": args.max_drop_db,

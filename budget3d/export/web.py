@@ -7,6 +7,13 @@ The export is one static folder (``RUN/export/web/``) that needs nothing from th
 - ``nelf-int8.onnx`` (``nelf.onnx`` when asked for fp32): the student, pose in, image out, run by
   onnxruntime-web on its WASM (CPU) backend, one thread, like the native 1-thread figure;
 - ``gaussians.spz``: the splats, drawn by Spark (``@sparkjsdev/spark``) on three.js;
+- ``lod.splat`` when the run has a budget ladder (``budget3d export RUN --lod ...``, ``export.lod``):
+  the page streams it instead of ``gaussians.spz``, shows the smallest level as soon as its prefix has
+  arrived, and swaps in each larger level once its bytes are in and the current level's frame time
+  (median interval between animation frames) is within the frame-time target: ``lod.target_ms`` in
+  config.json (``--lod-ms`` at export, ``?lod_ms=`` in the page's URL), 33 ms by default, with the
+  viewer's hysteresis (a level whose frames take more than 1.15x the target is given back for the
+  one below, and not tried again); the level is shown in the corner;
 - ``vendor/``: those runtimes as published on npm (copied from the package's ``web_assets``,
   refreshed by ``scripts/vendor_web.py``), each with its licence;
 - ``config.json``: what the page needs: file names, the ONNX input/output names and size, the
@@ -38,6 +45,7 @@ PAGE_FILES = ("index.html", "app.js")
 WEB_DIR = "web"
 CHROMIUM = "/usr/lib/chromium/chromium"
 VARIANTS = {"int8": "onnx-int8", "fp32": "onnx"}
+LOD_TARGET_MS = 33.0  # 30 frames a second: what the phone page aims for before it shows a larger level
 MIME = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript",
         ".onnx": "application/octet-stream", ".spz": "application/octet-stream",
         ".splat": "application/octet-stream", ".json": "application/json"}
@@ -98,11 +106,13 @@ def web_folder(path) -> Path:
 # ----------------------------------------------------------------------------- export
 
 
-def export_web(run_dir, out_dir, variant: str = "int8", splat_format: str = "spz", data=None) -> dict:
+def export_web(run_dir, out_dir, variant: str = "int8", splat_format: str = "spz", data=None,
+               lod_target_ms: float = LOD_TARGET_MS) -> dict:
     """Write the static viewer into ``out_dir/web`` (``out_dir`` is normally RUN/export). Reuses
     ``out_dir/nelf-int8.onnx`` (or ``nelf.onnx`` for ``variant="fp32"``) and
     ``out_dir/gaussians.spz`` when they are newer than what they were made from, and writes them
-    first otherwise. Returns a summary (folder, files, sizes, native 1-thread latency)."""
+    first otherwise; streams ``out_dir/lod/lod.splat`` when the ladder there is newer than the
+    run's gaussians.ply. Returns a summary (folder, files, sizes, native 1-thread latency)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if variant not in VARIANTS:
         raise UserError(f"web export: unknown NeLF variant {variant!r}; choose {' or '.join(VARIANTS)}")
@@ -128,6 +138,9 @@ def export_web(run_dir, out_dir, variant: str = "int8", splat_format: str = "spz
 
     onnx_path, onnx_meta = _nelf_file(run_dir, out_dir, variant, student, data)
     splat_path = _splat_file(run_dir, out_dir, splat_format)
+    ladder, ladder_note = _ladder(run_dir, out_dir)
+    if not lod_target_ms > 0:
+        raise UserError(f"--lod-ms {lod_target_ms}: the frame-time target must be above 0 ms")
 
     from budget3d.nelf.students import load_student
 
@@ -146,6 +159,8 @@ def export_web(run_dir, out_dir, variant: str = "int8", splat_format: str = "spz
     shutil.copytree(ASSETS, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.py", "*.pyc"))
     shutil.copy2(onnx_path, tmp / onnx_path.name)
     shutil.copy2(splat_path, tmp / splat_path.name)
+    if ladder is not None:
+        shutil.copy2(out_dir / "lod" / ladder["stream"]["file"], tmp / ladder["stream"]["file"])
     versions = json.loads((ASSETS / "vendor" / "VERSIONS.json").read_text())
     config = {
         "title": run_dir.resolve().name,
@@ -158,6 +173,11 @@ def export_web(run_dir, out_dir, variant: str = "int8", splat_format: str = "spz
                    # SPZ holds right-up-back axes: the page rotates the mesh back into the run's frame
                    "flip_yz": splat_format == "spz",
                    "size_mb": round(splat_path.stat().st_size / 1e6, 4)},
+        "lod": None if ladder is None else {
+            "file": ladder["stream"]["file"], "format": "splat", "total_bytes": ladder["stream"]["size_bytes"],
+            "target_ms": float(lod_target_ms), "order": ladder["order"],
+            "levels": [{"count": r["count"], "bytes": r["stream_bytes"], "psnr": r.get("psnr_splat")}
+                       for r in ladder["levels"]]},
         "camera": cam,
         "background": [float(v) for v in payload.get("background", (1.0, 1.0, 1.0))],
         "threads": 1,
@@ -175,7 +195,7 @@ def export_web(run_dir, out_dir, variant: str = "int8", splat_format: str = "spz
     return {"folder": str(web), "nelf": onnx_path.name, "splats": splat_path.name,
             "size_mb": round(total / 1e6, 2), "resolution": f"{width}x{height}",
             "native_ms_1thread": onnx_meta.get("latency_ms_1thread"),
-            "serve": f"budget3d serve {web}"}
+            "lod": ladder_note, "serve": f"budget3d serve {web}"}
 
 
 def _nelf_file(run_dir: Path, out_dir: Path, variant: str, student: Path, data=None) -> tuple[Path, dict]:
@@ -204,6 +224,23 @@ def _splat_file(run_dir: Path, out_dir: Path, fmt: str) -> Path:
     if not path.is_file() or path.stat().st_mtime < ply.stat().st_mtime:
         save_any(load_ply(ply), path, fmt)
     return path
+
+
+def _ladder(run_dir: Path, out_dir: Path) -> tuple:
+    """(manifest, note) of the budget ladder in ``out_dir/lod`` the page streams; (None, why) when
+    there is none or it is older than the run's gaussians.ply (it would show other Gaussians)."""
+    from budget3d.export.lod import LOD_DIR, MANIFEST, read_manifest
+
+    lod = out_dir / LOD_DIR
+    m = read_manifest(lod)
+    if m is None:
+        return None, "none (budget3d export RUN --lod 0.1,0.3,1.0 makes one)"
+    stream = lod / m["stream"]["file"]
+    if not stream.is_file() or stream.stat().st_size != m["stream"]["size_bytes"]:
+        return None, f"{stream} is missing or damaged; not streamed (export the ladder again with --lod)"
+    if (lod / MANIFEST).stat().st_mtime < (run_dir / "gaussians.ply").stat().st_mtime:
+        return None, f"{lod} is older than gaussians.ply; not streamed (export the ladder again with --lod)"
+    return m, " -> ".join(f"{r['count']:,}" for r in m["levels"]) + f" Gaussians streamed from {m['stream']['file']}"
 
 
 def _onnx_io(path: Path) -> dict:
