@@ -3,7 +3,7 @@
 Every reader returns the params dict the renderer takes (gsplat's names, torch float32):
 means (N,3), scales (N,3) log, quats (N,4) wxyz, opacities (N,) logit, sh0 (N,1,3), shN (N,K,3).
 Our params use the axes of the Inria ``.ply`` (OpenCV's right-down-forward, "RDF"), as do
-``.splat`` and ``compressed.ply``. SPZ stores right-up-back ("RUB", OpenGL/three.js): the SPZ
+``.splat``, ``compressed.ply`` and SOG. SPZ stores right-up-back ("RUB", OpenGL/three.js): the SPZ
 reader and writer convert (y, z negated; quaternion y, z negated; SH coefficients odd in y or z
 negated), as Niantic's library does when told the data is RDF, and as whoever wrote
 ``shared/data/splats/biker.spz`` did (it matches ``biker.compressed.ply`` only after this flip).
@@ -39,14 +39,10 @@ Formats
       and then each attribute stream (positions, alphas, colours, scales, rotations [, SH])
       compressed as its own zstd frame. The attribute encodings are v3's. Needs ``zstandard``.
     We write v3 by default (gzip, the most widely read); ``version=2`` and ``version=4`` too.
-``compressed.ply`` (PlayCanvas / SuperSplat; read only)
-    Element "chunk" (one per 256 Gaussians): min/max of position, log-scale and (newer files)
-    colour. Element "vertex": uint32 packed_position (11-10-11 bits, x in the high bits,
-    fractions of the chunk's range), packed_rotation (2 bits index of the largest component of
-    (rot_0..rot_3) = wxyz, then the other three as 10-bit unorm of v/sqrt(2)+0.5), packed_scale
-    (11-10-11 fractions of the log-scale range), packed_color (8-8-8-8: colour fractions of the
-    chunk's colour range, alpha = sigmoid(opacity)). Optional element "sh": f_rest_* as uint8,
-    (v/256 - 0.5) * 8 (0 and 255 map exactly to the ends).
+``compressed.ply`` (PlayCanvas / SuperSplat), SOG (PlayCanvas), glTF ``KHR_gaussian_splatting``
+    In their own modules, which say what each stores and what it loses: ``compressed_ply``,
+    ``sog``, ``gltf`` (the one that changes axes: glTF is +Y up). ``sniff`` / ``load_any`` /
+    ``save_any`` here take every format; ``FILES`` names what ``budget3d export`` writes.
 
 ``reprune(params, n, scores)`` keeps the ``n`` Gaussians a weaker device can afford: by
 ``run_scores`` (the Taming score of training, computed on a few of the run's training views) when
@@ -71,64 +67,20 @@ import numpy as np
 import torch
 
 from budget3d.errors import UserError
+from budget3d.export.compressed_ply import load_compressed_ply, save_compressed_ply
+from budget3d.export.gltf import load_glb, save_glb
+from budget3d.export.sog import is_sog_folder, load_sog, save_sog
+from budget3d.export.splat_arrays import (C0, flip_axes, logit, read_bytes, sh_degree_of, sigmoid, to_numpy,
+                                          to_params, u8, unit_quats)
 from budget3d.runtime import write_bytes
 
-C0 = 0.28209479177387814
 SPZ_MAGIC = 0x5053474E
 SPZ_COLOR_SCALE = 0.15
 SPLAT_BYTES = 32
-FORMATS = ("ply", "splat", "spz")
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _np(params) -> dict[str, np.ndarray]:
-    need = ("means", "scales", "quats", "opacities", "sh0")
-    missing = [k for k in need if k not in params]
-    if missing:
-        raise ValueError(f"Gaussian params lack {missing}")
-    out = {k: params[k].detach().cpu().float().numpy() for k in need}
-    n = len(out["means"])
-    out["shN"] = (params["shN"].detach().cpu().float().numpy() if "shN" in params
-                  else np.zeros((n, 0, 3), np.float32))
-    out["sh0"] = out["sh0"].reshape(n, 3)
-    return out
-
-
-def _params(means, scales, quats, opacities, sh0, shN=None) -> dict[str, torch.Tensor]:
-    n = len(means)
-    t = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    if shN is None:
-        shN = np.zeros((n, 0, 3), np.float32)
-    return {"means": t(means), "scales": t(scales), "quats": t(quats), "opacities": t(opacities),
-            "sh0": t(np.asarray(sh0).reshape(n, 1, 3)), "shN": t(shN)}
-
-
-def _logit(a: np.ndarray) -> np.ndarray:
-    a = np.clip(a.astype(np.float64), 1e-6, 1 - 1e-6)
-    return np.log(a / (1 - a)).astype(np.float32)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
-
-
-def _unit_quats(q: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(q, axis=1, keepdims=True)
-    q = np.where(norm > 0, q / np.maximum(norm, 1e-30), np.array([1.0, 0, 0, 0], np.float32))
-    return q.astype(np.float32)
-
-
-def _read(path) -> bytes:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; give the path of a splat file (.ply, .splat or .spz)")
-    return path.read_bytes()
-
-
-def _u8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+# every splat format we write, by its --format name, and the file name `budget3d export` gives it
+FILES = {"ply": "gaussians.ply", "splat": "gaussians.splat", "spz": "gaussians.spz", "sog": "gaussians.sog",
+         "glb": "gaussians.glb", "compressed-ply": "gaussians.compressed.ply"}
+FORMATS = tuple(FILES)
 
 
 # ----------------------------------------------------------------------------- .splat
@@ -137,42 +89,35 @@ def _u8(x: np.ndarray) -> np.ndarray:
 def save_splat(params, path) -> int:
     """antimatter15 ``.splat`` (32 bytes per Gaussian, sorted as the reference converter does).
     Returns the number of Gaussians written."""
-    p = _np(params)
+    p = to_numpy(params)
     n = len(p["means"])
-    order = np.argsort(-(p["scales"].astype(np.float64).sum(1) + np.log(_sigmoid(p["opacities"]) + 1e-30)),
+    order = np.argsort(-(p["scales"].astype(np.float64).sum(1) + np.log(sigmoid(p["opacities"]) + 1e-30)),
                        kind="stable")
     rec = np.zeros(n, dtype=[("pos", "<f4", 3), ("scale", "<f4", 3), ("rgba", "u1", 4), ("rot", "u1", 4)])
     rec["pos"] = p["means"][order]
     rec["scale"] = np.exp(p["scales"][order])
     rgb = 0.5 + C0 * p["sh0"][order]
-    rec["rgba"][:, :3] = _u8(rgb * 255)
-    rec["rgba"][:, 3] = _u8(_sigmoid(p["opacities"][order]) * 255)
-    rec["rot"] = _u8(_unit_quats(p["quats"][order]) * 128 + 128)
+    rec["rgba"][:, :3] = u8(rgb * 255)
+    rec["rgba"][:, 3] = u8(sigmoid(p["opacities"][order]) * 255)
+    rec["rot"] = u8(unit_quats(p["quats"][order]) * 128 + 128)
     write_bytes(path, rec.tobytes())
     return n
 
 
 def load_splat(path) -> dict[str, torch.Tensor]:
     """Read an antimatter15 ``.splat`` (SH degree 0)."""
-    data = _read(path)
+    data = read_bytes(path)
     if len(data) % SPLAT_BYTES or not data:
         raise UserError(f"{path}: {len(data)} bytes is not a whole number of 32-byte .splat records; "
                         "give a .splat file written by a splat converter")
     rec = np.frombuffer(data, dtype=[("pos", "<f4", 3), ("scale", "<f4", 3), ("rgba", "u1", 4), ("rot", "u1", 4)])
     rgba = rec["rgba"].astype(np.float32) / 255
     q = (rec["rot"].astype(np.float32) - 128) / 128
-    return _params(rec["pos"], np.log(np.maximum(rec["scale"], 1e-30)), _unit_quats(q), _logit(rgba[:, 3]),
+    return to_params(rec["pos"], np.log(np.maximum(rec["scale"], 1e-30)), unit_quats(q), logit(rgba[:, 3]),
                    (rgba[:, :3] - 0.5) / C0)
 
 
 # ----------------------------------------------------------------------------- .spz
-
-
-def _sh_degree(k: int) -> int:
-    d = {0: 0, 3: 1, 8: 2, 15: 3, 24: 4}.get(k)
-    if d is None:
-        raise ValueError(f"{k} SH rest coefficients is not a whole SH degree")
-    return d
 
 
 def _pack_smallest_three(q_xyzw: np.ndarray) -> np.ndarray:
@@ -207,17 +152,9 @@ def _unpack_smallest_three(comp: np.ndarray) -> np.ndarray:
     return q.astype(np.float32)
 
 
-# sign of each SH rest coefficient (degrees 1..3, gsplat's order) under (x, y, z) -> (x, -y, -z)
-_SH_FLIP = np.array([-1, -1, 1] + [-1, 1, 1, -1, 1] + [-1, 1, -1, -1, 1, -1, 1], np.float32)
-
-
 def _rdf_rub(means: np.ndarray, quats_wxyz: np.ndarray, shN: Optional[np.ndarray]):
     """RDF <-> RUB (its own inverse): a half turn about x."""
-    flip = np.array([1, -1, -1], np.float32)
-    q = quats_wxyz * np.array([1, 1, -1, -1], np.float32)
-    if shN is not None and shN.shape[1]:
-        shN = shN * _SH_FLIP[: shN.shape[1], None]
-    return means * flip, q, shN
+    return flip_axes(means, quats_wxyz, shN, (1, -1, -1))
 
 
 def _spz_streams(p: dict, version: int, fractional_bits: int, convert: bool = True) -> list[bytes]:
@@ -228,13 +165,13 @@ def _spz_streams(p: dict, version: int, fractional_bits: int, convert: bool = Tr
     fixed = np.rint(p["means"].astype(np.float64) * (1 << fractional_bits)).astype(np.int64)
     fixed = np.clip(fixed, -(1 << 23), (1 << 23) - 1) & 0xFFFFFF
     pos = np.stack([(fixed >> s) & 0xFF for s in (0, 8, 16)], -1).astype(np.uint8)  # (N,3,3) little-endian
-    alphas = _u8(_sigmoid(p["opacities"]) * 255)
-    colors = _u8((p["sh0"] * SPZ_COLOR_SCALE + 0.5) * 255)
-    scales = _u8((p["scales"] + 10.0) * 16.0)
-    q = _unit_quats(p["quats"])[:, [1, 2, 3, 0]]  # wxyz -> xyzw
+    alphas = u8(sigmoid(p["opacities"]) * 255)
+    colors = u8((p["sh0"] * SPZ_COLOR_SCALE + 0.5) * 255)
+    scales = u8((p["scales"] + 10.0) * 16.0)
+    q = unit_quats(p["quats"])[:, [1, 2, 3, 0]]  # wxyz -> xyzw
     if version == 2:
         q = q * np.where(q[:, 3:4] < 0, -1.0, 1.0)
-        rot = _u8((q[:, :3] + 1) * 127.5)
+        rot = u8((q[:, :3] + 1) * 127.5)
     else:
         rot = _pack_smallest_three(q).view(np.uint8).reshape(n, 4)
     streams = [pos.tobytes(), alphas.tobytes(), colors.tobytes(), scales.tobytes(), rot.tobytes()]
@@ -254,12 +191,12 @@ def save_spz(params, path, version: int = 3, convert: bool = True) -> int:
     ``convert``: our RDF axes to SPZ's RUB (False: write the axes as they are). Returns the count."""
     if version not in (2, 3, 4):
         raise ValueError(f"SPZ version {version}: we write 2, 3 or 4")
-    p = _np(params)
+    p = to_numpy(params)
     n = len(p["means"])
     k = p["shN"].shape[1]
     if k > 15:
         p["shN"], k = p["shN"][:, :15], 15
-    deg = _sh_degree(k)
+    deg = sh_degree_of(k)
     extent = float(np.abs(p["means"]).max()) if n else 0.0
     fb = 12
     while fb > 0 and extent * (1 << fb) >= (1 << 23) - 1:
@@ -286,10 +223,11 @@ def _zstd():
     return zstandard
 
 
-def read_spz_streams(path) -> tuple[dict, list[bytes]]:
-    """The header fields and the raw (uncompressed) attribute streams of a ``.spz`` file:
-    positions, alphas, colours, scales, rotations[, SH]."""
-    raw = _read(path)
+def read_spz_streams(path, data: Optional[bytes] = None) -> tuple[dict, list[bytes]]:
+    """The header fields and the raw (uncompressed) attribute streams of a ``.spz`` file (or of
+    ``data``, its bytes, with ``path`` naming where they came from for errors): positions, alphas,
+    colours, scales, rotations[, SH]."""
+    raw = read_bytes(path) if data is None else bytes(data)
 
     def bad(what):
         return UserError(f"{path}: {what}; give a .spz written by Niantic's spz library or a splat tool")
@@ -347,10 +285,10 @@ def read_spz_streams(path) -> tuple[dict, list[bytes]]:
     return {"version": version, "num_points": n, "sh_degree": deg, "fractional_bits": fb, "flags": flags}, streams
 
 
-def load_spz(path, convert: bool = True) -> dict[str, torch.Tensor]:
+def load_spz(path, convert: bool = True, data: Optional[bytes] = None) -> dict[str, torch.Tensor]:
     """Read a Niantic ``.spz``: versions 2 and 3 (gzip) and 4 (zstd streams). ``convert``: SPZ's
     RUB axes to our RDF (False: keep the file's axes, as splat-transform does)."""
-    h, streams = read_spz_streams(path)
+    h, streams = read_spz_streams(path, data)
     version, n, fb = h["version"], h["num_points"], h["fractional_bits"]
     k = (0, 3, 8, 15, 24)[h["sh_degree"]]
     pos = np.frombuffer(streams[0], np.uint8).reshape(n, 3, 3).astype(np.int32)
@@ -372,125 +310,85 @@ def load_spz(path, convert: bool = True) -> dict[str, torch.Tensor]:
         shN = (np.frombuffer(streams[5], np.uint8).reshape(n, k, 3).astype(np.float32) - 128) / 128
         if k > 15:  # degree 4: the renderer draws up to degree 3
             shN = shN[:, :15]
-    means, quats = means.astype(np.float32), _unit_quats(q_xyzw[:, [3, 0, 1, 2]])
+    means, quats = means.astype(np.float32), unit_quats(q_xyzw[:, [3, 0, 1, 2]])
     if convert:
         means, quats, shN = _rdf_rub(means, quats, shN)
-    return _params(means, scales, quats, _logit(alphas), sh0, shN)
-
-
-# ----------------------------------------------------------------------------- compressed.ply
-
-
-def _unorm(v: np.ndarray, shift: int, bits: int) -> np.ndarray:
-    return ((v >> shift) & ((1 << bits) - 1)).astype(np.float32) / ((1 << bits) - 1)
-
-
-def _lerp(lo, hi, t):
-    return lo + (hi - lo) * t
-
-
-def load_compressed_ply(path) -> dict[str, torch.Tensor]:
-    """Read a PlayCanvas / SuperSplat packed ``compressed.ply`` (see the module notes)."""
-    from plyfile import PlyData
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; give the path of a splat file (.ply, .splat or .spz)")
-    try:
-        ply = PlyData.read(str(path))
-        chunk, vert = ply["chunk"].data, ply["vertex"].data
-    except KeyError as e:
-        raise UserError(f"{path}: no {e} element; this is not a PlayCanvas compressed.ply") from None
-    except Exception as e:  # plyfile raises many types for bad files
-        raise UserError(f"{path}: not a readable .ply ({e}); give a PlayCanvas compressed.ply") from None
-    need = ("packed_position", "packed_rotation", "packed_scale", "packed_color")
-    if any(k not in vert.dtype.names for k in need):
-        raise UserError(f"{path}: the vertex element lacks {list(need)}; this is not a PlayCanvas compressed.ply")
-    n = len(vert)
-    if len(chunk) * 256 < n:
-        raise UserError(f"{path}: {len(chunk)} chunks cannot hold {n} splats (256 each); the file is damaged")
-    ci = np.arange(n) // 256
-    c = lambda name: np.asarray(chunk[name], np.float32)[ci]  # noqa: E731
-    pp = np.asarray(vert["packed_position"], np.uint32)
-    means = np.stack([_lerp(c("min_x"), c("max_x"), _unorm(pp, 21, 11)),
-                      _lerp(c("min_y"), c("max_y"), _unorm(pp, 11, 10)),
-                      _lerp(c("min_z"), c("max_z"), _unorm(pp, 0, 11))], 1)
-    ps = np.asarray(vert["packed_scale"], np.uint32)
-    scales = np.stack([_lerp(c("min_scale_x"), c("max_scale_x"), _unorm(ps, 21, 11)),
-                       _lerp(c("min_scale_y"), c("max_scale_y"), _unorm(ps, 11, 10)),
-                       _lerp(c("min_scale_z"), c("max_scale_z"), _unorm(ps, 0, 11))], 1)
-    pr = np.asarray(vert["packed_rotation"], np.uint32)
-    norm = 1.0 / (math.sqrt(2) * 0.5)
-    abc = np.stack([(_unorm(pr, s, 10) - 0.5) * norm for s in (20, 10, 0)], 1)
-    m = np.sqrt(np.maximum(0.0, 1.0 - (abc * abc).sum(1)))
-    big = (pr >> 30).astype(np.int64)
-    quats = np.zeros((n, 4), np.float32)
-    for b in range(4):
-        sel = big == b
-        others = [i for i in range(4) if i != b]
-        quats[np.ix_(sel, others)] = abc[sel]
-        quats[sel, b] = m[sel]
-    pc = np.asarray(vert["packed_color"], np.uint32)
-    rgb = np.stack([_unorm(pc, s, 8) for s in (24, 16, 8)], 1)
-    if "min_r" in chunk.dtype.names:
-        rgb = np.stack([_lerp(c(f"min_{ch}"), c(f"max_{ch}"), rgb[:, i]) for i, ch in enumerate("rgb")], 1)
-    alpha = _unorm(pc, 0, 8)
-    shN = None
-    if "sh" in ply:
-        sh = ply["sh"].data
-        rest = sorted((k for k in sh.dtype.names if k.startswith("f_rest_")), key=lambda k: int(k[7:]))
-        if rest and len(sh) == n:
-            v = np.stack([np.asarray(sh[k], np.float32) for k in rest], 1)
-            t = np.where(v == 0, 0.0, np.where(v == 255, 1.0, (v + 0.5) / 256))
-            kk = len(rest) // 3
-            shN = ((t - 0.5) * 8).astype(np.float32).reshape(n, 3, kk).transpose(0, 2, 1)  # channel-major like Inria
-    return _params(means, scales, _unit_quats(quats), _logit(alpha), (rgb - 0.5) / C0, shN)
+    return to_params(means, scales, quats, logit(alphas), sh0, shN)
 
 
 # ----------------------------------------------------------------------------- any
 
 
+KNOWN = ".ply, .compressed.ply, .splat, .spz, .sog (or a SOG folder / its meta.json), .glb / .gltf"
+
+
 def sniff(path) -> str:
-    """'ply', 'compressed-ply', 'splat' or 'spz', from the file's first bytes (extension as a tie-break)."""
+    """The format of a splat file (one of ``FORMATS``) from its first bytes (the extension breaks
+    ties): a SOG folder or its meta.json is 'sog', glTF JSON is 'glb' too."""
     path = Path(path)
+    if path.is_dir() or path.name == "meta.json":
+        if is_sog_folder(path):
+            return "sog"
+        raise UserError(f"{path}: not a SOG folder (no meta.json with means and quats); give a splat file ({KNOWN})")
     if not path.is_file():
-        raise UserError(f"{path}: no such file; give the path of a splat file (.ply, .splat or .spz)")
+        raise UserError(f"{path}: no such file; give the path of a splat file ({KNOWN})")
     with open(path, "rb") as f:
         head = f.read(4096)
     if head[:4] == b"ply\n" or head[:5] == b"ply\r\n":
         end = head.find(b"end_header")
         text = head[: end if end >= 0 else len(head)]
         return "compressed-ply" if b"element chunk" in text or b"packed_position" in text else "ply"
+    if head[:4] == b"glTF" or (path.suffix.lower() == ".gltf" and head.lstrip()[:1] == b"{"):
+        return "glb"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "sog"
     if head[:4] == struct.pack("<I", SPZ_MAGIC) or (head[:2] == b"\x1f\x8b" and path.suffix.lower() != ".splat"):
         return "spz"
-    if path.suffix.lower() == ".splat" or path.stat().st_size % SPLAT_BYTES == 0:
+    if path.suffix.lower() in (".sog", ".glb"):
+        what = "a zip (SOG bundle)" if path.suffix.lower() == ".sog" else "a binary glTF ('glTF' magic)"
+        raise UserError(f"{path}: does not start as {what}; the file is damaged or not a {path.suffix} file")
+    if path.suffix.lower() == ".splat" or (path.stat().st_size % SPLAT_BYTES == 0 and path.stat().st_size):
         return "splat"
-    raise UserError(f"{path}: not a splat file we know (Inria or PlayCanvas compressed .ply, .splat, .spz)")
+    raise UserError(f"{path}: not a splat file we know ({KNOWN})")
 
 
 def load_any(path) -> dict[str, torch.Tensor]:
-    """Read any splat file we know: Inria ``.ply``, PlayCanvas ``compressed.ply``, ``.splat``, ``.spz``."""
+    """Read any splat file we know (``sniff`` says which): Inria ``.ply``, PlayCanvas
+    ``compressed.ply``, ``.splat``, ``.spz``, SOG (zip, folder or meta.json), glTF / GLB."""
     kind = sniff(path)
     if kind == "ply":
         from budget3d.splat.gaussians import load_ply
 
         return load_ply(path)
-    return {"compressed-ply": load_compressed_ply, "splat": load_splat, "spz": load_spz}[kind](path)
+    readers = {"compressed-ply": load_compressed_ply, "splat": load_splat, "spz": load_spz, "sog": load_sog,
+               "glb": load_glb}
+    return readers[kind](path)
+
+
+def format_of(path) -> Optional[str]:
+    """The format a file name asks for: gaussians.compressed.ply, x.sog, a SOG meta.json, ..."""
+    name = Path(path).name.lower()
+    if name.endswith(".compressed.ply"):
+        return "compressed-ply"
+    if name == "meta.json":
+        return "sog"
+    ext = Path(name).suffix.lstrip(".")
+    return {"gltf": "glb"}.get(ext, ext) if ext in FORMATS or ext == "gltf" else None
 
 
 def save_any(params, path, fmt: Optional[str] = None) -> int:
-    """Write ``params`` as ``fmt`` (ply, splat, spz; default: from the extension). Returns the count."""
-    fmt = fmt or Path(path).suffix.lower().lstrip(".")
+    """Write ``params`` as ``fmt`` (one of ``FORMATS``; default: from the file name). Returns the count."""
+    fmt = fmt or format_of(path)
     if fmt == "ply":
         from budget3d.splat.gaussians import save_ply
 
         save_ply(params, path)
         return len(params["means"])
-    if fmt == "splat":
-        return save_splat(params, path)
-    if fmt == "spz":
-        return save_spz(params, path)
-    raise UserError(f"{path}: unknown splat format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    writers = {"splat": save_splat, "spz": save_spz, "sog": save_sog, "glb": save_glb,
+               "compressed-ply": save_compressed_ply}
+    if fmt not in writers:
+        raise UserError(f"{path}: unknown splat format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return writers[fmt](params, path)
 
 
 # ----------------------------------------------------------------------------- budget
