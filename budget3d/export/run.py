@@ -1,5 +1,6 @@
-"""``budget3d export``: a run's Gaussians as ply / splat / spz (``splats``), its NeLF student as ONNX
-or ExecuTorch (``onnx``, ``pte``), or both as a web page (``web``), into RUN/export/.
+"""``budget3d export``: a run's Gaussians as ply / splat / spz / sog / glb / compressed-ply
+(``splats``), its NeLF student as ONNX or ExecuTorch (``onnx``, ``pte``), or both as a web page
+(``web``), into RUN/export/.
 
 Like the other subcommands with a module of their own: ``add_arguments(parser)`` (cheap imports
 only) and ``main(args)``."""
@@ -10,7 +11,12 @@ from pathlib import Path
 
 from budget3d.errors import UserError
 
-SPLAT_FORMATS = ("ply", "splat", "spz")
+SPLAT_FORMATS = ("ply", "splat", "spz", "sog", "glb", "compressed-ply")
+# what each splat format is (for --help); budget3d.export.splats.FILES names the files
+SPLAT_HELP = ("ply: Inria float .ply (lossless); splat: antimatter15 .splat (degree 0); spz: Niantic .spz; "
+              "sog: PlayCanvas SOG v2 (.sog zip of lossless WebP, SH palette); glb: glTF binary with "
+              "KHR_gaussian_splatting (float, +Y up: a half turn about z from the .ply's axes); "
+              "compressed-ply: PlayCanvas compressed.ply (16 bytes a splat, chunks of 256)")
 NELF_FORMATS = ("onnx", "onnx-int8", "onnx-mixed", "pte")
 BUNDLE_FORMATS = ("web",)
 EXPORT_FORMATS = SPLAT_FORMATS + NELF_FORMATS + BUNDLE_FORMATS
@@ -20,7 +26,7 @@ def add_arguments(x) -> None:
     x.add_argument("run", help="run folder written by 'budget3d train'")
     x.add_argument("--format", metavar="FMT[,FMT...]",
                    help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated (with --lod, the splat "
-                        "formats are the levels' formats)")
+                        f"formats are the levels' formats). Splats: {SPLAT_HELP}")
     x.add_argument("--budget", metavar="N",
                    help="splats: keep only the N Gaussians of highest Taming score (over a few training views; "
                         "over orbit views of the model itself when the run's scene is gone), e.g. 50000 or 50k; "
@@ -94,7 +100,7 @@ def main(args) -> int:
     params = None
     for fmt in fmts:
         if fmt in SPLAT_FORMATS:
-            from budget3d.export.splats import orbit_scores, reprune, run_scores, save_any
+            from budget3d.export.splats import FILES, orbit_scores, reprune, run_scores, save_any
             from budget3d.splat import load_ply
 
             if params is None:
@@ -107,7 +113,7 @@ def main(args) -> int:
                         what = f"Taming score over 8 orbit views of itself, as {what}"
                     params = reprune(params, budget, scores)
                     print(f"budget:   kept {len(params['means'])} of {before} Gaussians by {what}")
-            path = out / f"gaussians.{fmt}"
+            path = out / FILES[fmt]
             n = save_any(params, path, fmt)
             print(f"{fmt:9s} {path}  {_size(path.stat().st_size)}  {n} Gaussians")
         elif fmt == "web":
