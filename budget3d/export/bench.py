@@ -2,8 +2,9 @@
 
 Variants (each only when its file is in the run; the printout says how to make the missing):
 ``3dgs`` (RUN/gaussians.ply on our CPU renderer; it is the NeLF's teacher), ``3dgs-splat`` /
-``3dgs-spz`` (RUN/export/gaussians.splat / .spz, lossy), ``nelf-torch`` (RUN/nelf/student.pt in
-torch fp32, BatchNorm folded), ``onnx-fp32`` / ``onnx-int8`` / ``onnx-mixed`` (RUN/export/nelf*.onnx
+``-spz`` / ``-sog`` / ``-glb`` / ``-compressed-ply`` (RUN/export/gaussians.splat / .spz / .sog /
+.glb / .compressed.ply: what each file decodes to, on the same renderer, so its PSNR against the
+teacher is the format's loss), ``nelf-torch`` (RUN/nelf/student.pt in torch fp32, BatchNorm folded), ``onnx-fp32`` / ``onnx-int8`` / ``onnx-mixed`` (RUN/export/nelf*.onnx
 in onnxruntime), ``pte`` (RUN/export/nelf.pte in ExecuTorch/XNNPACK, when ExecuTorch is installed).
 
 Quality: on the run's test views (the first 3 training views when it has none) at the variant's
@@ -32,12 +33,12 @@ from budget3d.export import ONNX_FILES
 from budget3d.export.measure import (Bench, measure, onnx_variant, peak_growth_mb, profile_onnx, pte_variant, res_key,
                                      splat_variant, torch_variant)
 
-SPLAT_FILES = {"3dgs-splat": "gaussians.splat", "3dgs-spz": "gaussians.spz"}
-ORDER = ("3dgs", "3dgs-splat", "3dgs-spz", "nelf-torch", "onnx-fp32", "onnx-int8", "onnx-mixed", "pte")
+SPLAT_FILES = {"3dgs-splat": "gaussians.splat", "3dgs-spz": "gaussians.spz", "3dgs-sog": "gaussians.sog",
+               "3dgs-glb": "gaussians.glb", "3dgs-compressed-ply": "gaussians.compressed.ply"}
+ORDER = ("3dgs", *SPLAT_FILES, "nelf-torch", "onnx-fp32", "onnx-int8", "onnx-mixed", "pte")
 HOW = {
     "3dgs": "budget3d train --out RUN",
-    "3dgs-splat": "budget3d export RUN --format splat",
-    "3dgs-spz": "budget3d export RUN --format spz",
+    **{k: f"budget3d export RUN --format {k[len('3dgs-'):]}" for k in SPLAT_FILES},
     "nelf-torch": "budget3d distill RUN",
     "onnx-fp32": "budget3d export RUN --format onnx",
     "onnx-int8": "budget3d export RUN --format onnx-int8",
@@ -368,11 +369,12 @@ def _fmt(x, nd=2, w=7):
 def table(result: dict) -> str:
     """Fixed-width: variant, size, PSNR (to ground truth), PSNR to the teacher, median latency at
     1 and 2 threads (at the variant's own resolution)."""
-    lines = [f"{'variant':<11} {'res':>9} {'size MB':>8} {'PSNR':>7} {'vs tch':>7} {'1 thr ms':>9} {'2 thr ms':>9}"]
+    w = max([11] + [len(r["name"]) for r in result["variants"]])
+    lines = [f"{'variant':<{w}} {'res':>9} {'size MB':>8} {'PSNR':>7} {'vs tch':>7} {'1 thr ms':>9} {'2 thr ms':>9}"]
     for r in result["variants"]:
         lat = r.get("latency_ms", {})
         m = lambda t: (lat.get(t) or {}).get("median")  # noqa: E731
-        lines.append(f"{r['name']:<11} {res_key(r['resolution']):>9} {r['size_mb']:>8.3f} {_fmt(r.get('psnr'))} "
+        lines.append(f"{r['name']:<{w}} {res_key(r['resolution']):>9} {r['size_mb']:>8.3f} {_fmt(r.get('psnr'))} "
                      f"{_fmt(r.get('psnr_vs_teacher'))} {_fmt(m('1'), 1, 9)} {_fmt(m('2'), 1, 9)}")
     return "\n".join(lines)
 
