@@ -5,7 +5,8 @@ Variants (each only when its file is in the run; the printout says how to make t
 ``-spz`` / ``-sog`` / ``-glb`` / ``-compressed-ply`` (RUN/export/gaussians.splat / .spz / .sog /
 .glb / .compressed.ply: what each file decodes to, on the same renderer, so its PSNR against the
 teacher is the format's loss), ``nelf-torch`` (RUN/nelf/student.pt in torch fp32, BatchNorm folded),
-``onnx-fp32`` / ``onnx-int8`` / ``onnx-mixed`` (RUN/export/nelf*.onnx in onnxruntime), ``pte`` (RUN/export/nelf.pte in ExecuTorch/XNNPACK, when ExecuTorch is installed).
+``onnx-fp32`` / ``onnx-int8`` / ``onnx-mixed`` (RUN/export/nelf*.onnx in onnxruntime), ``pte``
+(RUN/export/nelf.pte in ExecuTorch/XNNPACK, when ExecuTorch is installed).
 
 Quality: on the run's test views (the first 3 training views when it has none) at the variant's
 own output resolution (the ONNX files' export size; the 3DGS and torch variants at the NeLF's
