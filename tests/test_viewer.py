@@ -189,8 +189,8 @@ def test_browser_splats_match_server_render(app, browser):
             T, "the browser to draw the splats")
         a = rgba[..., 3:].astype(np.float64) / 255
         browser_img = rgba[..., :3] / 255 * a + np.asarray(run.background) * (1 - a)
-        ok, _ = engine.render_splats_cpu(run, engine.camera_for(c2w, fov, w, h))
-        flipped, _ = engine.render_splats_cpu(run, engine.camera_for(c2w @ np.diag([1.0, -1, -1, 1]), fov, w, h))
+        ok, _ = engine.render_splats(run, engine.camera_for(c2w, fov, w, h))
+        flipped, _ = engine.render_splats(run, engine.camera_for(c2w @ np.diag([1.0, -1, -1, 1]), fov, w, h))
         good, bad = engine.psnr(browser_img, ok), engine.psnr(browser_img, flipped)
         assert good > 18 and good > bad + 4, (good, bad)
     finally:

@@ -12,6 +12,9 @@ def add_arguments(p):
                    help="address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8080, help="port to serve on (0: any free port)")
     p.add_argument("--data", metavar="PATH", help="the run's scene folder, when it moved (for the camera buttons)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the server renders the splats (auto: the GPU when gsplat's kernels load there, "
+                        "else the CPU)")
     p.add_argument("--seconds", type=float, default=None,
                    help="stop after this many seconds (default: run until Ctrl-C)")
 
@@ -22,7 +25,7 @@ def main(args) -> int:
 
     if not 0 <= int(args.port) <= 65535:
         raise UserError(f"--port {args.port}: expected 0..65535")
-    app = ViewerApp(args.run, host=args.host, port=args.port, data=args.data)
+    app = ViewerApp(args.run, host=args.host, port=args.port, data=args.data, device=args.device)
     app.start()
     runtimes = ", ".join(app.run.runtimes()) or "none (no NeLF yet: budget3d distill RUN, then budget3d export RUN)"
     print(f"budget3d view: {app.run.path} · {app.run.n_gaussians:,} Gaussians · NeLF runtimes: {runtimes}")

@@ -1,5 +1,6 @@
 """What the viewer renders on the server, without any viser: the run folder's assets, camera
-conversions between viser and ``Camera``, the NeLF runtimes and the 3DGS CPU render.
+conversions between viser and ``Camera``, the NeLF runtimes and our 3DGS render (gsplat's kernels on
+a GPU, our CPU kernels elsewhere).
 
 Conventions. viser reports a client's camera as ``wxyz`` + ``position`` of the camera in the world
 with OpenCV axes (x right, y down, z forward) and a vertical field of view ``fov`` in radians; so
@@ -136,9 +137,22 @@ class Run:
     centre: np.ndarray  # what the cameras look at
     student: Optional[tuple] = None  # (model, payload) when nelf/student.pt exists
     exports: dict = field(default_factory=dict)  # file name -> Path (the RUN/export files that exist)
+    splat_device: str = "cpu"  # where our 3DGS frame is rendered: "cpu" or "cuda"
+    _on_device: Optional[dict] = field(default=None, repr=False)
+
+    @property
+    def splat_label(self) -> str:
+        return "CUDA" if self.splat_device == "cuda" else "CPU"
+
+    def device_gaussians(self) -> dict:
+        """The Gaussians where ``splat_device`` renders them (``gaussians`` stays on the CPU for the
+        browser's copy and the camera maths)."""
+        if self._on_device is None:
+            self._on_device = {k: v.to(self.splat_device) for k, v in self.gaussians.items()}
+        return self._on_device
 
     @classmethod
-    def open(cls, path, data=None) -> "Run":
+    def open(cls, path, data=None, device: str = "auto") -> "Run":
         import torch
 
         from budget3d.splat import load_ply
@@ -198,8 +212,11 @@ class Run:
             up = np.array([0.0, 0.0, 1.0])
             centre = gauss["means"].median(0).values.double().numpy()
         up = up / max(np.linalg.norm(up), 1e-12) if np.linalg.norm(up) > 1e-6 else np.array([0.0, 0.0, 1.0])
+        from budget3d.runtime import pick_device
+
+        splat_device = pick_device(device, "auto").type  # auto: the GPU when gsplat's kernels load there
         return cls(path, gauss, None if sh is None else int(sh), bg, cams, note, up, np.asarray(centre, np.float64),
-                   student, exports)
+                   student, exports, splat_device)
 
     @property
     def n_gaussians(self) -> int:
@@ -253,18 +270,22 @@ class Run:
 # ----------------------------------------------------------------------------- rendering
 
 
-def render_splats_cpu(run: Run, camera) -> tuple[np.ndarray, float]:
-    """Our 3DGS CPU render of ``camera``: ((H, W, 3) float32 in [0, 1], milliseconds)."""
+def render_splats(run: Run, camera) -> tuple[np.ndarray, float]:
+    """Our 3DGS render of ``camera`` on ``run.splat_device``: ((H, W, 3) float32 in [0, 1],
+    milliseconds, the GPU's work included)."""
     import torch
 
     from budget3d.splat import render
 
+    cuda = run.splat_device == "cuda"
     t = time.perf_counter()
     with torch.no_grad():
-        img = render(run.gaussians, camera, backend="cpu", sh_degree=run.sh_degree,
+        img = render(run.device_gaussians(), camera, backend="cuda" if cuda else "cpu", sh_degree=run.sh_degree,
                      background=torch.tensor(run.background, dtype=torch.float32)).image.clamp(0, 1)
+        if cuda:
+            torch.cuda.synchronize()
     ms = (time.perf_counter() - t) * 1e3
-    return img.numpy(), ms
+    return img.cpu().numpy(), ms
 
 
 class Nelf:
@@ -418,7 +439,7 @@ class Settings:
 @dataclass
 class Frame:
     nelf: Optional[np.ndarray]  # (H, W, 3) float32, None without a student
-    splats: np.ndarray  # our 3DGS CPU render of the same camera
+    splats: np.ndarray  # our 3DGS render of the same camera
     camera: object  # the Camera both were rendered with
     nelf_ms: Optional[float]
     splat_ms: float
@@ -429,7 +450,7 @@ class Frame:
 
 def render_frame(run: Run, nelf: Optional[Nelf], c2w, fov_y: float, aspect: float, s: Settings,
                  budget: float = 1.0) -> Frame:
-    """The NeLF frame and our 3DGS CPU frame of one view, their latencies and the PSNR between them.
+    """The NeLF frame and our 3DGS frame of one view, their latencies and the PSNR between them.
     Holds ``COMPUTE_LOCK`` for the computation, so figures from concurrent clients do not mix."""
     import torch
 
@@ -441,7 +462,7 @@ def render_frame(run: Run, nelf: Optional[Nelf], c2w, fov_y: float, aspect: floa
                 h = max(8, int(round(128 * s.scale)))
                 cam = camera_for(c2w, fov_y, max(8, int(round(h * aspect))), h)
                 torch.set_num_threads(threads)
-                splats, sms = render_splats_cpu(run, cam)
+                splats, sms = render_splats(run, cam)
                 return Frame(None, splats, cam, None, sms, None, None, threads)
             if s.runtime == "torch":
                 cam = camera_for(c2w, fov_y, *nelf.torch_resolution(aspect, s.scale, budget))
@@ -450,7 +471,7 @@ def render_frame(run: Run, nelf: Optional[Nelf], c2w, fov_y: float, aspect: floa
                 nelf.session(nelf.onnx_path(s.runtime, s.scale), threads)  # export / warm-up: not frame time
             img, nms = nelf.render(s.runtime, cam, threads, s.scale)
             torch.set_num_threads(threads)
-            splats, sms = render_splats_cpu(run, cam)
+            splats, sms = render_splats(run, cam)
         finally:
             torch.set_num_threads(saved)
     return Frame(img, splats, cam, nms, sms, psnr(img, splats), s.runtime, threads)

@@ -1,4 +1,4 @@
-"""The viser app: the run's splats drawn by the browser, the NeLF frame and our 3DGS CPU frame
+"""The viser app: the run's splats drawn by the browser, the NeLF frame and our 3DGS frame (CPU, or CUDA where gsplat runs)
 rendered on the server for each client's camera, live figures, hardware knobs, camera jumps and
 downloads.
 
@@ -31,7 +31,6 @@ STALE_GRACE_S = 0.4  # a moving camera still gets a frame at least this often
 STATS_EVERY_S = 0.25  # stats panel / chart refresh
 CHART_POINTS = 60
 SCALES = {"0.25x": 0.25, "0.5x": 0.5, "1x": 1.0, "2x": 2.0}
-VIEWS = ("NeLF", "3DGS CPU", "NeLF | 3DGS CPU")
 
 
 def check_port(host: str, port: int) -> None:
@@ -58,8 +57,11 @@ def to_u8(img: np.ndarray) -> np.ndarray:
 class ViewerApp:
     """``ViewerApp(run_dir).start()`` serves the viewer; ``sessions`` holds the live clients."""
 
-    def __init__(self, run_dir, host: str = "127.0.0.1", port: int = 8080, verbose: bool = False, data=None):
-        self.run = Run.open(run_dir, data)
+    def __init__(self, run_dir, host: str = "127.0.0.1", port: int = 8080, verbose: bool = False, data=None,
+                 device: str = "auto"):
+        self.run = Run.open(run_dir, data, device)
+        gs = f"3DGS {self.run.splat_label}"
+        self.views = ("NeLF", gs, f"NeLF | {gs}")  # what the server frame shows
         self.nelf = Nelf(self.run) if self.run.student is not None else None
         self.host, self.port, self.verbose = host, int(port), verbose
         self.sessions: dict = {}
@@ -164,7 +166,7 @@ class ClientSession:
         self._last_stats = 0.0
         self._stats_pending = False  # the last frame's figures are not on the panel yet
         self.budget = 1.0  # torch runtime: resolution factor the latency target allows
-        self.view = VIEWS[0] if self.nelf is not None else VIEWS[1]
+        self.view = app.views[0] if self.nelf is not None else app.views[1]
         self.full_view = False
         self._cam_index = {"train": -1, "test": -1}
         self.thread = threading.Thread(target=self._loop, name=f"viewer-client-{client.client_id}", daemon=True)
@@ -179,12 +181,12 @@ class ClientSession:
         gui.add_markdown(f"**budget3d** · `{run.path.name}` · {run.n_gaussians:,} Gaussians")
         if self.nelf is None:
             gui.add_markdown(
-                "**No NeLF in this run yet.** The panel shows our 3DGS CPU render. Make one with\n\n"
+                f"**No NeLF in this run yet.** The panel shows our 3DGS {run.splat_label} render. Make one with\n\n"
                 f"`budget3d distill {run.path}`\n\nthen `budget3d export {run.path} --format onnx,onnx-int8`.")
         with gui.add_folder("Server frame"):
             self.image = gui.add_image(np.full((8, 8, 3), 255, np.uint8), label="waiting for the first frame…",
                                        format="jpeg", jpeg_quality=90)
-            opts = VIEWS if self.nelf is not None else VIEWS[1:2]
+            opts = self.app.views if self.nelf is not None else self.app.views[1:2]
             self.view_dd = gui.add_dropdown("Show", opts, initial_value=self.view)
             self.full_cb = gui.add_checkbox("Full view", False, hint="the server frame replaces the browser's splats")
         with gui.add_folder("Stats"):
@@ -192,7 +194,7 @@ class ClientSession:
             self.chart_h = gui.add_uplot(
                 (np.zeros(2), np.zeros(2), np.zeros(2)),
                 ({"label": "frame"}, {"label": "NeLF ms", "stroke": "#d9480f", "width": 2},
-                 {"label": "3DGS CPU ms", "stroke": "#1971c2", "width": 2}),
+                 {"label": f"3DGS {run.splat_label} ms", "stroke": "#1971c2", "width": 2}),
                 title="latency (ms) per frame", aspect=2.0, scales={"x": {"time": False}})
         with gui.add_folder("Constrained hardware"):
             rts = self.run.runtimes()
@@ -367,18 +369,18 @@ class ClientSession:
         self.splat_ms.append(f.splat_ms)
         self.frames_sent += 1
         self.chart.append((self.frames_sent, f.nelf_ms or 0.0, f.splat_ms))
-        if self.view == VIEWS[0] and f.nelf is not None:
+        if self.view == self.app.views[0] and f.nelf is not None:
             shown, label = f.nelf, f"NeLF · {RUNTIME_LABELS[f.runtime]} · {f.camera.width}x{f.camera.height}"
-        elif self.view == VIEWS[2] and f.nelf is not None:
+        elif self.view == self.app.views[2] and f.nelf is not None:
             gap = np.ones((f.nelf.shape[0], max(2, f.nelf.shape[1] // 32), 3), np.float32)
             shown = np.concatenate([f.nelf, gap, f.splats], 1)
-            label = f"NeLF ({RUNTIME_LABELS[f.runtime]}) | 3DGS CPU · {f.camera.width}x{f.camera.height}"
+            label = f"NeLF ({RUNTIME_LABELS[f.runtime]}) | 3DGS {self.run.splat_label} · {f.camera.width}x{f.camera.height}"
         else:
-            shown, label = f.splats, f"3DGS CPU · {f.camera.width}x{f.camera.height}"
+            shown, label = f.splats, f"3DGS {self.run.splat_label} · {f.camera.width}x{f.camera.height}"
         u8 = to_u8(shown)
         bg = None
         if self.full_view:
-            full = f.nelf if (f.nelf is not None and self.view != VIEWS[1]) else f.splats
+            full = f.nelf if (f.nelf is not None and self.view != self.app.views[1]) else f.splats
             bg = to_u8(engine.fit_aspect(full, aspect, self.run.background))
         stats = time.time() - self._last_stats >= STATS_EVERY_S
 
@@ -453,7 +455,7 @@ class ClientSession:
                          f"{f.threads} thread{'s' if f.threads > 1 else ''} (median of {len(self.nelf_ms)})")
         else:
             lines.append("**NeLF latency:** no NeLF in this run")
-        lines.append(f"**3DGS CPU latency:** {st['splat_ms']:.1f} ms (same view)")
+        lines.append(f"**3DGS {self.run.splat_label} latency:** {st['splat_ms']:.1f} ms (same view)")
         if st["psnr"] is not None:
             lines.append(f"**PSNR NeLF vs 3DGS:** {st['psnr']:.2f} dB (this view)")
         lines.append(f"**Resolution:** {f.camera.width}x{f.camera.height}")
