@@ -13,7 +13,8 @@ Written into ``OUT/lod/`` (OUT is RUN/export by default):
   bytes each, no header), so *any* byte prefix of 32 x n bytes is the top-n and each level is the
   prefix ``[0, 32 x count)``: one file a page streams, showing each level as its prefix arrives.
   ``.splat`` is SH degree 0 (view-dependent colour dropped), as ``splats.save_splat``.
-- ``level-I-COUNT.FMT`` for each level and each splat format asked (default ``spz``).
+- ``level-I-COUNT.EXT`` for each level and each splat format asked (default ``spz``; the extension
+  as ``export --format`` names it, e.g. ``.compressed.ply``).
 - ``lod.json``: the manifest: each level's count, fraction, files and sizes, its byte range in
   ``lod.splat``, and its PSNR / SSIM on the run's test views rendered as ``budget3d eval`` renders
   them (``psnr``: the level's Gaussians as trained; ``psnr_splat``: the level's prefix of
@@ -110,16 +111,16 @@ def run_importance(run_dir, params, data=None) -> tuple[torch.Tensor, str]:
 def splat_records(params) -> bytes:
     """``.splat`` records of ``params`` in their given order (``splats.save_splat`` encodes the
     same fields but re-sorts by size x opacity, which would break the prefix property)."""
-    from budget3d.export.splats import C0, _np, _sigmoid, _u8, _unit_quats
+    from budget3d.export.splat_arrays import C0, sigmoid, to_numpy, u8, unit_quats
 
-    p = _np(params)
+    p = to_numpy(params)
     rec = np.zeros(len(p["means"]), dtype=[("pos", "<f4", 3), ("scale", "<f4", 3), ("rgba", "u1", 4),
                                            ("rot", "u1", 4)])
     rec["pos"] = p["means"]
     rec["scale"] = np.exp(p["scales"])
-    rec["rgba"][:, :3] = _u8((0.5 + C0 * p["sh0"]) * 255)
-    rec["rgba"][:, 3] = _u8(_sigmoid(p["opacities"]) * 255)
-    rec["rot"] = _u8(_unit_quats(p["quats"]) * 128 + 128)
+    rec["rgba"][:, :3] = u8((0.5 + C0 * p["sh0"]) * 255)
+    rec["rgba"][:, 3] = u8(sigmoid(p["opacities"]) * 255)
+    rec["rot"] = u8(unit_quats(p["quats"]) * 128 + 128)
     return rec.tobytes()
 
 
@@ -193,7 +194,7 @@ def export_lod(run_dir, levels: str | Sequence[int], out_dir, formats: Sequence[
     """Write the ladder into ``out_dir/lod`` (see the module notes); returns the manifest."""
     from tqdm import tqdm
 
-    from budget3d.export.splats import save_any
+    from budget3d.export.splats import FILES, save_any
     from budget3d.runtime import write_bytes, write_json
     from budget3d.splat import load_ply
 
@@ -224,7 +225,8 @@ def export_lod(run_dir, levels: str | Sequence[int], out_dir, formats: Sequence[
         level = {k: v[:n] for k, v in ordered.items()}
         files = {}
         for fmt in formats:
-            name = f"level-{i}-{n}.{fmt}"
+            ext = FILES.get(fmt, f"gaussians.{fmt}").split(".", 1)[1]  # compressed-ply: compressed.ply
+            name = f"level-{i}-{n}.{ext}"
             save_any(level, tmp / name, fmt)
             files[fmt] = {"file": name, "size_bytes": _bytes(tmp / name)}
         row = {"level": i, "count": n, "fraction": round(n / total, 6),
