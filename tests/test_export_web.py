@@ -1,7 +1,8 @@
 """``budget3d export RUN --format web`` and ``budget3d serve``: the static folder, its page in headless
 Chromium (phone viewport, software WebGL, every non-local request aborted), the camera shared by
-the NeLF and the splats, orbit by mouse and touch, frame times under 4x CPU throttling, and the
-one-line errors."""
+the NeLF and the splats, orbit by mouse and touch, frame times under 4x CPU throttling, the
+streamed budget ladder (``--lod``: smallest level first, larger ones as the frame-time target
+allows, the level in the corner), and the one-line errors."""
 
 import base64
 import io
@@ -96,7 +97,7 @@ def orbit(c2w, target, up, angle):
     return out
 
 
-def splat_reference(run, cfg, c2w, scale=4):
+def splat_reference(run, cfg, c2w, scale=4, sh_degree=None):
     """Our own rasteriser's image of the run's Gaussians at ``c2w`` with the page's intrinsics."""
     from budget3d.scene.camera import Camera
     from budget3d.splat import load_ply, render
@@ -105,7 +106,7 @@ def splat_reference(run, cfg, c2w, scale=4):
     w, h = scale * cfg["nelf"]["width"], scale * cfg["nelf"]["height"]
     cam = Camera(fx, fy, cx, cy, w, h, np.linalg.inv(np.asarray(c2w, np.float64)))
     with torch.no_grad():
-        img = render(load_ply(run / "gaussians.ply"), cam, backend="torch",
+        img = render(load_ply(run / "gaussians.ply"), cam, backend="torch", sh_degree=sh_degree,
                      background=torch.tensor(cfg["background"], dtype=torch.float32)).image
     return img.clamp(0, 1).numpy()
 
@@ -118,6 +119,7 @@ def test_export_writes_a_self_contained_folder(exported_run, web_dir):
     for name in ("index.html", "app.js", "config.json", cfg["nelf"]["file"], cfg["splats"]["file"]):
         assert (web_dir / name).is_file(), name
     assert cfg["nelf"]["file"] == "nelf-int8.onnx" and cfg["splats"]["file"] == "gaussians.spz"
+    assert cfg["lod"] is None and not (web_dir / "lod.splat").exists()  # no ladder in this run: spz as before
     assert (web_dir / "nelf-int8.onnx").read_bytes() == (exported_run / "export" / "nelf-int8.onnx").read_bytes()
     # the ONNX interface is read from the file: pose in, 32x32 image out for the test student
     assert cfg["nelf"]["input"] == "c2w" and cfg["nelf"]["output"] == "image"
@@ -372,6 +374,124 @@ def test_page_draws_a_grid_student_frame(page, tmp_path):
         # (a fresh tab's own favicon request logs one "Failed to load resource" 404 without a response event)
         errors = [m for m in console if m.startswith(("error", "pageerror")) and "Failed to load resource" not in m]
         assert errors == [], console
+    finally:
+        ctx.close()
+        server.shutdown()
+        server.server_close()
+
+
+# ----------------------------------------------------------------------------- the streamed ladder
+
+LADDER = (10, 30, 80)
+
+
+@pytest.fixture(scope="module")
+def lod_run(exported_run, tmp_path_factory):
+    """A copy of the shared run whose web export streams a ladder (--lod and --format web at once)."""
+    run = tmp_path_factory.mktemp("lod_web") / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("web", "web.tmp", "lod"))
+    assert main(["export", str(run), "--lod", ",".join(map(str, LADDER)), "--format", "web", "--lod-ms", "40"]) == 0
+    return run
+
+
+def test_web_export_carries_the_ladder(lod_run, tmp_path, capsys):
+    web_dir = lod_run / "export" / "web"
+    cfg = cfg_of(web_dir)
+    manifest = json.loads((lod_run / "export" / "lod" / "lod.json").read_text())
+    assert cfg["lod"]["file"] == "lod.splat" and cfg["lod"]["target_ms"] == 40.0
+    assert (web_dir / "lod.splat").read_bytes() == (lod_run / "export" / "lod" / "lod.splat").read_bytes()
+    assert cfg["lod"]["total_bytes"] == (web_dir / "lod.splat").stat().st_size == 80 * 32
+    assert [lv["count"] for lv in cfg["lod"]["levels"]] == list(LADDER)
+    assert [lv["bytes"] for lv in cfg["lod"]["levels"]] == [[0, 32 * n] for n in LADDER]
+    assert [lv["psnr"] for lv in cfg["lod"]["levels"]] == [r["psnr_splat"] for r in manifest["levels"]]
+    # a run exported again with its ladder in place streams it without --lod
+    assert main(["export", str(lod_run), "--format", "web"]) == 0
+    assert "Gaussians streamed from lod.splat" in capsys.readouterr().out
+    assert cfg_of(web_dir)["lod"]["levels"] == cfg["lod"]["levels"]
+    # a ladder older than the run's Gaussians (retrained since) is not streamed: it would show other splats
+    run = tmp_path / "run"
+    shutil.copytree(lod_run, run, ignore=shutil.ignore_patterns("web"))
+    import os
+
+    t = (run / "export" / "lod" / "lod.json").stat().st_mtime
+    os.utime(run / "gaussians.ply", (t + 10, t + 10))
+    out = web.export_web(run, run / "export")
+    assert "older than gaussians.ply" in out["lod"] and cfg_of(run / "export" / "web")["lod"] is None
+    with pytest.raises(UserError, match="frame-time target"):
+        web.export_web(run, run / "export", lod_target_ms=0)
+
+
+def open_tab(page, url):
+    """A new phone-sized tab of the module's browser (one sync Playwright per process) at ``url``;
+    the tab records the URLs it requested and its console."""
+    ctx = page.context.browser.new_context(**web.PHONE)
+    pg = ctx.new_page()
+    pg.console, pg.requested = [], []
+    pg.on("console", lambda m: pg.console.append(f"{m.type}: {m.text}"))
+    pg.on("pageerror", lambda e: pg.console.append(f"pageerror: {e}"))
+    pg.on("request", lambda r: pg.requested.append(r.url))
+    pg.set_default_timeout(120_000)
+    pg.goto(url)
+    pg.wait_for_function("window.b3d && window.b3d.state !== 'loading'", timeout=120_000)
+    assert pg.evaluate("window.b3d.state") == "ready", pg.console
+    return ctx, pg
+
+
+@needs_browser
+def test_page_streams_the_ladder_up_to_the_largest_level(page, lod_run, capsys):
+    """With a frame-time target any frame meets, the page shows level 1 first, then 2, then 3 (the
+    indicator in the corner says which), from one request for lod.splat, and Spark's image of the
+    largest level is the run's Gaussians (SH degree 0, as .splat holds them) at the page's pose."""
+    web_dir = lod_run / "export" / "web"
+    cfg = cfg_of(web_dir)
+    server, url = web.serve_in_thread(web_dir)
+    ctx, pg = open_tab(page, url + "?mode=splats&lod_ms=60000")
+    try:
+        assert pg.evaluate("window.b3d.lod.target") == 60000
+        pg.wait_for_function("window.b3d.lod.shown === 2", timeout=120_000)
+        swaps = pg.evaluate("window.b3d.lod.swaps")
+        assert [(s["level"], s["count"]) for s in swaps] == [(1, 10), (2, 30), (3, 80)]
+        assert pg.evaluate("window.b3d.numSplats") == 80 and pg.evaluate("window.b3d.lod.arrived") == 3
+        pg.evaluate("window.b3d.splatFrames(3)")
+        hud = pg.inner_text("#hud")
+        assert "LOD 3/3 · 80 splats" in hud and "loading" not in hud, hud
+        assert pg.evaluate("window.b3d.splatError") is None
+        c2w = np.asarray(cfg["camera"]["c2w"])
+        shot = splat_image(pg, cfg["background"], size=(128, 128))
+        same = splat_reference(lod_run, cfg, c2w, sh_degree=0)
+        turned = splat_reference(lod_run, cfg, orbit(c2w, cfg["camera"]["target"], cfg["camera"]["up"], 0.5),
+                                 sh_degree=0)
+        p_same, p_turned = psnr(shot, same), psnr(shot, turned)
+        with capsys.disabled():
+            print(f"\nladder, largest level in Spark vs our rasteriser: {p_same:.1f} dB at the page's pose, "
+                  f"{p_turned:.1f} dB turned 0.5 rad")
+        assert p_same > 30 and p_same > p_turned + 10, (p_same, p_turned)
+        files = [u.rsplit("/", 1)[-1].split("?")[0] for u in pg.requested]
+        assert files.count("lod.splat") == 1 and "gaussians.spz" not in files, files
+        errors = [m for m in pg.console if m.startswith(("error", "pageerror")) and "Failed to load resource" not in m]
+        assert errors == [], pg.console
+    finally:
+        ctx.close()
+        server.shutdown()
+        server.server_close()
+
+
+@needs_browser
+def test_page_keeps_the_smallest_level_when_frames_are_too_slow(page, lod_run):
+    """A frame-time target no frame meets: every level arrives, the page stays on level 1."""
+    server, url = web.serve_in_thread(lod_run / "export" / "web")
+    ctx, pg = open_tab(page, url + "?mode=splats&lod_ms=0.5")
+    try:
+        pg.wait_for_function("window.b3d.lod.arrived === 3", timeout=120_000)
+        pg.evaluate("window.b3d.splatFrames(60)")  # more than the 25 a level needs before the page decides
+        assert pg.evaluate("window.b3d.lod.shown") == 0
+        assert pg.evaluate("window.b3d.lod.frameMs") > 0.8 * 0.5  # it measured, and it was over the target
+        assert [s["level"] for s in pg.evaluate("window.b3d.lod.swaps")] == [1]
+        assert pg.evaluate("window.b3d.numSplats") == 10
+        hud = pg.inner_text("#hud")
+        assert "LOD 1/3 · 10 splats" in hud and "target 0.5 ms" in hud, hud
+        img = splat_image(pg, cfg_of(lod_run / "export" / "web")["background"])  # level 1 is drawn
+        assert img.std() > 0.01
     finally:
         ctx.close()
         server.shutdown()

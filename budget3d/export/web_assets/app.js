@@ -4,13 +4,20 @@
 // graph takes an OpenCV camera-to-world matrix (x right, y down, z forward), so
 // c2w_cv = c2w_gl * diag(1, -1, -1, 1). The projection matrix is built from the NeLF's
 // intrinsics, so both renderers see exactly the same view.
+//
+// Level of detail: when config.json has "lod", the splats come from one budget-ordered .splat
+// stream whose byte prefixes are the levels (budget3d export RUN --lod). The page shows the
+// smallest level as soon as its bytes are in, and swaps in the next once its bytes are in and the
+// current level's frame time (median interval between animation frames) is within the target
+// (config lod.target_ms, or ?lod_ms= in the URL). A level whose frames take more than 1.15x the
+// target is given back for the one below and not tried again, so the page does not oscillate.
 import * as THREE from "three";
 import { OrbitControls } from "three/addons/controls/OrbitControls.js";
 import * as ort from "onnxruntime-web";
 
 const b3d = (window.b3d = {
   state: "loading", error: null, splatError: null, mode: "nelf",
-  frames: [], splatTimes: [], nelfCount: 0, splatCount: 0, config: null,
+  frames: [], splatTimes: [], nelfCount: 0, splatCount: 0, config: null, lod: null,
 });
 const $ = (id) => document.getElementById(id);
 const median = (xs) => {
@@ -134,6 +141,75 @@ async function start() {
   // ---- splats: Spark on three.js (software or hardware WebGL2)
   const scene = new THREE.Scene();
   let splatsReady = false;
+  let mesh = null;
+  const params = new URLSearchParams(location.search);
+  const lod = cfg.lod ? (b3d.lod = {
+    levels: cfg.lod.levels, target: Number(params.get("lod_ms")) || cfg.lod.target_ms || 33,
+    shown: -1, arrived: 0, received: 0, cap: cfg.lod.levels.length - 1, building: false,
+    frameMs: null, swaps: [], times: [],
+  }) : null;
+
+  // the ladder's stream: one fetch; a level "arrives" once its byte prefix is in
+  function streamLadder(onArrive) {
+    return (async () => {
+      const total = cfg.lod.total_bytes;
+      const buf = (lod.buffer = new Uint8Array(total));
+      const resp = await fetch(cfg.lod.file);
+      if (!resp.ok) throw new Error(`${cfg.lod.file}: HTTP ${resp.status}`);
+      const reader = resp.body.getReader();
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        if (lod.received + value.length > total) throw new Error(`${cfg.lod.file} is longer than config.json says`);
+        buf.set(value, lod.received);
+        lod.received += value.length;
+        while (lod.arrived < lod.levels.length && lod.levels[lod.arrived].bytes[1] <= lod.received) {
+          lod.arrived++;
+          onArrive();
+        }
+      }
+      if (lod.arrived < lod.levels.length) throw new Error(`${cfg.lod.file} ended after ${lod.received} bytes`);
+    })();
+  }
+
+  // show level k (0-based): a new SplatMesh from its byte prefix replaces the one drawn
+  async function showLevel(SplatMesh, k) {
+    lod.building = true;
+    try {
+      const m = new SplatMesh({ fileBytes: lod.buffer.slice(0, lod.levels[k].bytes[1]), fileType: "splat" });
+      await m.initialized;
+      scene.add(m);
+      if (mesh) { scene.remove(mesh); mesh.dispose(); }
+      mesh = m;
+      lod.shown = k;
+      lod.times = [];
+      b3d.numSplats = m.numSplats ?? lod.levels[k].count;
+      lod.swaps.push({ level: k + 1, count: lod.levels[k].count, t: performance.now() });
+    } finally { lod.building = false; }
+  }
+
+  // after each splat frame: step up when the frame time allows and the bytes are in, down when it does not
+  let SplatMeshClass = null;
+  function governLadder(interval) {
+    if (!lod || lod.shown < 0 || lod.building) return;
+    lod.times.push(interval);
+    const settle = 5; // the first frames after a swap upload and sort: not this level's frame time
+    if (lod.times.length < settle + 20) return;
+    const med = (lod.frameMs = median(lod.times.slice(-20)));
+    const k = lod.shown;
+    if (med > 1.15 * lod.target && k > 0) {
+      lod.cap = k - 1;
+      showLevel(SplatMeshClass, k - 1).catch(splatFail);
+    } else if (k < lod.cap && k + 1 < lod.arrived && med <= 0.8 * lod.target) {
+      showLevel(SplatMeshClass, k + 1).catch(splatFail);
+    }
+  }
+  function splatFail(e) {
+    b3d.splatError = String((e && e.message) || e);
+    $("msg").textContent = `splats: ${b3d.splatError}`;
+    $("msg").className = "error";
+  }
+
   try {
     renderer = new THREE.WebGLRenderer({ canvas: splatCanvas, antialias: false, preserveDrawingBuffer: true });
     renderer.setPixelRatio(Math.min(window.devicePixelRatio || 1, 2));
@@ -141,11 +217,23 @@ async function start() {
     layout();
     const { SparkRenderer, SplatMesh } = await import("@sparkjsdev/spark");
     scene.add(new SparkRenderer({ renderer }));
-    const mesh = new SplatMesh({ url: cfg.splats.file });
-    if (cfg.splats.flip_yz) mesh.quaternion.set(1, 0, 0, 0); // SPZ right-up-back -> the run's axes
-    await mesh.initialized;
-    scene.add(mesh);
-    b3d.numSplats = mesh.numSplats ?? mesh.packedSplats?.numSplats ?? null;
+    if (lod) {
+      // .splat holds the run's own axes (no flip); the stream goes on after the first level is shown
+      SplatMeshClass = SplatMesh;
+      let firstArrived;
+      const first = new Promise((res) => { firstArrived = res; });
+      lod.streaming = streamLadder(() => { if (lod.arrived === 1) firstArrived(); });
+      lod.streaming.catch((e) => { splatFail(e); firstArrived(); });
+      await first;
+      if (lod.arrived < 1) throw new Error(b3d.splatError || "the ladder's first level did not arrive");
+      await showLevel(SplatMesh, 0);
+    } else {
+      mesh = new SplatMesh({ url: cfg.splats.file });
+      if (cfg.splats.flip_yz) mesh.quaternion.set(1, 0, 0, 0); // SPZ right-up-back -> the run's axes
+      await mesh.initialized;
+      scene.add(mesh);
+      b3d.numSplats = mesh.numSplats ?? mesh.packedSplats?.numSplats ?? null;
+    }
     splatsReady = true;
   } catch (e) {
     b3d.splatError = String((e && e.message) || e);
@@ -166,13 +254,20 @@ async function start() {
         ` (inference ${ms(median(fr.map((f) => f.infer)))})` +
         (native ? `\nnative onnxruntime, 1 thread, at export: ${native.toFixed(1)} ms` : "");
     }
-    return `Splats (Spark) · ${ms(median(recent(b3d.splatTimes, 30)))} ms/frame`;
+    const line = `Splats (Spark) · ${ms(median(recent(b3d.splatTimes, 30)))} ms/frame`;
+    if (!lod || lod.shown < 0) return line;
+    const n = lod.levels.length;
+    return line + `\nLOD ${lod.shown + 1}/${n} · ${lod.levels[lod.shown].count.toLocaleString("en-US")} splats` +
+      (lod.arrived < n ? ` · loading ${lod.arrived}/${n}` : "") + ` · target ${ms(lod.target)} ms`;
   };
   function tick(t) {
     if (b3d.mode === "splats" && splatsReady) {
       renderer.render(scene, camera);
       b3d.splatCount++;
-      if (lastT !== null) b3d.splatTimes.push(t - lastT);
+      if (lastT !== null) {
+        b3d.splatTimes.push(t - lastT);
+        governLadder(t - lastT);
+      }
       if (b3d.splatTimes.length > 2000) b3d.splatTimes.shift();
       lastT = t;
     } else {
@@ -241,7 +336,7 @@ async function start() {
     },
   });
 
-  const modeParam = new URLSearchParams(location.search).get("mode");
+  const modeParam = params.get("mode");
   setMode(modeParam === "splats" ? "splats" : "nelf");
   b3d.warmupMs = (await renderNelf(c2wFromCamera(camera))).ms; // the first run allocates: not a frame time
   b3d.frames.length = 0;
