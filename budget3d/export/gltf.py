@@ -25,7 +25,9 @@ Axes. glTF is right-handed with +Y up and +Z the asset's front (+X its left: "le
 Our Gaussians carry the axes of the Inria .ply, which every splat tool reads as OpenCV's
 right-down-front (-Y up: a COLMAP capture's usual frame). The conversion is the half turn about Z,
 (x, y, z) -> (-x, -y, z), as PlayCanvas' splat-transform writes glTF and Niantic's spz library maps
-PLY (RDF) to GLB (LUF); rotations become (w, -x, -y, z), and SH coefficients odd in x + y change
+PLY (RDF) to GLB (LUF); rotations become (w, -x, -y, z) (the half turn conjugating each rotation;
+splat-transform multiplies by it instead, which differs by a half turn about the Gaussian's own z
+axis: the same ellipsoid, and tests compare covariances), and SH coefficients odd in x + y change
 sign. It is a rotation, so it is its own inverse and the reader undoes it exactly. A run whose
 world is +Z up (Blender-synthetic scenes such as lego) has its up along glTF's +Z after the
 conversion, as its .ply has it along +Z in SuperSplat: the file says how a viewer should place the
