@@ -266,7 +266,8 @@ def cmd_train(args) -> int:
 
     cfg = train_config(args)
     metrics = train(cfg, resume=args.resume, progress=not args.quiet)
-    print_summary(metrics, Path(args.out))
+    if "psnr" in metrics:  # under torchrun only rank 0 has the whole model and its metrics
+        print_summary(metrics, Path(args.out))
     return 0
 
 

@@ -239,11 +239,11 @@ def train(budget, n_init, iters=60, start=5, stop=45, interval=5, reset_every=20
     for step in range(1, iters + 1):
         i = step % len(cams)
         out = render_fn(params, cams[i])
-        info = gsplat_info(out, cams[i])
+        info = gsplat_info([out.radii], [out.depths], cams[i])
         strategy.step_pre_backward(params, optimizers, state, step, info)
         loss = (out.image - gts[i]).abs().mean()
         loss.backward()
-        set_means2d_grad(info, out)
+        set_means2d_grad(info, [out.means2d_grad()])
         for opt in optimizers.values():
             opt.step()
             opt.zero_grad(set_to_none=True)

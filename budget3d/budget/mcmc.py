@@ -255,6 +255,10 @@ class BudgetMCMCStrategy(Strategy):
     refine_start_iter: int = 500
     refine_stop_iter: int = 15_000
     refine_every: int = 100
+    # after the count has reached the budget, dead Gaussians keep moving to live ones every
+    # refine_every steps until here (3DGS-MCMC relocates until 25k of 30k steps): without it, what
+    # dies after the last growth step stays dead
+    relocate_stop_iter: Optional[int] = None  # None: refine_stop_iter
     min_opacity: float = 0.005  # at or below it a Gaussian is dead: relocated at the next refinement
     noise_lr: float = 5e5  # the noise's scale, times the means' learning rate
     opacity_reg: float = 0.01
@@ -296,6 +300,9 @@ class BudgetMCMCStrategy(Strategy):
         steps = self._steps()
         if step in steps:
             self._refine(params, optimizers, state, step, state["schedule"][steps.index(step)])
+        elif (steps and steps[-1] < step <= (self.relocate_stop_iter or 0)
+              and (step - self.refine_start_iter) % self.refine_every == 0):
+            self._relocate_only(params, optimizers, state, step)
         inject_noise(params, float(lr) * self.noise_lr, self.generator)
 
     def finalize(self, params, optimizers, state, step: int) -> int:
@@ -314,6 +321,14 @@ class BudgetMCMCStrategy(Strategy):
             state["schedule"] = budget_schedule(state["n_init"], self.budget, len(self._steps()))
         state.setdefault("history", [])
         state.setdefault("last", {})
+
+    @torch.no_grad()
+    def _relocate_only(self, params, optimizers, state, step):
+        rows = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        dead = torch.sigmoid(params["opacities"].detach().reshape(_count(params))) <= self.min_opacity
+        moved = relocate(params, optimizers, rows, dead, self.min_opacity, self.generator)
+        state.update(rows)
+        state["last"] = {"step": int(step), "removed": 0, "relocated": moved, "added": 0, "count": _count(params)}
 
     @torch.no_grad()
     def _refine(self, params, optimizers, state, step, target: int, relocate_dead: bool = True):

@@ -39,6 +39,8 @@ class TrainConfig:
     strategy: str = _flag("taming", "densification: taming (exact budget), default (classic 3DGS, no budget), "
                           "mcmc (3DGS-MCMC relocation, grown on the budget schedule to exactly the budget, every device)", choices=("taming", "default", "mcmc"))
     seed: int = _flag(0, "random seed")
+    batch: int = _flag(1, "views per step and process: the step's loss is the mean over them (under torchrun "
+                       "the global batch is batch x processes, each rendering its own)")
     # initialisation (budget3d/train/init.py): the scene's points, else random ones
     init_points: int = _flag(5000, "random points when the scene has none")
     init_opacity: float = _flag(0.1, "opacity of the first Gaussians")
@@ -122,6 +124,8 @@ def resolve_config(cfg: TrainConfig, device_type: str = "cpu") -> TrainConfig:
         raise UserError(f"--iters must be a positive whole number (got {c.iters!r})")
     if c.sh_degree not in (0, 1, 2, 3):
         raise UserError(f"--sh-degree must be 0, 1, 2 or 3 (got {c.sh_degree!r})")
+    if not isinstance(c.batch, int) or c.batch < 1:
+        raise UserError(f"--batch must be a positive whole number of views (got {c.batch!r})")
     if c.shN_every < 1 or c.log_every < 1 or c.checkpoint_every < 0:
         raise UserError("shN_every and log_every must be >= 1 and checkpoint_every >= 0")
     if c.strategy != "default" and c.budget in (None, ""):

@@ -13,6 +13,7 @@ config.json), so a 2000-step CPU run densifies and raises its SH degree like a 3
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -60,6 +61,11 @@ class Session:
     init: str = ""  # where the first Gaussians came from, in words
     appearance: Optional[object] = None  # refine.Appearance (per training image), or None
     poses: Optional[object] = None  # refine.PoseRefine (per training camera), or None
+    dist: Optional[object] = None  # train.distributed.Dist under torchrun, else None
+    others: Optional[dict] = None  # every rank's Gaussians (read-only), gathered for the score renders
+    offset: int = 0  # where this rank's shard sits in ``others``
+    bytes_sent: int = 0  # the sharded render's exchange, this rank, since step ``start_step``
+    start_step: int = 0
     _bg: Optional[torch.Tensor] = None
     _resident: object = None  # {(view, other): uint8 image on the GPU}, or False when they do not fit
 
@@ -94,15 +100,28 @@ class Session:
     def extras(self) -> dict:
         """What a strategy may take besides gsplat's arguments (strategies.step_post_backward hands
         each the ones it names): the means' learning rate, Taming's score views and their renderer."""
+        render_fn = self.render
+        if self.others is not None:  # sharded: the score renders see the whole model, gathered
+            from budget3d.splat.distributed import replicated_render
+
+            render_fn = replicated_render(lambda p, c, e: self.render(p, c, extra=e), self.params, self.others,
+                                          self.offset)
         return {"lr": self.optimizers["means"].param_groups[0]["lr"], "score_views": lambda k: _score_views(self, k),
-                "render_fn": self.render}
+                "render_fn": render_fn}
+
+    @property
+    def world(self) -> int:
+        return 1 if self.dist is None else self.dist.world
 
     def save(self) -> None:
-        extra = {"budget": self.budget, "train_seconds": self.train_seconds, "init": self.init}
+        from budget3d.train.distributed import checkpoint_name
+
+        extra = {"budget": self.budget, "train_seconds": self.train_seconds, "init": self.init,
+                 "world_size": self.world}
         for k in ("appearance", "poses"):
             if getattr(self, k) is not None:
                 extra[k] = getattr(self, k).state_dict()
-        save_checkpoint(self.run_dir / CHECKPOINT, params=self.params, optimizers=self.optimizers,
+        save_checkpoint(self.run_dir / checkpoint_name(self.dist), params=self.params, optimizers=self.optimizers,
                         strategy_state=self.state, step=self.step, history=self.history,
                         config=self.cfg.to_json(), extra=extra)
 
@@ -124,30 +143,33 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
     from budget3d.train import strategies
 
     s = setup(cfg, resume=resume, scene=scene, progress=progress)
-    s.progress, cfg = progress, s.cfg
+    s.progress, cfg = progress and (s.dist is None or s.dist.main), s.cfg
+    progress = s.progress
     if s.backend == "cpu":
         _compile_cpu_kernels(s)
     bar = _progress_bar(s, progress)
-    with StopOnCtrlC() as ctrl_c:
+    s.start_step = s.step
+    with StopOnCtrlC() as ctrl_c, _peers(s):
         t0 = time.perf_counter()
         for step in range(s.step, cfg.iters):
-            view_idx = _view_index(cfg.seed, step, len(s.scene.train))
-            view = s.scene.train[view_idx]
+            views = _step_views(s, step)  # this process's share of the step's batch
             _set_learning_rates(s, step)
             s.sh_now = min(cfg.sh_degree, step // cfg.sh_up_every)
             s.params["shN"].requires_grad_(step % cfg.shN_every == 0)
-            bg = torch.rand(3, device=s.device) if cfg.random_background else s.background()
-            gt = _target(s, view_idx, bg)
-            out = s.render(s.params, view.camera, background=bg, viewmat=_viewmat(s, view_idx, step))
-            img = _corrected(s, view_idx, out.image, gt)
-            loss = _loss(img, gt, cfg.ssim_lambda) + strategies.regulariser(s.strategy, s.params)
-            info = strategies.gsplat_info(out, view.camera)
+            bgs = [torch.rand(3, device=s.device) if cfg.random_background else s.background() for _ in views]
+            gts = [_target(s, k, bg) for k, bg in zip(views, bgs)]
+            outs, info, m2d = _render_views(s, views, bgs, step)
+            imgs = [_corrected(s, k, o.image, gt) for k, o, gt in zip(views, outs, gts)]
+            loss = (sum(_loss(img, gt, cfg.ssim_lambda) for img, gt in zip(imgs, gts)) / (len(views) * s.world)
+                    + strategies.regulariser(s.strategy, s.params) / s.world)
             s.strategy.step_pre_backward(s.params, s.optimizers, s.state, step, info)
             loss.backward()
-            strategies.set_means2d_grad(info, out)
-            _optimizer_step(s, out.visible)
-            _refine_step(s, view_idx, step)
+            strategies.set_means2d_grad(info, [g() for g in m2d])
+            _optimizer_step(s, (info["radii"] > 0).any(-1).any(0))
+            _refine_step(s, views[0], step)
+            _gather_for_scores(s, step)
             strategies.step_post_backward(s.strategy, s.params, s.optimizers, s.state, step, info, **s.extras())
+            s.others = None
             if s.params["means"].shape[0] == 0:
                 bar.close()
                 raise UserError(
@@ -157,17 +179,37 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
             s.step = step + 1
             s.train_seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
-            _log(s, bar, step, loss, img, gt)
+            _log(s, bar, step, loss, imgs[0], gts[0])
             stop = (on_step is not None and on_step(s)) or ctrl_c.requested
+            if s.dist is not None:  # every rank stops at the same step
+                from budget3d.train.distributed import agree
+
+                stop = agree(stop, s.device)
             if stop or (cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0):
                 s.save()
             if stop and s.step < cfg.iters:
                 bar.close()
+                launch = "budget3d" if s.dist is None else f"torchrun --nproc_per_node {s.world} -m budget3d"
                 raise TrainingInterrupted(
-                    f"interrupted at step {s.step}/{cfg.iters}; checkpoint saved to {s.run_dir / CHECKPOINT}. "
-                    f"Resume with: budget3d train --out {s.run_dir} --resume")
+                    f"interrupted at step {s.step}/{cfg.iters}; checkpoint saved to {s.run_dir / CHECKPOINT}"
+                    f"{'' if s.dist is None else ' (and one per rank)'}. "
+                    f"Resume with: {launch} train --out {s.run_dir} --resume")
     bar.close()
-    return finish(s)
+    with _peers(s):
+        return finish(s)
+
+
+@contextlib.contextmanager
+def _peers(s: Session):
+    """Under torchrun, a failed collective (a rank died, a network went down) as one line."""
+    try:
+        yield
+    except (RuntimeError, ConnectionError) as e:
+        if s.dist is None or isinstance(e, UserError):
+            raise
+        from budget3d.train.distributed import lost_peer
+
+        raise lost_peer(s.dist, e, s.run_dir) from None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -223,11 +265,21 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None, progress: bool 
     """Build (or restore from the run folder's checkpoint) everything the loop needs."""
     from budget3d.train import strategies
 
+    from budget3d.train import distributed
+
     run_dir = Path(cfg.out)
+    d = distributed.from_env()  # a torchrun rank, or None
     ckpt = None
     if resume:
         _check_run_dir(run_dir, need_checkpoint=True)
-        ckpt = load_checkpoint(run_dir / CHECKPOINT)
+        name = distributed.checkpoint_name(d)
+        if not (run_dir / name).is_file():
+            raise UserError(f"{run_dir}: no {name} for rank {d.rank}; resume with as many processes as the run had")
+        ckpt = load_checkpoint(run_dir / name)
+        had = int(ckpt["extra"].get("world_size", 1))
+        if had != (1 if d is None else d.world):
+            raise UserError(f"{run_dir}: trained by {had} process(es), resumed by {1 if d is None else d.world}; resume "
+                            f"with the same count ({'torchrun --nproc_per_node ' + str(had) if had > 1 else 'no torchrun'})")
         saved = TrainConfig.from_json(ckpt["config"])
         data = str(scene_path(run_dir, {"data": saved.data}, cfg.data or None)) if scene is None else saved.data
         cfg = dataclasses.replace(saved, out=str(run_dir), device=cfg.device, backend=cfg.backend, data=data)
@@ -235,6 +287,12 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None, progress: bool 
         cfg = dataclasses.replace(cfg, data=os.path.abspath(os.path.expanduser(cfg.data)))
     check_names(cfg)
     device = pick_device(cfg.device, cfg.backend)
+    if d is not None:
+        if cfg.pose_opt or cfg.appearance:
+            raise UserError("--pose-opt and --appearance train one process's views at a time; drop them under torchrun")
+        device = distributed.start(d, device)
+    elif cfg.batch > 1 and (cfg.pose_opt or cfg.appearance):
+        raise UserError("--pose-opt and --appearance train one view per step; drop them or --batch")
     cfg = resolve_config(cfg, device.type)
     backend = pick_backend(cfg.backend, device)
     if not resume and scene is None and cfg.data:  # a folder of photos or a video: make it a scene first
@@ -245,12 +303,19 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None, progress: bool 
     cfg = _resolve_for_scene(cfg, scene)
     if not scene.train:
         raise UserError(f"{cfg.data}: the scene has no training views")
+    if d is not None:
+        distributed.check_same_scene(d, scene, str(cfg.data))
     if ckpt is not None:
         init = ckpt["params"]
         budget = ckpt["extra"].get("budget")
     else:
         init, init_what = _init_params(cfg, scene)
         budget = _parse_budget(cfg, len(init["means"]))
+        if d is not None:  # every rank made the same points (same seed): each keeps its slice
+            from budget3d.splat.distributed import shard_slice
+
+            cut = shard_slice(len(init["means"]), d.rank, d.world)
+            init = {k: v[cut] for k, v in init.items()}
     params = {k: torch.nn.Parameter(v.to(device).float().contiguous()) for k, v in init.items()}
     from budget3d.train.init import scene_scale
 
@@ -258,9 +323,14 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None, progress: bool 
     optimizers = _make_optimizers(cfg, params, extent)
     s = Session(cfg=cfg, run_dir=run_dir, scene=scene, device=device, backend=backend, params=params,
                 optimizers=optimizers, strategy=None, state={}, budget=budget, extent=extent,
-                init=ckpt["extra"].get("init", "") if ckpt is not None else init_what)
+                init=ckpt["extra"].get("init", "") if ckpt is not None else init_what, dist=d)
     _make_refiners(s, ckpt)
-    s.strategy = strategies.make_strategy(cfg, budget, device=device)
+    local_budget = budget
+    if d is not None and budget is not None:  # each shard's part of the schedule; the parts sum to it
+        from budget3d.splat.distributed import share
+
+        local_budget = share(budget, d.rank, d.world)
+    s.strategy = strategies.make_strategy(cfg, local_budget, device=device)
     s.strategy.check_sanity(s.params, s.optimizers)
     s.state = strategies.initialize_state(s.strategy, scene_scale=extent)
     if cfg.random_background and cfg.data:
@@ -279,7 +349,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None, progress: bool 
         except OSError as e:
             raise UserError(f"{run_dir}: cannot create the run folder ({e.strerror}); choose another --out") from None
         seed_everything(cfg.seed)
-    write_json(run_dir / CONFIG, cfg.to_json())
+    if d is None or d.main:
+        write_json(run_dir / CONFIG, {**cfg.to_json(), "world_size": s.world})
     return s
 
 
@@ -309,9 +380,50 @@ def _check_run_dir(run_dir: Path, need_checkpoint: bool) -> None:
 # ----------------------------------------------------------------------------- per-step helpers
 
 
-def _view_index(seed: int, step: int, n: int) -> int:
-    """A random view per step, a pure function of (seed, step) so resuming picks the same ones."""
-    return int(np.random.default_rng([seed, step]).integers(n))
+def _view_index(seed: int, step: int, n: int, j: int = 0) -> int:
+    """View ``j`` of the step's batch, a pure function of (seed, step, j) so that resuming picks the
+    same ones and every rank knows every rank's views."""
+    return int(np.random.default_rng([seed, step] if j == 0 else [seed, step, j]).integers(n))
+
+
+def _step_views(s: Session, step: int) -> list[int]:
+    """The training views this process renders at ``step``: its ``batch`` of the global batch."""
+    rank = 0 if s.dist is None else s.dist.rank
+    return [_view_index(s.cfg.seed, step, len(s.scene.train), j)
+            for j in range(rank * s.cfg.batch, (rank + 1) * s.cfg.batch)]
+
+
+def _render_views(s: Session, views: list[int], bgs: list, step: int):
+    """Render this process's views: (outputs, gsplat's info over the held Gaussians, one callable
+    per camera of the global batch that returns the projected centres' gradient after backward)."""
+    from budget3d.train import strategies
+
+    cam0 = s.scene.train[views[0]].camera
+    if s.dist is None:
+        outs = [s.render(s.params, s.scene.train[k].camera, background=bg, viewmat=_viewmat(s, k, step))
+                for k, bg in zip(views, bgs)]
+        info = strategies.gsplat_info([o.radii for o in outs], [o.depths for o in outs], cam0)
+        return outs, info, [o.means2d_grad for o in outs]
+    from budget3d.splat.distributed import render_sharded
+
+    every = [_view_index(s.cfg.seed, step, len(s.scene.train), j) for j in range(s.cfg.batch * s.world)]
+    mine = list(range(s.dist.rank * s.cfg.batch, (s.dist.rank + 1) * s.cfg.batch))
+    outs, local, stats = render_sharded(s.params, [s.scene.train[k].camera for k in every], mine, backend=s.backend,
+                                        sh_degree=s.sh_now, backgrounds=bgs)
+    s.bytes_sent += stats["bytes_sent"]
+    info = strategies.gsplat_info([p.radii for p in local], [p.depths for p in local], cam0)
+    return outs, info, [(lambda p=p: p.means2d.grad) for p in local]
+
+
+def _gather_for_scores(s: Session, step: int, final: bool = False) -> None:
+    """Sharded Taming: before a densification step (and the final one), every rank gathers every
+    shard (read-only), so that its score renders see the whole model, as one process does."""
+    if s.dist is None or s.cfg.strategy != "taming" or not (final or step in s.strategy.densify_steps()):
+        return
+    from budget3d.splat.distributed import gather_rows
+
+    s.others, counts = gather_rows(dict(s.params))
+    s.offset = sum(counts[: s.dist.rank])
 
 
 def _set_learning_rates(s: Session, step: int) -> None:
@@ -480,18 +592,40 @@ def finish(s: Session) -> dict:
 
     from budget3d.train import strategies
 
+    _gather_for_scores(s, s.step, final=True)
     strategies.finalize(s.strategy, s.params, s.optimizers, s.state, s.step, **s.extras())
+    s.others = None
     s.sh_now = s.cfg.sh_degree
     for p in s.params.values():
         p.requires_grad_(True)
     s.save()
+    shards = {}
+    if s.dist is not None:  # rank 0 writes the gathered model; the others are done
+        shards = _gather_model(s)
+        if not s.dist.main:
+            return shards
     save_ply(s.params, s.run_dir / "gaussians.ply")
-    metrics = _train_metrics(s)
+    metrics = {**_train_metrics(s), **shards}
     metrics.update(_evaluate(s))
     write_json(s.run_dir / "metrics.json", metrics)
     title = f"{s.cfg.strategy}: {metrics['num_gaussians']} Gaussians, test PSNR {metrics['psnr']:.2f} dB"
     plot_progress(s.history, s.run_dir / "progress.png", title=title)
     return metrics
+
+
+def _gather_model(s: Session) -> dict:
+    """Every shard onto every rank (``s.params`` becomes the whole model), the process group closed;
+    what the ranks report: counts, peak memory, the exchange's bytes per step."""
+    from budget3d.splat.distributed import gather_rows
+    from budget3d.train import distributed
+
+    full, counts = gather_rows(dict(s.params))
+    steps = max(1, s.step - s.start_step)
+    per_rank = distributed.gather_all({**peak_memory_mb(s.device), "bytes_sent_per_step": s.bytes_sent // steps})
+    distributed.finish()
+    s.params = full
+    return {"world_size": s.world, "views_per_step": s.world * s.cfg.batch, "shard_counts": counts,
+            "per_rank": per_rank}
 
 
 def _train_metrics(s: Session) -> dict:
