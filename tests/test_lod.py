@@ -153,3 +153,31 @@ def test_lod_with_budget_or_nothing_is_an_error(run, capsys):
     assert main(["export", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--format" in err and "--lod" in err
+
+
+def test_finetuned_ladder_keeps_members_and_nesting(run, tmp_path):
+    """--lod-finetune: the same members in the same order, still byte-prefix nested, tuned values;
+    the smaller levels (10 and 30 of the scene's 80 Gaussians) render the test views better."""
+    tuned_run = tmp_path / "run"
+    shutil.copytree(run, tuned_run, ignore=shutil.ignore_patterns("web", "lod"))
+    assert main(["export", str(tuned_run), "--lod", ",".join(map(str, LEVELS)), "--format", "ply",
+                 "--lod-finetune", "60"]) == 0
+    m, plain = manifest(tuned_run), manifest(run)
+    assert m["finetune_steps"] == 60 and plain["finetune_steps"] == 0
+    folder, plain_folder = tuned_run / "export" / "lod", run / "export" / "lod"
+    levels = [load_ply(folder / r["files"]["ply"]["file"]) for r in m["levels"]]
+    for small, big in zip(levels, levels[1:]):
+        for k in small:
+            assert torch.equal(small[k], big[k][:len(small[k])]), k
+    top, plain_top = levels[-1], load_ply(plain_folder / plain["levels"][-1]["files"]["ply"]["file"])
+    # members and order: each tuned centre is still its own Gaussian's (the means move at the final lr)
+    d = torch.cdist(top["means"], plain_top["means"])
+    assert torch.equal(d.argmin(1), torch.arange(80))
+    assert not torch.equal(top["opacities"], plain_top["opacities"])  # it did train
+    # the stream is the tuned ladder too
+    np.testing.assert_array_equal(np.sort(lod.read_prefix(folder / "lod.splat", 10)["means"].numpy(), 0),
+                                  np.sort(levels[0]["means"].numpy(), 0))
+    gain = [t["psnr"] - u["psnr"] for t, u in zip(m["levels"], plain["levels"])]
+    assert gain[0] > 0.3 and gain[1] > 1, gain  # (the top level here is the ground truth itself: it can only lose)
+    with pytest.raises(UserError, match="steps >= 0"):
+        lod.export_lod(tuned_run, "10,80", tuned_run / "export", finetune_steps=-1)

@@ -4,8 +4,16 @@ Every level is the top-k of the run's Gaussians by the same importance ``export 
 (``splats.run_scores``: the Taming score over a few training views; ``splats.orbit_scores`` when the
 run's scene is gone), so the levels are nested and each is exactly what ``export --budget k`` keeps.
 The Gaussians are sorted once by that score (descending, ties by their index in gaussians.ply) and
-level k is the first ``count_k`` of that order; nothing is fine-tuned (docs/export.md, "Level of
-detail", has the measurement that decided it).
+level k is the first ``count_k`` of that order. By default nothing is fine-tuned: each level is the
+run's own Gaussians, bit for bit.
+
+``finetune_steps`` > 0 (``--lod-finetune``) trains every Gaussian of the ladder jointly on the mean
+of every level's training loss (each step one training view, rendered once per level, the run's
+L1 + SSIM loss and learning rates, the means' at its final decayed value). The levels stay nested
+prefixes of one order with the same members; their values change. Smaller levels gain several dB
+and the largest gives up some (docs/export.md, "Level of detail", has the table and the measured
+alternative of tuning each level's new Gaussians with the smaller levels frozen, which lost more
+at the top).
 
 Written into ``OUT/lod/`` (OUT is RUN/export by default):
 
@@ -189,8 +197,47 @@ def _degree(p) -> int:
 # ----------------------------------------------------------------------------- the ladder
 
 
+def finetune(views: "TestViews", run_dir, ordered: dict, counts: Sequence[int], steps: int, seed: int = 0,
+             progress: bool = True) -> dict:
+    """The joint fine-tune of the module notes: ``ordered`` (every Gaussian, most important first)
+    trained ``steps`` steps on the mean loss of its prefixes ``counts``; returns the tuned params."""
+    from tqdm import tqdm
+
+    from budget3d.runfolder import read_config
+    from budget3d.splat import render
+    from budget3d.train.init import scene_scale
+    from budget3d.train.ssim import ssim
+
+    cfg = read_config(run_dir)
+    get = lambda k, d: float(cfg.get(k, d))  # noqa: E731  (a run config written before a setting existed)
+    lrs = {"means": get("means_lr_final", 1.6e-6) * scene_scale(views.scene), "scales": get("scales_lr", 5e-3),
+           "quats": get("quats_lr", 1e-3), "opacities": get("opacities_lr", 5e-2), "sh0": get("sh0_lr", 2.5e-3),
+           "shN": get("shN_lr", 2.5e-3 / 20)}
+    lam = get("ssim_lambda", 0.2)
+    train = list(views.scene.train)
+    if not train:
+        raise UserError(f"{run_dir}: the run's scene has no training views to fine-tune the ladder on; "
+                        "export it without --lod-finetune")
+    p = {k: v.detach().float().clone().requires_grad_() for k, v in ordered.items()}
+    opt = torch.optim.Adam([{"params": [p[k]], "lr": lrs.get(k, 1e-3)} for k in p], eps=1e-15)
+    rng = np.random.default_rng(seed)
+    deg = min(views.sh_degree, _degree(p))
+    for _ in tqdm(range(steps), desc="lod fine-tune", unit="step", disable=not progress, leave=False):
+        view = train[int(rng.integers(len(train)))]
+        gt = torch.as_tensor(view.image()).float() / 255
+        loss = 0.0
+        for n in counts:
+            img = render({k: v[:n] for k, v in p.items()}, view.camera, backend=views.backend, sh_degree=deg,
+                         background=views.background).image
+            loss = loss + (1 - lam) * (img - gt).abs().mean() + (lam * (1 - ssim(img, gt)) if lam > 0 else 0.0)
+        opt.zero_grad(set_to_none=True)
+        (loss / len(counts)).backward()
+        opt.step()
+    return {k: v.detach() for k, v in p.items()}
+
+
 def export_lod(run_dir, levels: str | Sequence[int], out_dir, formats: Sequence[str] = ("spz",), data=None,
-               evaluate: bool = True, progress: bool = True) -> dict:
+               evaluate: bool = True, finetune_steps: int = 0, progress: bool = True) -> dict:
     """Write the ladder into ``out_dir/lod`` (see the module notes); returns the manifest."""
     from tqdm import tqdm
 
@@ -207,9 +254,14 @@ def export_lod(run_dir, levels: str | Sequence[int], out_dir, formats: Sequence[
     total = len(params["means"])
     counts = parse_levels(levels, total) if isinstance(levels, str) else _check_counts(levels, total)
 
+    if finetune_steps < 0:
+        raise UserError(f"--lod-finetune {finetune_steps}: give a number of steps >= 0 (0: no fine-tune)")
     scores, what = run_importance(run_dir, params, data)
     order = importance_order(scores)
     ordered = {k: v.detach()[torch.as_tensor(order)].clone() for k, v in params.items()}
+    views = TestViews(run_dir, data) if evaluate or finetune_steps else None
+    if finetune_steps:
+        ordered = finetune(views, run_dir, ordered, counts, finetune_steps, progress=progress)
 
     lod = out_dir / LOD_DIR
     tmp = out_dir / (LOD_DIR + ".tmp")
@@ -218,7 +270,8 @@ def export_lod(run_dir, levels: str | Sequence[int], out_dir, formats: Sequence[
     tmp.mkdir(parents=True)
     stream = splat_records(ordered)
     write_bytes(tmp / STREAM, stream)
-    views = TestViews(run_dir, data) if evaluate else None
+    if not evaluate:
+        views = None
     rows = []
     bar = tqdm(total=len(counts), desc="lod", unit="level", disable=not progress, leave=False)
     for i, n in enumerate(counts, 1):
@@ -248,7 +301,8 @@ def export_lod(run_dir, levels: str | Sequence[int], out_dir, formats: Sequence[
         "source": "gaussians.ply",
         "total": total,
         "order": what,
-        "finetune_steps": 0,
+        "finetune_steps": int(finetune_steps),
+        "finetune": "joint: every level's loss, every Gaussian" if finetune_steps else None,
         "stream": {"file": STREAM, "format": "splat", "bytes_per_splat": SPLAT_BYTES,
                    "size_bytes": len(stream), "sh_degree": 0},
         "evaluation": ({"n_test_views": m["n_test_views"], "backend": views.backend,

@@ -37,6 +37,10 @@ def add_arguments(x) -> None:
                         "budget-ordered lod.splat whose byte prefixes are the levels, each level as the splat "
                         "formats in --format (default spz), and lod.json (counts, sizes, byte ranges, test PSNR); "
                         "--format web then streams the ladder")
+    x.add_argument("--lod-finetune", type=int, default=0, metavar="STEPS",
+                   help="--lod: train every Gaussian of the ladder this many steps on the mean loss of all its "
+                        "levels (the levels keep their members; small ones gain, the largest gives up some; "
+                        "docs/export.md); default 0: each level is the run's Gaussians unchanged")
     x.add_argument("--lod-ms", type=float, default=33.0, metavar="MS",
                    help="web: the frame-time target of the streamed ladder: the page shows a larger level only "
                         "while frames take less (default 33; the page's ?lod_ms= overrides it)")
@@ -94,7 +98,7 @@ def main(args) -> int:
         from budget3d.export.lod import export_lod, summary
 
         manifest = export_lod(run, lod, out, formats=[f for f in fmts if f in SPLAT_FORMATS] or ["spz"],
-                              data=args.data)
+                              data=args.data, finetune_steps=getattr(args, "lod_finetune", 0))
         print(summary(manifest))
         fmts = [f for f in fmts if f not in SPLAT_FORMATS]  # the levels are the splat files
     params = None
