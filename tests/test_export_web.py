@@ -441,7 +441,8 @@ def open_tab(page, url):
 def test_page_streams_the_ladder_up_to_the_largest_level(page, lod_run, capsys):
     """With a frame-time target any frame meets, the page shows level 1 first, then 2, then 3 (the
     indicator in the corner says which), from one request for lod.splat, and Spark's image of the
-    largest level is the run's Gaussians (SH degree 0, as .splat holds them) at the page's pose."""
+    largest level is the run's Gaussians (SH degree 0, as .splat holds them) at the page's pose;
+    then, with a target no frame meets, it steps back down to level 1 and stays."""
     web_dir = lod_run / "export" / "web"
     cfg = cfg_of(web_dir)
     server, url = web.serve_in_thread(web_dir)
@@ -468,6 +469,13 @@ def test_page_streams_the_ladder_up_to_the_largest_level(page, lod_run, capsys):
         assert p_same > 30 and p_same > p_turned + 10, (p_same, p_turned)
         files = [u.rsplit("/", 1)[-1].split("?")[0] for u in pg.requested]
         assert files.count("lod.splat") == 1 and "gaussians.spz" not in files, files
+        # a target the frames no longer meet: each level over 1.15x the target is given back, down to level 1
+        pg.evaluate("window.b3d.lod.target = 0.5")
+        pg.wait_for_function("window.b3d.lod.shown === 0 && !window.b3d.lod.building", timeout=120_000)
+        pg.evaluate("window.b3d.splatFrames(40)")  # and it stays there (no oscillation)
+        assert [s["level"] for s in pg.evaluate("window.b3d.lod.swaps")] == [1, 2, 3, 2, 1]
+        assert pg.evaluate("window.b3d.lod.cap") == 0 and pg.evaluate("window.b3d.numSplats") == 10
+        assert "LOD 1/3 · 10 splats" in pg.inner_text("#hud")
         errors = [m for m in pg.console if m.startswith(("error", "pageerror")) and "Failed to load resource" not in m]
         assert errors == [], pg.console
     finally:
