@@ -29,7 +29,7 @@ Writing (our own choices where the format leaves them free): Gaussians in Morton
 PlayCanvas writes them: neighbouring texels hold neighbouring splats, so the images compress); each
 codebook is a 256-level 1-D k-means (Lloyd) of the pooled values; the SH palette is a k-means of
 min(64, 2^floor(log2(N / 1024))) x 1024 centroids (splat-transform's palette size, at most N) over
-``SH_ITERATIONS`` rounds; positions and quaternion components are rounded to the nearest level.
+at most ``SH_ITERATIONS`` rounds (splat-transform's default), fewer once the error settles; positions and quaternion components are rounded to the nearest level.
 
 Quantisation error (what the tests check): positions within half a 16-bit step of the log-domain
 range (|dx| <= (e^|v|) * range / 65535 / 2); log-scales and DC to the nearest codebook entry;
@@ -93,31 +93,36 @@ def nearest(values: np.ndarray, book: np.ndarray) -> np.ndarray:
 
 
 def kmeans(x: np.ndarray, k: int, iters: int = SH_ITERATIONS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(centroids (k, D), labels (N,)) of plain k-means, started from ``k`` distinct random rows;
-    a centroid that loses all its points keeps its place."""
+    """(centroids (k, D), labels (N,)) of plain k-means, started from ``k`` distinct random rows,
+    stopping early once a round lowers the squared error by less than 0.1% (on lego's 30k Gaussians
+    rounds 5 to 10 changed it by 0.03% and cost half the write); a centroid that loses all its
+    points keeps its place."""
     xt = torch.as_tensor(np.ascontiguousarray(x, np.float32))
     n = len(xt)
     k = min(k, n)
     g = torch.Generator().manual_seed(seed)
     c = xt[torch.randperm(n, generator=g)[:k]].clone()
-    x2 = (xt * xt).sum(1, keepdim=True)
     rows = max(1, (1 << 24) // max(k, 1))
+    x2 = float((xt.double() ** 2).sum())
 
-    def assign(c):
-        c2 = (c * c).sum(1)
-        out = torch.empty(n, dtype=torch.int64)
+    def assign(c):  # argmin |x - c|^2 = argmin |c|^2 - 2 x.c, one fused matmul per block of rows
+        c2, ct = (c * c).sum(1), c.T.contiguous()
+        lab, err = torch.empty(n, dtype=torch.int64), 0.0
         for s in range(0, n, rows):
-            d = x2[s:s + rows] - 2 * xt[s:s + rows] @ c.T + c2
-            out[s:s + rows] = d.argmin(1)
-        return out
+            d, lab[s:s + rows] = torch.addmm(c2, xt[s:s + rows], ct, alpha=-2).min(1)
+            err += float(d.double().sum())
+        return lab, err + x2
 
+    lab, err = assign(c)
     for _ in range(iters):
-        lab = assign(c)
         cnt = torch.bincount(lab, minlength=k).float()
         s = torch.zeros_like(c).index_add_(0, lab, xt)
-        keep = cnt == 0
-        c = torch.where(keep[:, None], c, s / cnt.clamp(min=1)[:, None])
-    return c.numpy(), assign(c).numpy()
+        c = torch.where((cnt == 0)[:, None], c, s / cnt.clamp(min=1)[:, None])
+        lab, new_err = assign(c)
+        if err - new_err < 1e-3 * max(new_err, 1e-30):
+            break
+        err = new_err
+    return c.numpy(), lab.numpy()
 
 
 def palette_size(n: int) -> int:
