@@ -1,7 +1,8 @@
 """Exports for devices: splat files (ply / splat / spz / sog / glb / compressed-ply, and readers of
 other tools' files) through ``budget3d.export.splats`` (SOG, glTF and compressed.ply in ``sog``,
-``gltf`` and ``compressed_ply``, what they share in ``splat_arrays``); the NeLF's ONNX export in ``budget3d.export.onnx``, its int8 / mixed
-precision in ``quantize`` and running the graphs in onnxruntime in ``ortrun``; ``pte``, ``web``
+``gltf`` and ``compressed_ply``, what they share in ``splat_arrays``); the NeLF's ONNX export in
+``budget3d.export.onnx``, its int8 / mixed precision in ``quantize`` and running the graphs in
+onnxruntime in ``ortrun``; ``pte``, ``web``
 and ``bench`` (which measures with ``measure``) beside them. Names are imported on first use, so
 ``budget3d --help`` (which imports the bench and web modules for their flags) does not load torch."""
 
