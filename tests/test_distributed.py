@@ -90,3 +90,171 @@ def test_two_rank_render_equals_one_rank(backend, per_rank, tmp_path):
         assert got["stats"]["rows_sent"] > 0
     # both halves really took part: each rank's Gaussians got gradient from the other rank's images
     assert all(r["grads"]["means"].abs().sum() > 0 for r in res)
+
+
+# ----------------------------------------------------------------------------- torchrun end to end
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+BUDGET, ITERS = 3000, 300
+
+
+def toy() -> str:
+    from budget3d.demo import bundled_scene
+
+    return str(bundled_scene())
+
+
+def torchrun(out, *extra, nproc=2, wait=True, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+           str(free_port()), "-m", "budget3d", "train", "--out", str(out), "--quiet", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "run"
+    r = torchrun(out, "--data", toy(), "--budget", str(BUDGET), "--iters", str(ITERS), "--checkpoint-every", "100")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_torchrun_two_ranks_land_on_the_budget_and_match_one_process(two_rank_run, tmp_path):
+    """2 ranks (gloo) on the bundled scene: exactly the budget, equal shards, and the test PSNR of
+    one process rendering the same 2 views per step with the same seed, within 0.5 dB."""
+    from budget3d.splat import load_ply
+    from budget3d.train import TrainConfig, train
+
+    m = json.loads((two_rank_run / "metrics.json").read_text())
+    conf = json.loads((two_rank_run / "config.json").read_text())
+    assert conf["world_size"] == 2 and m["world_size"] == 2 and m["views_per_step"] == 2
+    assert m["num_gaussians"] == BUDGET and len(load_ply(two_rank_run / "gaussians.ply")["means"]) == BUDGET
+    assert sum(m["shard_counts"]) == BUDGET and max(m["shard_counts"]) <= 1.2 * BUDGET / 2
+    assert all(r["bytes_sent_per_step"] > 0 for r in m["per_rank"])
+    one = train(TrainConfig(data=toy(), out=str(tmp_path / "one"), budget=str(BUDGET), iters=ITERS, batch=2,
+                            checkpoint_every=0, save_renders=False), progress=False)
+    print(f"\n2 ranks {m['psnr']:.2f} dB, 1 process (batch 2) {one['psnr']:.2f} dB")
+    assert abs(m["psnr"] - one["psnr"]) < 0.5
+
+
+def _ranks(proc) -> dict:
+    """{rank: pid} of a torchrun's workers."""
+    out = {}
+    for child in Path("/proc").iterdir():
+        if not child.name.isdigit():
+            continue
+        try:
+            env = (child / "environ").read_bytes().split(b"\0")
+            stat = (child / "stat").read_text().split()
+        except OSError:
+            continue
+        if int(stat[3]) == proc.pid:
+            for kv in env:
+                if kv.startswith(b"RANK="):
+                    out[int(kv[5:])] = int(child.name)
+    return out
+
+
+def _wait_for(path: Path, proc, timeout=240):
+    t0 = time.time()
+    while not path.is_file():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() - t0 < timeout, f"{path} never appeared"
+        time.sleep(0.5)
+
+
+def test_killed_rank_stops_the_others_and_resume_finishes_exactly(tmp_path):
+    """kill -9 of rank 1: the other exits within 60 s with one line from budget3d, the last
+    checkpoints load, and --resume with 2 ranks finishes with exactly the budget."""
+    from budget3d.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    p = torchrun(out, "--data", toy(), "--budget", str(BUDGET), "--iters", str(ITERS), "--checkpoint-every", "50",
+                 wait=False)
+    _wait_for(out / "checkpoint.rank1.pt", p)
+    ranks = _ranks(p)
+    assert set(ranks) == {0, 1}, ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    t0 = time.time()
+    _, err = p.communicate(timeout=120)
+    assert time.time() - t0 < 60 and p.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("budget3d:") or line.startswith("budget3d train:")]
+    assert ours and all("rank 0" in line and "resume" in line for line in ours), err[-2000:]
+    steps = {load_checkpoint(out / n)["step"] for n in ("checkpoint.pt", "checkpoint.rank1.pt")}
+    assert len(steps) == 1 and steps.pop() >= 50  # both shards from the same completed save
+    r = torchrun(out, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["num_gaussians"] == BUDGET
+
+
+def test_resume_needs_the_same_process_count(two_rank_run, capsys):
+    from test_cli import run_cli
+
+    code, _, err = run_cli(capsys, "train", "--out", two_rank_run, "--resume")
+    assert code != 0 and "2 process" in err and "torchrun --nproc_per_node 2" in err and err.count("\n") <= 1
+
+
+def test_ctrl_c_on_one_rank_stops_both_at_the_same_step(tmp_path):
+    out = tmp_path / "run"
+    p = torchrun(out, "--data", toy(), "--budget", str(BUDGET), "--iters", "3000", "--checkpoint-every", "100",
+                 wait=False)
+    _wait_for(out / "checkpoint.rank1.pt", p)
+    os.kill(_ranks(p)[1], signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    from budget3d.train.checkpoint import load_checkpoint
+
+    a, b = (load_checkpoint(out / n) for n in ("checkpoint.pt", "checkpoint.rank1.pt"))
+    assert a["step"] == b["step"] < 3000, err[-2000:]
+    assert f"interrupted at step {a['step']}/3000" in err and "torchrun --nproc_per_node 2" in err
+
+
+def _scene_rank(rank, world, port, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from budget3d.errors import UserError
+    from budget3d.train.distributed import Dist, check_same_scene
+    from test_train import tiny_scene
+
+    scene = tiny_scene(n_train=2 + rank, n_test=1, points=20)  # rank 1 was given another scene
+    try:
+        check_same_scene(Dist(rank, world, rank), scene, f"/scenes/{rank}")
+        msg = "no error"
+    except UserError as e:
+        msg = str(e)
+    Path(f"{path}.{rank}").write_text(msg)
+    dist.destroy_process_group()
+
+
+def test_a_rank_with_another_scene_is_one_line_on_every_rank(tmp_path):
+    mp.spawn(_scene_rank, args=(2, free_port(), str(tmp_path / "m")), nprocs=2, join=True)
+    for r in range(2):
+        msg = (tmp_path / f"m.{r}").read_text()
+        assert "rank 1" in msg and "/scenes/1" in msg and "/scenes/0" in msg and "\n" not in msg, msg
+
+
+def test_torchrun_on_gpus_that_are_not_there_is_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = torchrun(tmp_path / "run", "--data", toy(), "--budget", "100", "--device", "cuda")
+    ours = [line for line in r.stderr.splitlines() if line.startswith("budget3d:")]
+    assert r.returncode != 0 and ours and all("no CUDA GPU" in line for line in ours), r.stderr[-2000:]
+
+
+@pytest.mark.cuda
+def test_torchrun_two_gpus_nccl(tmp_path):
+    """The NCCL + gsplat path: 2 ranks on 2 GPUs land on exactly the budget (skipped without 2 GPUs)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 NVIDIA GPUs")
+    out = tmp_path / "run"
+    r = torchrun(out, "--data", toy(), "--budget", str(BUDGET), "--iters", "400", "--device", "cuda")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_gaussians"] == BUDGET and m["world_size"] == 2 and m["backend"] == "cuda" and m["psnr"] > 18

@@ -118,7 +118,10 @@ def gather_all(values) -> list:
 
 
 def lost_peer(d: Dist, e: BaseException, run_dir: Path) -> UserError:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    import re
+
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = re.sub(r"\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", first)[:160]  # gloo's source locations
     return UserError(f"rank {d.rank}: lost contact with another rank ({first}); the checkpoints in {run_dir} are "
                      "as the last save left them: resume with the same torchrun command and --resume")
 
