@@ -6,7 +6,7 @@ with the levels below it frozen would change.
 
 RUN is a finished run trained to the largest level. ``--direct`` trains, for each smaller level, a
 run with RUN's config.json but that budget (into RUN-direct-COUNT/, reused when it exists). Every
-figure is test PSNR / SSIM as ``budget3d eval`` renders the test views (``export.lod.TestViews``).
+figure is test PSNR / SSIM as ``budget3d eval`` renders the test views (``export.lod.EvalViews``).
 
 Two fine-tunes that keep the ladder nested (``--mode``): ``joint`` is what ``export
 --lod-finetune`` ships (``export.lod.finetune``: every Gaussian trained on the mean of every level's
@@ -93,7 +93,7 @@ def finetune_ladder(run: Path, ordered: dict, counts: list, steps: int, views, p
 
 
 def main() -> int:
-    from budget3d.export.lod import TestViews, importance_order, parse_levels, run_importance
+    from budget3d.export.lod import EvalViews, importance_order, parse_levels, run_importance
     from budget3d.splat import load_ply
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -115,7 +115,7 @@ def main() -> int:
     scores, what = run_importance(run, params)
     order = torch.as_tensor(importance_order(scores))
     ordered = {k: v.detach()[order].clone() for k, v in params.items()}
-    views = TestViews(run)
+    views = EvalViews(run)
     rows = [{"count": n, "ladder": views({k: v[:n] for k, v in ordered.items()})} for n in counts]
     print(f"ladder by {what}: {[r['ladder']['psnr'] for r in rows]} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if a.finetune:

@@ -147,12 +147,14 @@ def test_bad_lod_values_are_one_line_errors(run, bad, says, capsys):
     assert (run / "export" / "lod" / "lod.json").read_bytes() == before  # the ladder there is untouched
 
 
-def test_lod_with_budget_or_nothing_is_an_error(run, capsys):
+def test_lod_flags_that_do_not_fit_are_errors(run, capsys):
     assert main(["export", str(run), "--lod", "10,80", "--budget", "40"]) == 2
     assert "give one" in capsys.readouterr().err
     assert main(["export", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--format" in err and "--lod" in err
+    assert main(["export", str(run), "--format", "ply", "--lod-finetune", "50"]) == 2
+    assert "give the levels with --lod" in capsys.readouterr().err
 
 
 def test_finetuned_ladder_keeps_members_and_nesting(run, tmp_path):

@@ -153,7 +153,7 @@ def read_prefix(path, count: int) -> dict:
 # ----------------------------------------------------------------------------- evaluation
 
 
-class TestViews:
+class EvalViews:
     """The run's test views rendered as ``budget3d eval`` renders them (``train.evaluate_run``:
     the run's scene at its downscale, its background and SH degree, ``eval_max_views``, the CPU
     backend here), for scoring many variants of one run without rewriting its metrics.json."""
@@ -197,7 +197,7 @@ def _degree(p) -> int:
 # ----------------------------------------------------------------------------- the ladder
 
 
-def finetune(views: "TestViews", run_dir, ordered: dict, counts: Sequence[int], steps: int, seed: int = 0,
+def finetune(views: "EvalViews", run_dir, ordered: dict, counts: Sequence[int], steps: int, seed: int = 0,
              progress: bool = True) -> dict:
     """The joint fine-tune of the module notes: ``ordered`` (every Gaussian, most important first)
     trained ``steps`` steps on the mean loss of its prefixes ``counts``; returns the tuned params."""
@@ -259,7 +259,7 @@ def export_lod(run_dir, levels: str | Sequence[int], out_dir, formats: Sequence[
     scores, what = run_importance(run_dir, params, data)
     order = importance_order(scores)
     ordered = {k: v.detach()[torch.as_tensor(order)].clone() for k, v in params.items()}
-    views = TestViews(run_dir, data) if evaluate or finetune_steps else None
+    views = EvalViews(run_dir, data) if evaluate or finetune_steps else None
     if finetune_steps:
         ordered = finetune(views, run_dir, ordered, counts, finetune_steps, progress=progress)
 

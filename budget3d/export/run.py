@@ -92,6 +92,8 @@ def main(args) -> int:
     except OSError as e:
         raise UserError(f"{out}: cannot create the output folder ({e.strerror}); choose another --out") from None
     budget = parse_count(args.budget, "--budget") if args.budget is not None else None
+    if lod is None and getattr(args, "lod_finetune", 0):
+        raise UserError(f"--lod-finetune {args.lod_finetune}: it fine-tunes a ladder; give the levels with --lod")
     if lod is not None:
         if budget is not None:
             raise UserError("--lod and --budget: give one (the ladder's largest level is its budget)")
