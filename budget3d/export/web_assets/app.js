@@ -183,6 +183,7 @@ async function start() {
       mesh = m;
       lod.shown = k;
       lod.times = [];
+      lod.frameMs = null; // this level's is measured afresh
       b3d.numSplats = m.numSplats ?? lod.levels[k].count;
       lod.swaps.push({ level: k + 1, count: lod.levels[k].count, t: performance.now() });
     } finally { lod.building = false; }
