@@ -183,3 +183,20 @@ def test_finetuned_ladder_keeps_members_and_nesting(run, tmp_path):
     assert gain[0] > 0.3 and gain[1] > 1, gain  # (the top level here is the ground truth itself: it can only lose)
     with pytest.raises(UserError, match="steps >= 0"):
         lod.export_lod(tuned_run, "10,80", tuned_run / "export", finetune_steps=-1)
+
+
+def test_ladder_without_the_scene_has_no_psnr(run, tmp_path, capsys):
+    """The run's scene gone: the ladder is still written (ordered by orbit views of the model, as
+    --budget does then), and lod.json says why it has no PSNR; a fine-tune needs the scene."""
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved, ignore=shutil.ignore_patterns("export"))
+    cfg = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**cfg, "data": str(tmp_path / "gone")}))
+    assert main(["export", str(moved), "--lod", "10,80"]) == 0
+    assert "no PSNR" in capsys.readouterr().out
+    m = manifest(moved)
+    assert m["order"].startswith("Taming score over 8 orbit views")
+    assert "not evaluated" in m["evaluation"]["skipped"] and "--data" in m["evaluation"]["skipped"]
+    assert [r["count"] for r in m["levels"]] == [10, 80] and "psnr" not in m["levels"][0]
+    assert main(["export", str(moved), "--lod", "10,80", "--lod-finetune", "5"]) == 2
+    assert "--data" in capsys.readouterr().err

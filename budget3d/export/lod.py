@@ -259,7 +259,14 @@ def export_lod(run_dir, levels: str | Sequence[int], out_dir, formats: Sequence[
     scores, what = run_importance(run_dir, params, data)
     order = importance_order(scores)
     ordered = {k: v.detach()[torch.as_tensor(order)].clone() for k, v in params.items()}
-    views = EvalViews(run_dir, data) if evaluate or finetune_steps else None
+    views, skipped = None, None
+    if evaluate or finetune_steps:
+        try:
+            views = EvalViews(run_dir, data)
+        except UserError as e:  # the scene moved or is gone: the ladder needs no images, its PSNR does
+            if finetune_steps:
+                raise
+            skipped = f"not evaluated: {e}"
     if finetune_steps:
         ordered = finetune(views, run_dir, ordered, counts, finetune_steps, progress=progress)
 
@@ -307,7 +314,7 @@ def export_lod(run_dir, levels: str | Sequence[int], out_dir, formats: Sequence[
                    "size_bytes": len(stream), "sh_degree": 0},
         "evaluation": ({"n_test_views": m["n_test_views"], "backend": views.backend,
                         "what": "test views of the run's scene, as 'budget3d eval' renders them"}
-                       if views is not None else None),
+                       if views is not None and rows else {"skipped": skipped or "not evaluated (evaluate=False)"}),
         "levels": rows,
     }
     write_json(tmp / MANIFEST, manifest)
@@ -346,6 +353,8 @@ def summary(manifest: dict) -> str:
     """A few lines for the export printout: each level's count, size and PSNR."""
     lines = [f"lod       {len(manifest['levels'])} levels of {manifest['total']:,} Gaussians by {manifest['order']}; "
              f"stream {manifest['stream']['file']} {manifest['stream']['size_bytes'] / 1e6:.2f} MB"]
+    if manifest["evaluation"].get("skipped"):
+        lines.append(f"  (no PSNR: {manifest['evaluation']['skipped']})")
     for r in manifest["levels"]:
         q = "" if r.get("psnr") is None else f"  PSNR {r['psnr']:.2f} dB (.splat prefix {r['psnr_splat']:.2f})"
         f = "" if not r.get("file") else f"  {r['file']} {r['size_bytes'] / 1e3:.1f} kB"
