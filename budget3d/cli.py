@@ -139,7 +139,7 @@ def cmd_inspect(args) -> int:
 # ----------------------------------------------------------------------------- train settings
 
 # Every TrainConfig field is a flag (its metadata: help, and choices/metavar/action where needed; see config.py).
-NOT_SETTABLE = ("out", "resolved")  # --out names the run folder; resolved is the trainer's own mark
+NOT_SETTABLE = ("out", "resolved", "world_size")  # --out names the run folder; resolved and world_size are the trainer's records
 CLI_NAMES = ("command", "set", "config", "resume", "quiet")  # a field of one of these names gets only --set
 RESUME_OVERRIDES = ("device", "backend", "data")  # runtime choices that do not change the result's recipe
 _TRUE, _FALSE, _NONE = ("true", "1", "yes"), ("false", "0", "no"), ("auto", "none", "null")

@@ -64,7 +64,8 @@ class _Rows:
         self.param = torch.nn.Parameter(torch.zeros(n, d, device=device))
         self.opt = VisibleAdam([self.param], lr=lr, eps=1e-15)
 
-    def step(self, k: int) -> None:
+    def step(self, k) -> None:
+        """Adam on the rows of image(s) ``k`` (an index or a list of them)."""
         if self.param.grad is None:
             return
         rows = torch.zeros(self.param.shape[0], dtype=torch.bool, device=self.param.device)

@@ -166,7 +166,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
             loss.backward()
             strategies.set_means2d_grad(info, [g() for g in m2d])
             _optimizer_step(s, (info["radii"] > 0).any(-1).any(0))
-            _refine_step(s, views[0], step)
+            _refine_step(s, views, step)
             _gather_for_scores(s, step)
             strategies.step_post_backward(s.strategy, s.params, s.optimizers, s.state, step, info, **s.extras())
             s.others = None
@@ -291,8 +291,6 @@ def setup(cfg: TrainConfig, *, resume: bool = False, scene=None, progress: bool 
         if cfg.pose_opt or cfg.appearance:
             raise UserError("--pose-opt and --appearance train one process's views at a time; drop them under torchrun")
         device = distributed.start(d, device)
-    elif cfg.batch > 1 and (cfg.pose_opt or cfg.appearance):
-        raise UserError("--pose-opt and --appearance train one view per step; drop them or --batch")
     cfg = resolve_config(cfg, device.type)
     backend = pick_backend(cfg.backend, device)
     if not resume and scene is None and cfg.data:  # a folder of photos or a video: make it a scene first
@@ -534,7 +532,8 @@ def _canonical(s: Session, k: int, gt: torch.Tensor) -> torch.Tensor:
         return ((gt - g[3:]) * torch.exp(-g[:3])).clamp(0, 1)
 
 
-def _refine_step(s: Session, k: int, step: int) -> None:
+def _refine_step(s: Session, k, step: int) -> None:
+    """Step the per-image corrections of the step's views ``k`` (an index or a list)."""
     from budget3d.train.refine import lr_at
 
     if s.appearance is not None:
