@@ -56,8 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    e = sub.add_parser("eval", help="re-evaluate a run folder on its test views; rewrites metrics.json")
-    e.add_argument("run", help="run folder written by 'budget3d train'")
+    e = sub.add_parser("eval", help="re-evaluate a run folder on its test views (rewrites metrics.json), or score "
+                                    "a splat file (ply, splat, spz, sog, glb, compressed.ply) on a scene's")
+    e.add_argument("run", help="run folder written by 'budget3d train', or a splat file with --data SCENE")
+    e.add_argument("--downscale", type=int, default=1, help="a splat file's scene: image downscale factor")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     e.add_argument("--backend", choices=["auto", "torch", "cpu", "cuda"], default="auto")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -299,9 +301,13 @@ def cmd_eval(args) -> int:
     from budget3d.demo import print_summary
     from budget3d.train import evaluate_run
 
-    metrics = evaluate_run(args.run, device=args.device, backend=args.backend, data=args.data)
+    metrics = evaluate_run(args.run, device=args.device, backend=args.backend, data=args.data,
+                           downscale=args.downscale)
     if args.json:
         print(json.dumps({k: v for k, v in metrics.items() if k != "per_view"}))
+    elif "file" in metrics:
+        print(f"{metrics['file']}: {metrics['num_gaussians']:,} Gaussians, test PSNR {metrics['psnr']:.2f} dB, "
+              f"SSIM {metrics['ssim']:.4f} ({metrics.get('n_views', len(metrics.get('per_view', [])))} views)")
     else:
         print_summary(metrics, Path(args.run))
     return 0

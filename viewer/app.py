@@ -7,7 +7,8 @@ import time
 
 
 def add_arguments(p):
-    p.add_argument("run", help="run folder written by 'budget3d train' (with nelf/ and export/ when they exist)")
+    p.add_argument("run", help="run folder written by 'budget3d train' (with nelf/ and export/ when they exist), "
+                               "or a splat file (ply, splat, spz, sog, glb, compressed.ply; --data SCENE for cameras)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8080, help="port to serve on (0: any free port)")

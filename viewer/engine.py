@@ -159,13 +159,19 @@ class Run:
 
         from budget3d.runfolder import check_run_dir
 
-        path = check_run_dir(path)
-        ply = path / "gaussians.ply"
-        if not ply.is_file():
-            raise UserError(f"{path}: no gaussians.ply; not a finished run folder (train one with 'budget3d train')")
-        gauss = {k: v.float().contiguous() for k, v in load_ply(ply).items()}
+        from budget3d.export.splats import is_splat_file, load_any
+
+        if is_splat_file(path):  # another tool's file (a SuperSplat .sog, a Cesium .glb ...): splats only
+            path = Path(path)
+            gauss = {k: v.float().contiguous() for k, v in load_any(path).items()}
+        else:
+            path = check_run_dir(path)
+            ply = path / "gaussians.ply"
+            if not ply.is_file():
+                raise UserError(f"{path}: no gaussians.ply; not a finished run folder (train one with 'budget3d train')")
+            gauss = {k: v.float().contiguous() for k, v in load_ply(ply).items()}
         cfg = {}
-        if (path / "config.json").is_file():
+        if path.is_dir() and (path / "config.json").is_file():
             try:
                 cfg = json.loads((path / "config.json").read_text())
             except ValueError:
@@ -185,12 +191,12 @@ class Run:
             note = "config.json names no scene; no camera buttons"
         student = None
         st = path / "nelf" / "student.pt"
-        if st.is_file():
+        if path.is_dir() and st.is_file():
             from budget3d.nelf.students import load_student
 
             student = load_student(st)
             bg = tuple(float(c) for c in student[1].get("background", bg))
-        exports = {n: path / "export" / n for n in DOWNLOADS if (path / "export" / n).is_file()}
+        exports = {n: path / "export" / n for n in DOWNLOADS if (path / "export" / n).is_file()} if path.is_dir() else {}
         if student is not None:  # a damaged ONNX file is an error now, not a failure mid-session
             from budget3d.export.ortrun import session
 

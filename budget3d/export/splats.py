@@ -352,6 +352,14 @@ def sniff(path) -> str:
     raise UserError(f"{path}: not a splat file we know ({KNOWN})")
 
 
+def is_splat_file(path) -> bool:
+    """Whether ``path`` is a splat file (or a SOG folder) rather than a run folder."""
+    path = Path(path)
+    if path.is_file():
+        return True
+    return path.is_dir() and (path / "meta.json").is_file() and not (path / "config.json").is_file()
+
+
 def load_any(path) -> dict[str, torch.Tensor]:
     """Read any splat file we know (``sniff`` says which): Inria ``.ply``, PlayCanvas
     ``compressed.ply``, ``.splat``, ``.spz``, SOG (zip, folder or meta.json), glTF / GLB."""

@@ -684,12 +684,19 @@ def _evaluate(s: Session) -> dict:
 
 
 def evaluate_run(run_dir, *, device: str = "auto", backend: str = "auto", progress: bool = True,
-                 data: Optional[str] = None) -> dict:
+                 data: Optional[str] = None, downscale: int = 1) -> dict:
     """Re-evaluate a finished run folder (its checkpoint, else gaussians.ply) on its test split;
-    rewrites the evaluation part of metrics.json and returns the whole metrics dict."""
+    rewrites the evaluation part of metrics.json and returns the whole metrics dict. A splat file
+    (any format ``export.splats.load_any`` reads: another tool's .sog, .glb, .spz ...) is scored on
+    the test split of the scene ``data`` at ``downscale``; nothing is written."""
     from budget3d.splat import load_ply
 
     run_dir = Path(run_dir)
+    from budget3d.export.splats import is_splat_file
+
+    if is_splat_file(run_dir):
+        return _evaluate_file(run_dir, device=device, backend=backend, progress=progress, data=data,
+                              downscale=downscale)
     saved = read_config(run_dir)
     try:
         cfg = TrainConfig.from_json(saved)
@@ -720,6 +727,25 @@ def evaluate_run(run_dir, *, device: str = "auto", backend: str = "auto", progre
     metrics.update(_evaluate(s))
     write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def _evaluate_file(path: Path, *, device: str, backend: str, progress: bool, data: Optional[str],
+                   downscale: int) -> dict:
+    from budget3d.export.splats import load_any
+
+    if not data:
+        raise UserError(f"{path}: a splat file names no scene; give the scene to score it on with --data SCENE")
+    dev = pick_device(device, backend)
+    params = {k: v.to(dev).float() for k, v in load_any(path).items()}
+    sh = int(round((params["shN"].shape[1] + 1) ** 0.5)) - 1
+    cfg = TrainConfig(data=os.path.abspath(os.path.expanduser(data)), downscale=downscale, sh_degree=sh,
+                      save_renders=False)
+    s = Session(cfg=cfg, run_dir=path.parent, scene=_load_scene(cfg), device=dev, backend=pick_backend(backend, dev),
+                params=params, optimizers={}, strategy=None, state={}, budget=None, extent=1.0, sh_now=sh,
+                progress=progress)
+    if s.backend == "cpu":
+        _compile_cpu_kernels(s, training=False)
+    return {"file": str(path), "num_gaussians": int(params["means"].shape[0]), **_evaluate(s)}
 
 
 __all__ = ["TrainConfig", "TrainingInterrupted", "Session", "evaluate_run", "resolve_config", "setup", "train"]
