@@ -113,7 +113,8 @@ def _rasterize(rows: torch.Tensor, W: int, H: int, background, backend: str):
 
         tile = 16
         tw, th = (W + tile - 1) // tile, (H + tile - 1) // tile
-        _, isect_ids, flatten_ids = isect_tiles(m2d[None], radii[None], depths[None], tile, tw, th)
+        m2d, conics, opac = m2d.contiguous(), conics.contiguous(), opac.contiguous()
+        _, isect_ids, flatten_ids = isect_tiles(m2d[None], radii[None], depths.contiguous()[None], tile, tw, th)
         offsets = isect_offset_encode(isect_ids, 1, tw, th)
         img, alpha = rasterize_to_pixels(m2d[None], conics[None], feats[None], opac[None], W, H, tile, offsets,
                                          flatten_ids, backgrounds=None if bg is None else bg[None])
