@@ -258,3 +258,52 @@ def test_torchrun_two_gpus_nccl(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_gaussians"] == BUDGET and m["world_size"] == 2 and m["backend"] == "cuda" and m["psnr"] > 18
+
+
+def _rebalance_rank(rank, world, port, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from budget3d.splat.distributed import rebalance
+    from budget3d.train.optim import VisibleAdam
+
+    full = random_params(1300, seed=4, sh_rest=3)
+    cut = slice(0, 1000) if rank == 0 else slice(1000, 1300)  # a rank that grew far more than the other
+    params = {k: torch.nn.Parameter(v[cut].clone()) for k, v in full.items()}
+    opts = {k: VisibleAdam([p], lr=1e-2, eps=1e-15) for k, p in params.items()}
+    for k, p in params.items():  # one step, so every row has moments to carry
+        p.grad = torch.ones_like(p) * (torch.arange(p.shape[0], dtype=p.dtype) + cut.start).reshape(-1, *[1] * (p.dim() - 1))
+        opts[k].step(torch.ones(p.shape[0], dtype=torch.bool))
+    state = {"grad2d": torch.arange(cut.start, cut.stop, dtype=torch.float32), "step": torch.tensor(7)}
+    moved = rebalance(params, opts, state)
+    torch.save({"moved": moved, "params": {k: v.detach() for k, v in params.items()},
+                "exp_avg": {k: opts[k].state[params[k]]["exp_avg"] for k in params}, "state": state,
+                "opt_param_is_param": all(opts[k].param_groups[0]["params"][0] is params[k] for k in params)},
+               f"{path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_rebalance_evens_the_shards_and_carries_their_state(tmp_path):
+    mp.spawn(_rebalance_rank, args=(2, free_port(), str(tmp_path / "b")), nprocs=2, join=True)
+    a, b = (torch.load(f"{tmp_path / 'b'}.{r}") for r in range(2))
+    assert a["moved"] and b["moved"]
+    assert len(a["params"]["means"]) == 650 and len(b["params"]["means"]) == 650
+    full = random_params(1300, seed=4, sh_rest=3)
+    for k in full:  # the model, in rank order, is what it was (one Adam step of lr 0.01 from it)
+        assert torch.allclose(torch.cat([a["params"][k], b["params"][k]]), full[k], atol=0.0101), k
+    # the optimizer moments and the strategy's per-row state went with their rows
+    rowid = torch.cat([a["state"]["grad2d"], b["state"]["grad2d"]])
+    assert torch.equal(rowid, torch.arange(1300, dtype=torch.float32)) and int(a["state"]["step"]) == 7
+    m = torch.cat([a["exp_avg"]["opacities"], b["exp_avg"]["opacities"]])
+    assert torch.allclose(m, 0.1 * torch.arange(1300, dtype=torch.float32), rtol=1e-5)  # (1 - beta1) x grad
+    assert a["opt_param_is_param"] and b["opt_param_is_param"]
+
+
+def test_torchrun_default_strategy_keeps_the_shards_even(tmp_path):
+    """Default densification grows each shard by its own gradients; the trainer evens them out at
+    densification steps, so no rank ends above 1.2x the mean."""
+    out = tmp_path / "run"
+    r = torchrun(out, "--data", toy(), "--strategy", "default", "--iters", "200", "--checkpoint-every", "0",
+                 "--eval-max-views", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = json.loads((out / "metrics.json").read_text())["shard_counts"]
+    assert max(counts) <= 1.2 * sum(counts) / 2, counts

@@ -197,6 +197,57 @@ def gather_rows(tensors: dict, group=None) -> tuple[dict, list[int]]:
     return out, counts
 
 
+@torch.no_grad()
+def rebalance(params, optimizers: dict, state: dict, tolerance: float = 1.2, group=None) -> bool:
+    """When a rank holds more than ``tolerance`` x the mean count, split the whole model (the ranks'
+    rows in rank order) evenly again: each rank sends the rows that now belong elsewhere, with their
+    optimizer moments and the strategy's per-row state, in one ``all_to_all_single``. Returns
+    whether anything moved. The order of the rows over all ranks is kept."""
+    from gsplat.strategy.ops import _update_param_with_optimizer
+
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    dev = params["means"].device
+    n = int(params["means"].shape[0])
+    counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([n], dtype=torch.int64, device=dev), group=group)
+    counts = [int(c) for c in counts]
+    total = sum(counts)
+    if total == 0 or max(counts) <= tolerance * total / world:
+        return False
+    starts = [sum(counts[:r]) for r in range(world)]
+    new = [shard_slice(total, r, world) for r in range(world)]
+
+    def overlap(a0, a1, b):
+        return max(0, min(a1, b.stop) - max(a0, b.start))
+
+    send = [overlap(starts[me], starts[me] + n, new[r]) for r in range(world)]
+    recv = [overlap(starts[r], starts[r] + counts[r], new[me]) for r in range(world)]
+    # every per-row tensor, as float columns: parameters, their optimizer moments, strategy state
+    rows = []
+    for k, p in params.items():
+        rows.append(("param", k, None, p.data))
+        st = optimizers[k].state.get(p, {}) if k in optimizers else {}
+        rows += [("opt", k, key, v) for key, v in st.items() if isinstance(v, torch.Tensor) and v.dim() > 0
+                 and v.shape[0] == n]
+    rows += [("state", k, None, v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0
+             and v.shape[0] == n]
+    widths = [int(v[0].numel()) if n else int(torch.Size(v.shape[1:]).numel()) for *_, v in rows]
+    flat = torch.cat([v.reshape(n, -1).float() for *_, v in rows], 1) if n else torch.zeros(0, sum(widths), device=dev)
+    out = flat.new_empty(sum(recv), flat.shape[1])
+    dist.all_to_all_single(out, flat.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+    m = out.shape[0]
+    cols = out.split(widths, 1)
+    moved = {(kind, k, key): c.reshape(m, *v.shape[1:]).to(v.dtype) for (kind, k, key, v), c in zip(rows, cols)}
+    for k in list(params.keys()):
+        _update_param_with_optimizer(lambda name, p, k=k: torch.nn.Parameter(moved[("param", k, None)],
+                                                                             requires_grad=p.requires_grad),
+                                     lambda key, v, k=k: moved.get(("opt", k, key), v), params, optimizers, [k])
+    for (kind, k, _key), v in moved.items():
+        if kind == "state":
+            state[k] = v
+    return True
+
+
 def shard_slice(n: int, rank: int, world: int) -> slice:
     """The rows of ``n`` that rank ``rank`` of ``world`` holds: contiguous, sizes differ by at most one."""
     base, extra = divmod(n, world)
@@ -234,5 +285,5 @@ def replicated_render(render_fn, own: dict, others: dict, offset: int):
     return fn
 
 
-__all__ = ["COLUMNS", "Local", "gather_rows", "render_sharded", "replicated_render", "shard_slice",
+__all__ = ["COLUMNS", "Local", "rebalance", "gather_rows", "render_sharded", "replicated_render", "shard_slice",
            "share"]

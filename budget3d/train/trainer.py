@@ -169,7 +169,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
             _refine_step(s, views, step)
             _gather_for_scores(s, step)
             strategies.step_post_backward(s.strategy, s.params, s.optimizers, s.state, step, info, **s.extras())
-            s.others = None
+            _rebalance(s, step)
             if s.params["means"].shape[0] == 0:
                 bar.close()
                 raise UserError(
@@ -411,6 +411,18 @@ def _render_views(s: Session, views: list[int], bgs: list, step: int):
     s.bytes_sent += stats["bytes_sent"]
     info = strategies.gsplat_info([p.radii for p in local], [p.depths for p in local], cam0)
     return outs, info, [(lambda p=p: p.means2d.grad) for p in local]
+
+
+def _rebalance(s: Session, step: int) -> None:
+    """Sharded: after a densification window's step, even the shards out again when one holds more
+    than 1.2x the mean (a strategy without a budget grows each shard by its own gradients)."""
+    s.others = None
+    c = s.cfg
+    if s.dist is None or not (c.densify_start < step <= c.densify_stop and step % c.densify_every == 0):
+        return
+    from budget3d.splat.distributed import rebalance
+
+    rebalance(s.params, s.optimizers, s.state)
 
 
 def _gather_for_scores(s: Session, step: int, final: bool = False) -> None:
