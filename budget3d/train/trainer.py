@@ -743,8 +743,13 @@ def evaluate_run(run_dir, *, device: str = "auto", backend: str = "auto", progre
 
 def _evaluate_file(path: Path, *, device: str, backend: str, progress: bool, data: Optional[str],
                    downscale: int) -> dict:
-    from budget3d.export.splats import load_any
+    from budget3d.export.splats import load_any, sniff
 
+    try:
+        sniff(path)
+    except UserError as e:
+        raise UserError(f"{path}: is a file, not a run folder; give a run folder written by 'budget3d train', or a "
+                        f"splat file with --data SCENE ({str(e).split(': ', 1)[-1]})") from None
     if not data:
         raise UserError(f"{path}: a splat file names no scene; give the scene to score it on with --data SCENE")
     dev = pick_device(device, backend)
