@@ -159,10 +159,15 @@ class Run:
 
         from budget3d.runfolder import check_run_dir
 
-        from budget3d.export.splats import is_splat_file, load_any
+        from budget3d.export.splats import is_splat_file, load_any, sniff
 
         if is_splat_file(path):  # another tool's file (a SuperSplat .sog, a Cesium .glb ...): splats only
             path = Path(path)
+            try:
+                sniff(path)
+            except UserError as e:
+                raise UserError(f"{path}: is a file, not a run folder; give a run folder written by 'budget3d train', "
+                                f"or a splat file ({str(e).split(': ', 1)[-1]})") from None
             gauss = {k: v.float().contiguous() for k, v in load_any(path).items()}
         else:
             path = check_run_dir(path)
