@@ -590,3 +590,22 @@ def test_eval_and_view_take_any_splat_file(exported_run, tmp_path, capsys):
     ref, _ = engine.render_splats(engine.Run.open(exported_run), cam)
     assert np.abs(img - ref).max() < 1e-4
     assert len(load_any(tmp_path / "g.glb")["means"]) == run.n_gaussians
+
+
+def test_export_converts_and_prunes_a_splat_file(exported_run, tmp_path, capsys):
+    """``budget3d export FILE --format ... --budget N``: another tool's file into our formats, its
+    most important N kept (orbit-view scores: a file has no scene); NeLF formats need a run."""
+    from budget3d.cli import main
+    from budget3d.export.splats import load_any, save_any
+    from budget3d.splat import load_ply
+
+    params = load_ply(exported_run / "gaussians.ply")
+    src = tmp_path / "scene.sog"
+    save_any(params, src)
+    assert main(["export", str(src), "--format", "glb,spz", "--budget", "40"]) == 0
+    out = tmp_path / "scene-export"
+    for name in ("gaussians.glb", "gaussians.spz"):
+        assert len(load_any(out / name)["means"]) == 40
+    assert "orbit views" in capsys.readouterr().out
+    code = main(["export", str(src), "--format", "onnx"])
+    assert code != 0 and "run folder" in capsys.readouterr().err

@@ -23,7 +23,8 @@ EXPORT_FORMATS = SPLAT_FORMATS + NELF_FORMATS + BUNDLE_FORMATS
 
 
 def add_arguments(x) -> None:
-    x.add_argument("run", help="run folder written by 'budget3d train'")
+    x.add_argument("run", help="run folder written by 'budget3d train', or a splat file (any format below) to "
+                               "convert into the splat formats (with --budget: pruned by orbit-view scores)")
     x.add_argument("--format", metavar="FMT[,FMT...]",
                    help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated (with --lod, the splat "
                         f"formats are the levels' formats). Splats: {SPLAT_HELP}")
@@ -81,12 +82,20 @@ def main(args) -> int:
     if unknown or (not fmts and lod is None):
         raise UserError(f"--format {args.format}: unknown format {', '.join(unknown) or '(none)'}; "
                         f"choose from {', '.join(EXPORT_FORMATS)}")
+    from budget3d.export.splats import is_splat_file
     from budget3d.runfolder import check_run_dir
 
-    check_run_dir(run)
-    if (lod is not None or any(f in SPLAT_FORMATS for f in fmts)) and not (run / "gaussians.ply").is_file():
-        raise UserError(f"{run}: no gaussians.ply; this is not a finished run folder (train it with 'budget3d train')")
-    out = Path(args.out) if args.out else run / "export"
+    source = run if is_splat_file(run) else None  # another tool's file: converted, pruned with --budget
+    if source is not None:
+        other = [f for f in fmts if f not in SPLAT_FORMATS]
+        if lod is not None or other:
+            raise UserError(f"{run}: a splat file converts to the splat formats ({', '.join(SPLAT_FORMATS)}); "
+                            f"{', '.join(other) or '--lod'} need(s) a run folder written by 'budget3d train'")
+    else:
+        check_run_dir(run)
+        if (lod is not None or any(f in SPLAT_FORMATS for f in fmts)) and not (run / "gaussians.ply").is_file():
+            raise UserError(f"{run}: no gaussians.ply; this is not a finished run folder (train it with 'budget3d train')")
+    out = Path(args.out) if args.out else (run / "export" if source is None else run.parent / f"{run.stem}-export")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -110,10 +119,16 @@ def main(args) -> int:
             from budget3d.splat import load_ply
 
             if params is None:
-                params = load_ply(run / "gaussians.ply")
+                if source is not None:
+                    from budget3d.export.splats import load_any
+
+                    params = load_any(source)
+                else:
+                    params = load_ply(run / "gaussians.ply")
                 before = len(params["means"])
                 if budget is not None and budget < before:
-                    scores, what = run_scores(run, params, data=args.data)
+                    scores, what = (None, "a file has no scene") if source is not None else \
+                        run_scores(run, params, data=args.data)
                     if scores is None:
                         scores = orbit_scores(params)
                         what = f"Taming score over 8 orbit views of itself, as {what}"
