@@ -280,8 +280,10 @@ def test_run_folder_works_from_any_directory(root, tmp_path, monkeypatch, capsys
 
 
 def start(argv, **kw):
+    # Ctrl-C reaches the child even when these tests run in a background job, where the shell
+    # ignores SIGINT and Python then keeps ignoring it
     return subprocess.Popen(PY + [str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def wait_for_file(path: Path, proc, timeout=300.0, ok=lambda p: True):

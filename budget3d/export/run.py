@@ -87,6 +87,13 @@ def main(args) -> int:
 
     source = run if is_splat_file(run) else None  # another tool's file: converted, pruned with --budget
     if source is not None:
+        from budget3d.export.splats import sniff
+
+        try:
+            sniff(run)
+        except UserError as e:
+            raise UserError(f"{run}: is a file, not a run folder; give a run folder written by 'budget3d train', or "
+                            f"a splat file to convert ({str(e).split(': ', 1)[-1]})") from None
         other = [f for f in fmts if f not in SPLAT_FORMATS]
         if lod is not None or other:
             raise UserError(f"{run}: a splat file converts to the splat formats ({', '.join(SPLAT_FORMATS)}); "
