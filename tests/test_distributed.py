@@ -61,8 +61,7 @@ def _rank(rank, world, port, backend, per_rank, path):
     p = {k: v[cut].clone().requires_grad_() for k, v in full.items()}
     cams, weights, bgs = _batch(per_rank, world)
     mine = list(range(rank * per_rank, (rank + 1) * per_rank))
-    outs, local, stats = render_sharded(p, cams, mine, backend=backend, sh_degree=1,
-                                        backgrounds=[bgs[j] for j in mine])
+    outs, local, stats = render_sharded(p, cams, backend=backend, sh_degree=1, backgrounds=[bgs[j] for j in mine])
     loss = sum((o.image * weights[j]).sum() for o, j in zip(outs, mine))
     loss.backward()
     torch.save({"images": [o.image.detach() for o in outs], "grads": {k: v.grad for k, v in p.items()},

@@ -57,6 +57,13 @@ def one_line(e: pytest.ExceptionInfo, *words):
     assert "\n" not in msg and all(w in msg for w in words), msg
 
 
+def refused(path, *words):
+    """Reading ``path`` is a one-line error holding ``words``."""
+    with pytest.raises(UserError) as e:
+        load_any(path)
+    one_line(e, *words)
+
+
 # ----------------------------------------------------------------------------- compressed.ply
 
 
@@ -418,65 +425,45 @@ def test_damaged_files_are_one_line_errors(params, sog_files, tmp_path):
     raw = bundle.read_bytes()
 
     (tmp_path / "cut.sog").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(UserError) as e:
-        load_any(tmp_path / "cut.sog")
-    one_line(e, "cut.sog", "damaged or truncated")
+    refused(tmp_path / "cut.sog", "cut.sog", "damaged or truncated")
 
     with zipfile.ZipFile(tmp_path / "nometa.sog", "w") as z, zipfile.ZipFile(bundle) as src:
         for name in src.namelist():
             if name != "meta.json":
                 z.writestr(name, src.read(name))
-    with pytest.raises(UserError) as e:
-        load_any(tmp_path / "nometa.sog")
-    one_line(e, "nometa.sog", "no meta.json")
+    refused(tmp_path / "nometa.sog", "nometa.sog", "no meta.json")
 
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
     meta = json.loads((broken / "meta.json").read_text())
     del meta["means"]["mins"], meta["sh0"]["codebook"]
     (broken / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError) as e:
-        load_any(broken)
-    one_line(e, "meta.json", "lacks means.mins, sh0.codebook")
+    refused(broken, "meta.json", "lacks means.mins, sh0.codebook")
 
     meta = json.loads((folder / "meta.json").read_text())
     (broken / "meta.json").write_text(json.dumps(dict(meta, version=3)))
-    with pytest.raises(UserError) as e:
-        load_any(broken / "meta.json")
-    one_line(e, "SOG version 3")
+    refused(broken / "meta.json", "SOG version 3")
 
     (broken / "meta.json").write_text(json.dumps(meta))
     (broken / "quats.webp").write_bytes((folder / "quats.webp").read_bytes()[:40])
-    with pytest.raises(UserError) as e:
-        load_any(broken)
-    one_line(e, "quats.webp", "not a readable WebP")
+    refused(broken, "quats.webp", "not a readable WebP")
     (broken / "quats.webp").unlink()
-    with pytest.raises(UserError) as e:
-        load_any(broken)
-    one_line(e, "quats.webp", "copy the SOG folder whole")
+    refused(broken, "quats.webp", "copy the SOG folder whole")
 
     glb = (tmp_path / "g.glb").read_bytes()
     (tmp_path / "cut.glb").write_bytes(glb[: len(glb) - 100])
-    with pytest.raises(UserError) as e:
-        load_any(tmp_path / "cut.glb")
-    one_line(e, "cut.glb", "truncated")
+    refused(tmp_path / "cut.glb", "cut.glb", "truncated")
     (tmp_path / "magic.glb").write_bytes(b"GLTF" + glb[4:])
-    with pytest.raises(UserError) as e:
-        load_any(tmp_path / "magic.glb")
-    one_line(e, "magic.glb", "damaged or not a .glb")
+    refused(tmp_path / "magic.glb", "magic.glb", "damaged or not a .glb")
     doc, binary = glb_parts(tmp_path / "g.glb")
     del doc["meshes"][0]["primitives"][0]["extensions"]
     doc["extensionsUsed"] = []
     _rewrite_glb(tmp_path / "points.glb", doc, binary)
-    with pytest.raises(UserError) as e:
-        load_any(tmp_path / "points.glb")
-    one_line(e, "points.glb", "no mesh primitive uses KHR_gaussian_splatting")
+    refused(tmp_path / "points.glb", "points.glb", "no mesh primitive uses KHR_gaussian_splatting")
 
     cp = (tmp_path / "g.compressed.ply").read_bytes()
     (tmp_path / "cut.compressed.ply").write_bytes(cp[: len(cp) - 500])
-    with pytest.raises(UserError) as e:
-        load_any(tmp_path / "cut.compressed.ply")
-    one_line(e, "cut.compressed.ply", "damaged or truncated")
+    refused(tmp_path / "cut.compressed.ply", "cut.compressed.ply", "damaged or truncated")
 
 
 # ----------------------------------------------------------------------------- CLI and bench

@@ -128,20 +128,19 @@ def _rasterize(rows: torch.Tensor, W: int, H: int, background, backend: str):
     return rasterize_torch(m2d, conics, opac, feats, depths, radii, W, H, bg)
 
 
-def render_sharded(params, cameras: list, mine: list[int], *, backend: str, sh_degree: int,
-                   backgrounds: list, near: float = 0.01, far: float = 1e10, group=None
-                   ) -> tuple[list[RenderOutput], list[Local], dict]:
+def render_sharded(params, cameras: list, *, backend: str, sh_degree: int, backgrounds: list,
+                   near: float = 0.01, far: float = 1e10, group=None) -> tuple[list[RenderOutput], list[Local], dict]:
     """Render the step's global batch with the Gaussians sharded over the ranks of ``group``.
 
-    ``cameras``: every camera of the batch, the same list on every rank, in rank order:
-    ``cameras[j]`` is rendered by the rank ``owner(j)`` = j // (len(cameras) // world). ``mine``:
-    the indices this rank renders, ``backgrounds`` their (3,) backgrounds. Returns this rank's
-    images (``RenderOutput``; its means2d / radii / n_pixels refer to the received rows), this
-    shard's projection into every camera of the batch (``Local``: the strategies' information),
-    and the exchange's sizes (rows and bytes sent and received)."""
+    ``cameras``: every camera of the batch, the same list on every rank, in rank order: rank r
+    renders ``cameras[r * per:(r + 1) * per]`` (per = len(cameras) // world), ``backgrounds`` their
+    (3,) backgrounds. Returns this rank's images (``RenderOutput``; its means2d / radii / n_pixels
+    refer to the received rows), this shard's projection into every camera of the batch
+    (``Local``: the strategies' information), and the exchange's sizes (rows and bytes sent)."""
     world, me = dist.get_world_size(group), dist.get_rank(group)
     per = len(cameras) // world
-    assert per * world == len(cameras) and list(mine) == list(range(me * per, (me + 1) * per)), (len(cameras), mine)
+    assert per * world == len(cameras), (len(cameras), world)
+    mine = range(me * per, (me + 1) * per)
     local, blocks = [], [[] for _ in range(world)]
     for j, cam in enumerate(cameras):
         m2d, conics, depths, radii, rgb, opac = _project(params, cam, backend, sh_degree, near, far)
@@ -152,7 +151,7 @@ def render_sharded(params, cameras: list, mine: list[int], *, backend: str, sh_d
         row = torch.cat([m2d[vis], conics[vis], opac[vis, None], rgb[vis], depths[vis, None],
                          radii[vis].to(m2d.dtype)], -1)
         blocks[j // per].append(row)
-    send = [torch.cat(b) if len(b) > 1 else b[0] for b in blocks]  # to rank r: its cameras' rows, in order
+    send = [torch.cat(b) for b in blocks]  # to rank r: its cameras' rows, in order
     # one collective for the sizes: table[src][j] = rows rank src sends for camera j
     percam = torch.tensor([int(r.shape[0]) for b in blocks for r in b], dtype=torch.int64,
                           device=params["means"].device)
@@ -177,15 +176,19 @@ def render_sharded(params, cameras: list, mine: list[int], *, backend: str, sh_d
     return outs, local, stats
 
 
+def row_counts(t: torch.Tensor, group=None) -> list[int]:
+    """Every rank's number of rows of its ``t``."""
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    counts = [torch.empty_like(n) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, n, group=group)
+    return [int(c) for c in counts]
+
+
 def gather_rows(tensors: dict, group=None) -> tuple[dict, list[int]]:
     """Every rank's rows of ``tensors`` (same keys and trailing shapes on every rank, any number of
     rows), concatenated in rank order on every rank; and each rank's row count."""
     world = dist.get_world_size(group)
-    first = next(iter(tensors.values()))
-    n = torch.tensor([first.shape[0]], dtype=torch.int64, device=first.device)
-    counts = [torch.empty_like(n) for _ in range(world)]
-    dist.all_gather(counts, n, group=group)
-    counts = [int(c) for c in counts]
+    counts = row_counts(next(iter(tensors.values())), group)
     top = max(counts)
     out = {}
     for k, v in tensors.items():
@@ -208,9 +211,7 @@ def rebalance(params, optimizers: dict, state: dict, tolerance: float = 1.2, gro
     world, me = dist.get_world_size(group), dist.get_rank(group)
     dev = params["means"].device
     n = int(params["means"].shape[0])
-    counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([n], dtype=torch.int64, device=dev), group=group)
-    counts = [int(c) for c in counts]
+    counts = row_counts(params["means"], group)
     total = sum(counts)
     if total == 0 or max(counts) <= tolerance * total / world:
         return False
@@ -279,11 +280,10 @@ def replicated_render(render_fn, own: dict, others: dict, offset: int):
                             extra.new_zeros(full["means"].shape[0] - offset - n, extra.shape[1])])
         out = render_fn(full, camera, ex)
         cut = slice(offset, offset + n)
-        return dataclasses.replace(out, radii=out.radii[cut], counts=out.n_pixels[cut], depths=out.depths[cut],
-                                   means2d=out.means2d)
+        return dataclasses.replace(out, radii=out.radii[cut], counts=out.n_pixels[cut], depths=out.depths[cut])
 
     return fn
 
 
-__all__ = ["COLUMNS", "Local", "rebalance", "gather_rows", "render_sharded", "replicated_render", "shard_slice",
+__all__ = ["COLUMNS", "Local", "rebalance", "row_counts", "gather_rows", "render_sharded", "replicated_render", "shard_slice",
            "share"]

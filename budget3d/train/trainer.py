@@ -152,13 +152,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
     with StopOnCtrlC() as ctrl_c, _peers(s):
         t0 = time.perf_counter()
         for step in range(s.step, cfg.iters):
-            views = _step_views(s, step)  # this process's share of the step's batch
+            batch, views = _step_views(s, step)  # the step's views, and this process's share
             _set_learning_rates(s, step)
             s.sh_now = min(cfg.sh_degree, step // cfg.sh_up_every)
             s.params["shN"].requires_grad_(step % cfg.shN_every == 0)
             bgs = [torch.rand(3, device=s.device) if cfg.random_background else s.background() for _ in views]
             gts = [_target(s, k, bg) for k, bg in zip(views, bgs)]
-            outs, info, m2d = _render_views(s, views, bgs, step)
+            outs, info, m2d = _render_views(s, batch, views, bgs, step)
             imgs = [_corrected(s, k, o.image, gt) for k, o, gt in zip(views, outs, gts)]
             loss = (sum(_loss(img, gt, cfg.ssim_lambda) for img, gt in zip(imgs, gts)) / (len(views) * s.world)
                     + strategies.regulariser(s.strategy, s.params) / s.world)
@@ -167,8 +167,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, scene=None, on_step: Option
             strategies.set_means2d_grad(info, [g() for g in m2d])
             _optimizer_step(s, (info["radii"] > 0).any(-1).any(0))
             _refine_step(s, views, step)
-            _gather_for_scores(s, step)
-            strategies.step_post_backward(s.strategy, s.params, s.optimizers, s.state, step, info, **s.extras())
+            with _whole_model(s, step):
+                strategies.step_post_backward(s.strategy, s.params, s.optimizers, s.state, step, info, **s.extras())
             _rebalance(s, step)
             if s.params["means"].shape[0] == 0:
                 bar.close()
@@ -263,9 +263,7 @@ def _make_optimizers(cfg: TrainConfig, params: dict, extent: float) -> dict:
 
 def setup(cfg: TrainConfig, *, resume: bool = False, scene=None, progress: bool = True) -> Session:
     """Build (or restore from the run folder's checkpoint) everything the loop needs."""
-    from budget3d.train import strategies
-
-    from budget3d.train import distributed
+    from budget3d.train import distributed, strategies
 
     run_dir = Path(cfg.out)
     d = distributed.from_env()  # a torchrun rank, or None
@@ -384,16 +382,18 @@ def _view_index(seed: int, step: int, n: int, j: int = 0) -> int:
     return int(np.random.default_rng([seed, step] if j == 0 else [seed, step, j]).integers(n))
 
 
-def _step_views(s: Session, step: int) -> list[int]:
-    """The training views this process renders at ``step``: its ``batch`` of the global batch."""
+def _step_views(s: Session, step: int) -> tuple[list[int], list[int]]:
+    """The training views of ``step``'s global batch (``batch`` per process, in rank order), and
+    this process's share of them."""
+    every = [_view_index(s.cfg.seed, step, len(s.scene.train), j) for j in range(s.cfg.batch * s.world)]
     rank = 0 if s.dist is None else s.dist.rank
-    return [_view_index(s.cfg.seed, step, len(s.scene.train), j)
-            for j in range(rank * s.cfg.batch, (rank + 1) * s.cfg.batch)]
+    return every, every[rank * s.cfg.batch:(rank + 1) * s.cfg.batch]
 
 
-def _render_views(s: Session, views: list[int], bgs: list, step: int):
-    """Render this process's views: (outputs, gsplat's info over the held Gaussians, one callable
-    per camera of the global batch that returns the projected centres' gradient after backward)."""
+def _render_views(s: Session, batch: list[int], views: list[int], bgs: list, step: int):
+    """Render this process's ``views`` of the step's ``batch``: (outputs, gsplat's info over the
+    held Gaussians, one callable per camera of the batch that returns the projected centres'
+    gradient after backward)."""
     from budget3d.train import strategies
 
     cam0 = s.scene.train[views[0]].camera
@@ -404,9 +404,7 @@ def _render_views(s: Session, views: list[int], bgs: list, step: int):
         return outs, info, [o.means2d_grad for o in outs]
     from budget3d.splat.distributed import render_sharded
 
-    every = [_view_index(s.cfg.seed, step, len(s.scene.train), j) for j in range(s.cfg.batch * s.world)]
-    mine = list(range(s.dist.rank * s.cfg.batch, (s.dist.rank + 1) * s.cfg.batch))
-    outs, local, stats = render_sharded(s.params, [s.scene.train[k].camera for k in every], mine, backend=s.backend,
+    outs, local, stats = render_sharded(s.params, [s.scene.train[k].camera for k in batch], backend=s.backend,
                                         sh_degree=s.sh_now, backgrounds=bgs)
     s.bytes_sent += stats["bytes_sent"]
     info = strategies.gsplat_info([p.radii for p in local], [p.depths for p in local], cam0)
@@ -416,7 +414,6 @@ def _render_views(s: Session, views: list[int], bgs: list, step: int):
 def _rebalance(s: Session, step: int) -> None:
     """Sharded: after a densification window's step, even the shards out again when one holds more
     than 1.2x the mean (a strategy without a budget grows each shard by its own gradients)."""
-    s.others = None
     c = s.cfg
     if s.dist is None or not (c.densify_start < step <= c.densify_stop and step % c.densify_every == 0):
         return
@@ -425,15 +422,20 @@ def _rebalance(s: Session, step: int) -> None:
     rebalance(s.params, s.optimizers, s.state)
 
 
-def _gather_for_scores(s: Session, step: int, final: bool = False) -> None:
-    """Sharded Taming: before a densification step (and the final one), every rank gathers every
-    shard (read-only), so that its score renders see the whole model, as one process does."""
-    if s.dist is None or s.cfg.strategy != "taming" or not (final or step in s.strategy.densify_steps()):
-        return
-    from budget3d.splat.distributed import gather_rows
+@contextlib.contextmanager
+def _whole_model(s: Session, step: int, final: bool = False):
+    """Sharded Taming, around a densification step (and the final one): every rank holds every
+    shard (read-only) in ``s.others``, so that its score renders see the whole model, as one
+    process does; dropped afterwards."""
+    if s.dist is not None and s.cfg.strategy == "taming" and (final or step in s.strategy.densify_steps()):
+        from budget3d.splat.distributed import gather_rows
 
-    s.others, counts = gather_rows(dict(s.params))
-    s.offset = sum(counts[: s.dist.rank])
+        s.others, counts = gather_rows(dict(s.params))
+        s.offset = sum(counts[: s.dist.rank])
+    try:
+        yield
+    finally:
+        s.others = None
 
 
 def _set_learning_rates(s: Session, step: int) -> None:
@@ -603,9 +605,8 @@ def finish(s: Session) -> dict:
 
     from budget3d.train import strategies
 
-    _gather_for_scores(s, s.step, final=True)
-    strategies.finalize(s.strategy, s.params, s.optimizers, s.state, s.step, **s.extras())
-    s.others = None
+    with _whole_model(s, s.step, final=True):
+        strategies.finalize(s.strategy, s.params, s.optimizers, s.state, s.step, **s.extras())
     s.sh_now = s.cfg.sh_degree
     for p in s.params.values():
         p.requires_grad_(True)
